@@ -1,0 +1,39 @@
+"""Entry point: `python main.py config=configs/sync.yaml [key=value ...]` (also under torchrun or srun)."""
+
+import importlib
+import sys
+
+from utils.config import ConfigError, load_config, set_env_from_slurm
+
+# `action` in the config -> the function that runs it, imported only when asked for.
+ACTIONS = {
+    "train_avclip": "scripts.train_avclip:train",
+    "train_avsync_model": "scripts.train_sync:train",
+    "ft_avsync_model_for_syncability": "scripts.train_sync:train",
+}
+
+
+def get_action(action: str):
+    if action not in ACTIONS:
+        raise ConfigError(f"Unknown action '{action}'; expected one of {sorted(ACTIONS)}.")
+    module_name, func_name = ACTIONS[action].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise NotImplementedError(f"The action '{action}' needs {module_name}.py, which this checkout lacks.") from e
+    return getattr(module, func_name)
+
+
+def main(argv: list[str]) -> None:
+    cfg = load_config(argv)
+    set_env_from_slurm()
+    get_action(cfg.action)(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"Config error: {e}")

@@ -1,0 +1,158 @@
+"""Reading a run's configuration: the YAML named by `config=...` merged with command-line overrides.
+
+Overrides follow OmegaConf's dotlist syntax (`training.base_batch_size=8 data.vids_path=/x`) and win
+over the YAML. An override may only change a key that the YAML already has, so a typo such as
+`trainig.lr=1` fails loudly instead of silently creating a key nobody reads. Three kinds of new keys
+are allowed, because the documented commands add them:
+
+1. the run-time keys in `RUNTIME_KEYS` (`ckpt_path`, `start_time`, ...);
+2. the optional keys in `OPTIONAL_KEYS`, which the code reads with a default (e.g. `data.iter_times`);
+3. a new entry in a `params` block next to a `target`, when the target's constructor accepts it
+   (e.g. `model.params.vfeat_extractor.params.for_loop=True`).
+"""
+
+import difflib
+import inspect
+import os
+import random
+from datetime import datetime, timedelta
+
+from omegaconf import DictConfig, OmegaConf
+
+from utils.utils import get_obj_from_str
+
+RUNTIME_KEYS = {
+    "config",
+    "ckpt_path",
+    "start_time",
+    "ckpt_path_sync",
+    "config_sync",
+    "config_off",
+    "ckpt_path_off",
+}
+# Keys that are optional in the YAML because the code reads them with a default. Keep in sync with
+# the `cfg.get(...)` calls in the trainers and datasets.
+OPTIONAL_KEYS = {
+    "data.iter_times": 1,
+    "data.skip_bad_samples": False,
+    "data.audio_priming_compat": True,
+    "training.max_bad_loss_steps": 5,
+    "training.device": None,
+    "training.autocast_dtype": None,
+    "training.max_train_iters": None,
+    "training.max_eval_iters": None,
+    "logging.use_wandb": False,
+    "logging.wandb_mode": "offline",
+    "logging.log_max_items": 500000,
+    "logging.vis_segment_sim": False,
+    "logging.log_code_state": False,
+}
+
+
+class ConfigError(ValueError):
+    """A malformed config file or an override that does not fit the config."""
+
+
+def curr_time_with_random_shift() -> str:
+    """A timestamp shifted back by up to a minute, so that jobs started together get distinct log dirs."""
+    now = datetime.now() - timedelta(seconds=random.randint(0, 59))
+    return now.strftime("%y-%m-%dT%H-%M-%S")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("add"):
+        # `${add:1,2,3}` -> 6
+        OmegaConf.register_new_resolver("add", lambda *args: sum(args))
+
+
+def _all_key_paths(node, prefix: str = "") -> list[str]:
+    paths = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            path = f"{prefix}{k}"
+            paths.append(path)
+            paths += _all_key_paths(node._get_node(k), f"{path}.")
+    return paths
+
+
+def _target_accepts(cfg: DictConfig, key_path: str) -> bool:
+    """True if `key_path` is `<...>.params.<name>` and the sibling `target` takes `name` as an argument."""
+    parts = key_path.split(".")
+    if len(parts) < 2 or parts[-2] != "params":
+        return False
+    parent = OmegaConf.select(cfg, ".".join(parts[:-2])) if len(parts) > 2 else cfg
+    if not isinstance(parent, DictConfig) or not isinstance(parent.get("target"), str):
+        return False
+    try:
+        target = get_obj_from_str(parent.target)
+        params = inspect.signature(target).parameters
+    except (ImportError, ValueError, TypeError):
+        return False
+    return parts[-1] in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) -> None:
+    """Raises ConfigError for an override that would create a key the YAML does not have."""
+    known = set(_all_key_paths(cfg_yml))
+    for path in _all_key_paths(cfg_cli):
+        if path in known or path in RUNTIME_KEYS or path in OPTIONAL_KEYS:
+            continue
+        if isinstance(OmegaConf.select(cfg_cli, path), DictConfig):
+            continue  # an intermediate node: its leaves are checked on their own
+        if _target_accepts(OmegaConf.merge(cfg_yml, cfg_cli), path):
+            continue
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        if parent and parent not in known and parent not in OPTIONAL_KEYS:
+            continue  # report only the topmost unknown key (its parent is reported already)
+        close = difflib.get_close_matches(path, sorted(known | RUNTIME_KEYS | set(OPTIONAL_KEYS)), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"Unknown config key '{path}': it is neither in {yaml_path} nor one of the run-time keys.{hint} "
+            "See utils/config.py for the keys that may be added from the command line."
+        )
+
+
+def load_config(argv: list[str]) -> DictConfig:
+    """Builds the run's config from `config=path.yaml` and dotlist overrides in `argv`."""
+    _register_resolvers()
+    try:
+        cfg_cli = OmegaConf.from_dotlist(argv)
+    except Exception as e:
+        raise ConfigError(f"Could not parse the command-line overrides {argv}: {e}") from e
+    if "config" not in cfg_cli:
+        raise ConfigError("Pass the config file as `config=configs/<name>.yaml`.")
+    yaml_path = cfg_cli.config
+    if not os.path.isfile(yaml_path):
+        raise ConfigError(f"Config file not found: {yaml_path}")
+    try:
+        cfg_yml = OmegaConf.load(yaml_path)
+    except Exception as e:
+        raise ConfigError(f"Malformed config file {yaml_path}: {e}") from e
+    if not isinstance(cfg_yml, DictConfig):
+        raise ConfigError(f"Config file {yaml_path} must hold a mapping at the top level.")
+    check_overrides(cfg_yml, cfg_cli, yaml_path)
+    cfg = OmegaConf.merge(cfg_yml, cfg_cli)  # the latter wins
+    if cfg.get("start_time") is None:
+        cfg.start_time = curr_time_with_random_shift()
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:
+        raise ConfigError(f"Could not resolve the interpolations in {yaml_path}: {e}") from e
+    return cfg
+
+
+def set_env_from_slurm(environ: dict = os.environ) -> None:
+    """Maps SLURM's task variables to the ones torch.distributed reads, unless torchrun set them."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return
+    if "SLURM_JOB_ID" in environ:
+        environ["LOCAL_RANK"] = environ["SLURM_LOCALID"]
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]
+
+
+def cfg_get(cfg: DictConfig, path: str):
+    """Reads an optional key with its registered default."""
+    value = OmegaConf.select(cfg, path, default=None)
+    return OPTIONAL_KEYS[path] if value is None else value
+
