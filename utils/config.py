@@ -62,7 +62,7 @@ def curr_time_with_random_shift() -> str:
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("add"):
         # `${add:1,2,3}` -> 6
-        OmegaConf.register_new_resolver("add", lambda *args: sum(args))
+        OmegaConf.register_resolver("add", lambda *args: sum(args))
 
 
 def _all_key_paths(node, prefix: str = "") -> list[str]:
@@ -155,4 +155,3 @@ def cfg_get(cfg: DictConfig, path: str):
     """Reads an optional key with its registered default."""
     value = OmegaConf.select(cfg, path, default=None)
     return OPTIONAL_KEYS[path] if value is None else value
-

@@ -1,0 +1,106 @@
+"""Reading and writing checkpoints safely.
+
+Published Synchformer checkpoints are dicts `{'model': state_dict, 'args': <OmegaConf config>, 'epoch',
+'optimizer', ...}`; downstream projects often redistribute the bare state dict. Both are read with
+`torch.load(weights_only=True)`: no arbitrary code runs, only the config classes listed below are
+rebuilt. Writes go to a temporary file that replaces the target in one rename, so a crash mid-write
+never leaves a truncated checkpoint behind.
+"""
+
+import collections
+import os
+import pickle
+import tempfile
+import typing
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import omegaconf
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
+SAFE_GLOBALS = [
+    omegaconf.DictConfig,
+    omegaconf.ListConfig,
+    omegaconf.base.ContainerMetadata,
+    omegaconf.base.Metadata,
+    omegaconf.base.Node,
+    *(getattr(omegaconf.nodes, name) for name in dir(omegaconf.nodes) if name.endswith("Node")),
+    typing.Any,
+    collections.defaultdict,
+    collections.OrderedDict,
+    dict,
+    list,
+    tuple,
+    set,
+    int,
+    float,
+    bool,
+    str,
+    bytes,
+    np.dtype,
+    np._core.multiarray.scalar,
+    *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not in a format we know."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Loads a checkpoint safely; always returns a dict with a 'model' state dict.
+
+    A bare state dict (all values tensors) is wrapped as `{'model': sd}`. A stored config under 'args'
+    is returned as a DictConfig.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}. Check the path or download the checkpoint.")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"Could not read the checkpoint {path} ({type(e).__name__}: {e}). The file may be truncated "
+            "or not a torch checkpoint: download it again."
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"Checkpoint {path} holds a {type(ckpt).__name__}, expected a dict.")
+    if "model" not in ckpt:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            ckpt = {"model": ckpt}
+        else:
+            raise CheckpointError(
+                f"Checkpoint {path} has neither a 'model' entry nor is it a bare state dict (keys: {list(ckpt)[:8]})."
+            )
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"] = OmegaConf.create(ckpt["args"])
+    return ckpt
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Saves `obj` atomically: written to a temporary file in the same folder, then renamed over `path`.
+
+    A DictConfig under 'args' is stored as it is (the published format), which `load_checkpoint` reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_of(ckpt: dict) -> DictConfig | None:
+    """The config stored in a loaded checkpoint, if any."""
+    args = ckpt.get("args")
+    return args if isinstance(args, DictConfig) else None
