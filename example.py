@@ -1,0 +1,150 @@
+"""Predicts the audio-visual offset of one video with a trained Synchformer.
+
+    python example.py --exp_name 24-01-04T16-39-21 --vid_path VIDEO --offset_sec 1.6 [--v_start_i_sec 0.0]
+
+The video is shifted by `--offset_sec` (positive: the audio starts that much earlier than the video)
+and the model is asked to find the shift again. With the synchronizability model (24-01-22T20-34-52)
+it prints the probability that the clip can be synchronised at all.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dataset.dataset_utils import get_transforms
+from dataset.io import get_video_and_audio, probe_video, reencode_video
+from dataset.transforms import make_class_grid, quantize_offset
+from model.sync_model import Synchformer, load_synchformer
+from utils.download import get_published_model
+
+VFPS, AFPS, IN_SIZE = 25, 16000, 256
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_files(args) -> tuple[Path, Path | None]:
+    """(checkpoint, config or None): local files if given, else the published experiment (downloaded)."""
+    if args.ckpt_path is not None:
+        return Path(args.ckpt_path), None if args.cfg_path is None else Path(args.cfg_path)
+    if args.exp_name is None:
+        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    exp_dir = Path(args.logdir) / args.exp_name
+    cfg_path, ckpt_path = exp_dir / f"cfg-{args.exp_name}.yaml", exp_dir / f"{args.exp_name}.pt"
+    if not (cfg_path.is_file() and ckpt_path.is_file()):
+        cfg_path, ckpt_path = get_published_model(args.exp_name, args.logdir)
+    return ckpt_path, cfg_path
+
+
+def ensure_model_format(vid_path: str, out_dir: str) -> str:
+    """Re-encodes the video when it is not 25 fps / 16 kHz / 256 px on the short side; returns the path used."""
+    info = probe_video(vid_path)
+    fps, sr, H, W = info["fps"], info["sample_rate"], info["height"], info["width"]
+    if fps == VFPS and sr == AFPS and min(H, W) == IN_SIZE:
+        print(f"Skipping reencoding. vfps: {fps}; afps: {sr}; min(H, W)={IN_SIZE}")
+        return vid_path
+    print(f"Reencoding. vfps: {fps} -> {VFPS}; afps: {sr} -> {AFPS}; {(H, W)} -> min(H, W)={IN_SIZE}")
+    return str(reencode_video(vid_path, VFPS, AFPS, IN_SIZE, out_dir=out_dir))
+
+
+def make_input(cfg: DictConfig, vid_path: str, offset_sec: float, v_start_i_sec: float) -> dict:
+    """The test-time item of the config's transforms: the visual window starts at `v_start_i_sec` and
+    the audio is taken `offset_sec` earlier."""
+    rgb, audio, meta = get_video_and_audio(vid_path, get_meta=True)
+    item = {
+        "video": rgb,
+        "audio": audio,
+        "meta": meta,
+        "path": vid_path,
+        "split": "test",
+        "targets": {"v_start_i_sec": v_start_i_sec, "offset_sec": offset_sec},
+    }
+    return get_transforms(cfg, "test")(item)
+
+
+@torch.inference_mode()
+def predict(model: Synchformer, item: dict, device: torch.device, use_half: bool) -> torch.Tensor:
+    """Logits (num_classes,) of one transformed item."""
+    vid = item["video"].unsqueeze(0).to(device, torch.float32)  # (1, S, Tv, C, H, W)
+    aud = item["audio"].unsqueeze(0).to(device, torch.float32)  # (1, S, 1, F, Ta)
+    # the published models were run in fp16 on GPUs; on CPU float32 is both exact and fast enough
+    with torch.autocast(device.type, dtype=torch.float16, enabled=use_half and device.type != "cpu"):
+        _, logits = model(vid, aud)
+    return logits[0].float().cpu()
+
+
+def print_offset_prediction(logits: torch.Tensor, grid: torch.Tensor, offset_label: float) -> torch.Tensor:
+    """Prints the ground truth (the offset snapped to the class grid) and the top-5 classes in the original's
+    format; returns the probabilities."""
+    print("Ground Truth offset (sec):", f"{offset_label:.2f} ({quantize_offset(grid, offset_label)[-1].item()})")
+    print()
+    print("Prediction Results:")
+    probs = torch.softmax(logits, dim=-1)
+    for k in torch.topk(logits, min(5, len(logits))).indices.tolist():
+        print(f'p={probs[k]:.4f} ({logits[k]:.4f}), "{grid[k]:.2f}" ({k})')
+    return probs
+
+
+def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(range(len(probs)), probs.numpy(), color="tab:blue")
+    gt = quantize_offset(grid, offset_sec)[-1].item()
+    ax.bar([gt], [probs[gt].item()], color="tab:orange", label=f"ground truth {offset_sec:+.2f} s")
+    ax.set_xticks(range(len(grid)), [f"{g:.1f}" for g in grid.tolist()], rotation=90)
+    ax.set_xlabel("offset class (s; positive: audio earlier)")
+    ax.set_ylabel("probability")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"Saved the class probabilities to {path}")
+
+
+def main(args) -> None:
+    device = torch.device(args.device or default_device())
+    ckpt_path, cfg_path = resolve_files(args)
+    model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
+    model = model.to(device)
+
+    print(f"Using video: {args.vid_path}")
+    vid_path = ensure_model_format(args.vid_path, args.reencode_dir)
+    item = make_input(cfg, vid_path, args.offset_sec, args.v_start_i_sec)
+    logits = predict(model, item, device, bool(cfg.training.get("use_half_precision", False)))
+
+    if len(logits) == 2:  # the synchronizability head: class 1 means "can be synchronised"
+        print(f"Synchronizability: p={torch.softmax(logits, -1)[1]:.4f} (offset applied: {args.offset_sec:.2f} s)")
+        return
+    max_off_sec = cfg.data.max_off_sec
+    grid = make_class_grid(-max_off_sec, max_off_sec, len(logits))
+    if not grid.min() <= args.offset_sec <= grid.max():
+        print(f"WARNING: offset_sec={args.offset_sec} is outside the trained grid: {grid}")
+    probs = print_offset_prediction(logits, grid, float(item["targets"]["offset_label"]))
+    if args.plot:
+        save_plot(probs, grid, args.offset_sec, args.plot)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp_name", help="A published experiment, e.g. 24-01-04T16-39-21")
+    parser.add_argument("--vid_path", required=True, help="A path to an .mp4 video")
+    parser.add_argument("--offset_sec", type=float, default=0.0)
+    parser.add_argument("--v_start_i_sec", type=float, default=0.0)
+    parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
+    parser.add_argument("--ckpt_path", help="A local checkpoint (published format or a bare state dict)")
+    parser.add_argument("--cfg_path", help="Its config (needed for a bare state dict)")
+    parser.add_argument("--logdir", default="./logs/sync_models", help="Where published experiments are kept")
+    parser.add_argument("--reencode_dir", default="./vis", help="Where re-encoded videos are written")
+    parser.add_argument("--plot", help="Save a bar chart of the class probabilities to this PNG")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
