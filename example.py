@@ -8,7 +8,6 @@ it prints the probability that the clip can be synchronised at all.
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -16,27 +15,14 @@ from omegaconf import DictConfig
 from dataset.dataset_utils import get_transforms
 from dataset.io import get_video_and_audio, probe_video, reencode_video
 from dataset.transforms import make_class_grid, quantize_offset
-from model.sync_model import Synchformer, load_synchformer
-from utils.download import get_published_model
+from model.sync_model import Synchformer
+from utils.inference import load_model
 
 VFPS, AFPS, IN_SIZE = 25, 16000, 256
 
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_files(args) -> tuple[Path, Path | None]:
-    """(checkpoint, config or None): local files if given, else the published experiment (downloaded)."""
-    if args.ckpt_path is not None:
-        return Path(args.ckpt_path), None if args.cfg_path is None else Path(args.cfg_path)
-    if args.exp_name is None:
-        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    exp_dir = Path(args.logdir) / args.exp_name
-    cfg_path, ckpt_path = exp_dir / f"cfg-{args.exp_name}.yaml", exp_dir / f"{args.exp_name}.pt"
-    if not (cfg_path.is_file() and ckpt_path.is_file()):
-        cfg_path, ckpt_path = get_published_model(args.exp_name, args.logdir)
-    return ckpt_path, cfg_path
 
 
 def ensure_model_format(vid_path: str, out_dir: str) -> str:
@@ -110,9 +96,9 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 
 def main(args) -> None:
     device = torch.device(args.device or default_device())
-    ckpt_path, cfg_path = resolve_files(args)
-    model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
-    model = model.to(device)
+    if args.exp_name is None and args.ckpt_path is None:
+        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, args.logdir)
 
     print(f"Using video: {args.vid_path}")
     vid_path = ensure_model_format(args.vid_path, args.reencode_dir)

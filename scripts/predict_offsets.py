@@ -1,0 +1,157 @@
+"""Tracks the audio-visual offset over a video of any length (or every video in a folder).
+
+    python scripts/predict_offsets.py VIDEO_OR_DIR --exp_name 24-01-04T16-39-21 [--stride_sec 1.28] [--out_dir DIR]
+
+A window of the model's clip length (5 s) slides over the video; every window gets the predicted offset,
+its probability and the entropy of the class distribution. Each segment's features are computed once
+and shared by all windows that contain it (strides that are multiples of 0.32 s share everything).
+Per video it writes `<stem>.csv` (one row per window), `<stem>.json` (the overall offset: the class with
+the highest summed probability over windows, and a drift flag when the first and the second half of
+the video disagree by two classes or more) and `<stem>.png` (offset over time). A folder run skips
+videos whose JSON exists, so an interrupted run resumes, and writes `summary.csv`.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
+from utils.inference import WindowPredictor, entropy, load_model, offset_grid
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
+
+
+def load_for_model(path: Path, cfg, work_dir: Path):
+    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed."""
+    info = probe_video(path)
+    vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
+    if (info["fps"], info["sample_rate"], min(info["height"], info["width"])) != (vfps, afps, size):
+        logging.info(f"Re-encoding {path} to {vfps} fps, {afps} Hz, {size} px")
+        path = reencode_video(path, vfps, afps, size, out_dir=work_dir)
+    return get_video_and_audio(path, get_meta=True)
+
+
+def summarise(starts: list[float], probs: torch.Tensor, grid: torch.Tensor) -> dict:
+    """Overall offset (confidence-weighted mode), its share of the probability mass, and drift."""
+    step = float(grid[1] - grid[0])
+    overall = int(probs.sum(0).argmax())
+    half = len(starts) // 2
+    first, second = (int(p.sum(0).argmax()) for p in (probs[: max(half, 1)], probs[half:]))
+    drift = abs(float(grid[second] - grid[first]))
+    return {
+        "n_windows": len(starts),
+        "offset_sec": float(grid[overall]),
+        "confidence": float(probs.sum(0)[overall] / len(starts)),
+        "offset_first_half_sec": float(grid[first]),
+        "offset_second_half_sec": float(grid[second]),
+        "drift": drift >= 2 * step - 1e-6,
+    }
+
+
+def plot_track(rows: list[dict], summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    t = [r["start_sec"] for r in rows]
+    sc = ax.scatter(t, [r["offset_sec"] for r in rows], c=[r["prob"] for r in rows], cmap="viridis", vmin=0, vmax=1)
+    ax.axhline(summary["offset_sec"], color="tab:red", lw=1, label=f"overall {summary['offset_sec']:+.2f} s")
+    ax.set(xlabel="window start (s)", ylabel="predicted offset (s)", title=title, ylim=(-2.2, 2.2))
+    fig.colorbar(sc, ax=ax, label="probability")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
+    rgb, audio, meta = load_for_model(path, predictor.cfg, args.out_dir / "reencoded")
+    item = predictor.pipeline.prepare(rgb, audio, meta, str(path))
+    starts = predictor.window_starts(item, args.stride_sec)
+    if not starts:
+        raise BadVideoError(path, f"shorter than one {predictor.cfg.data.crop_len_sec} s window")
+    windows = [predictor.pipeline.window_segments(item, s, args.offset_sec) for s in starts]
+    logits = predictor.predict(item, windows, progress=args.progress)
+    grid = offset_grid(predictor.cfg, logits.shape[-1])
+    probs = torch.softmax(logits, -1)
+    top = probs.argmax(-1)
+    rows = [
+        {
+            "start_sec": round(s, 3),
+            "end_sec": round(s + predictor.cfg.data.crop_len_sec, 3),
+            "offset_sec": round(float(grid[k]), 2),
+            "class": int(k),
+            "prob": round(float(p[k]), 4),
+            "entropy": round(float(h), 4),
+        }
+        for s, k, p, h in zip(starts, top, probs, entropy(probs))
+    ]
+    summary = {"video": str(path), **summarise(starts, probs, grid)}
+    stem = args.out_dir / path.stem
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_track(rows, summary, Path(f"{stem}.png"), path.name)
+    Path(f"{stem}.json").write_text(json.dumps({**summary, "windows": rows}, indent=1))
+    return summary
+
+
+def main(args) -> int:
+    args.out_dir = Path(args.out_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    src = Path(args.input)
+    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if src.is_dir() else [src]
+    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, args.device)
+    predictor = WindowPredictor(model, cfg, args.batch_segments, args.batch_windows)
+    summaries, failed = [], 0
+    for path in tqdm(videos, desc="videos", disable=len(videos) == 1):
+        done = args.out_dir / f"{path.stem}.json"
+        if done.is_file():  # resume: this video was finished in an earlier run
+            summaries.append({k: v for k, v in json.loads(done.read_text()).items() if k != "windows"})
+            continue
+        try:
+            summaries.append(track_video(predictor, path, args))
+        except BadVideoError as e:
+            logging.error(f"Skipping {path}: {e}")
+            failed += 1
+            continue
+        s = summaries[-1]
+        drift = " (DRIFT: the two halves disagree)" if s["drift"] else ""
+        print(f"{path.name}: offset {s['offset_sec']:+.2f} s, confidence {s['confidence']:.3f}{drift}")
+    if summaries:
+        with open(args.out_dir / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
+            writer.writeheader()
+            writer.writerows(summaries)
+    print(f"{len(summaries)} videos done, {failed} failed; segments computed: {predictor.segments_computed}")
+    return 1 if failed and not summaries else 0
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="A video or a folder of videos")
+    parser.add_argument("--exp_name", default="24-01-04T16-39-21", help="A published experiment")
+    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or bare state dict)")
+    parser.add_argument("--cfg_path", help="The config of a bare state dict")
+    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
+    parser.add_argument("--offset_sec", type=float, default=0.0, help="Shift the audio earlier by this much first")
+    parser.add_argument("--out_dir", default="./offsets", help="Where CSV/JSON/PNG results go")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
+    parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
+    parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
+    return parser
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sys.exit(main(get_parser().parse_args()))

@@ -1,0 +1,159 @@
+"""Offset prediction over many windows of one video, with every segment's features computed once.
+
+Synchformer cuts a window into overlapping segments and runs the feature extractors on each segment
+independently; only the small synchronisation transformer sees the whole window. Windows whose starts
+differ by a multiple of the segment step (0.32 s) therefore share segments exactly, so a long video is
+tracked by extracting features for each distinct segment once and running only the head per window.
+
+The segments of a window are found by the config's own test-time crop transforms run on index
+tensors (frame and sample numbers instead of pixels), so the windows are exactly those that
+`example.py` and the test-time pipeline would make.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from dataset.dataset_utils import get_transforms
+from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, TemporalCropAndOffset, make_class_grid
+from model.sync_model import Synchformer, load_synchformer
+from utils.download import get_published_model
+
+
+def load_model(
+    exp_name: str | None = None,
+    ckpt_path: str | Path | None = None,
+    cfg_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    logdir: str | Path = "./logs/sync_models",
+) -> tuple[Synchformer, DictConfig]:
+    """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
+    (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
+    downloaded into `<logdir>/<exp_name>/` when missing."""
+    if ckpt_path is None:
+        if exp_name is None:
+            raise ValueError("Pass a published experiment name or a local checkpoint path.")
+        exp_dir = Path(logdir) / exp_name
+        cfg_path, ckpt_path = exp_dir / f"cfg-{exp_name}.yaml", exp_dir / f"{exp_name}.pt"
+        if not (cfg_path.is_file() and ckpt_path.is_file()):
+            cfg_path, ckpt_path = get_published_model(exp_name, logdir)
+    model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
+    return model.to(device), cfg
+
+
+def offset_grid(cfg: DictConfig, num_classes: int) -> torch.Tensor:
+    return make_class_grid(-cfg.data.max_off_sec, cfg.data.max_off_sec, num_classes)
+
+
+@dataclass
+class SegmentPipeline:
+    """The config's test transforms split around the temporal crop: `whole` runs once on the whole
+    video, `crop` picks a window's segments, `per_segment` turns a stack of segments into model input."""
+
+    whole: list
+    crop: list
+    per_segment: list
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "SegmentPipeline":
+        transforms = list(get_transforms(cfg, "test").transforms)
+        first = next(i for i, t in enumerate(transforms) if isinstance(t, TemporalCropAndOffset))
+        last = next(i for i, t in enumerate(transforms) if isinstance(t, GenerateMultipleSegments))
+        # a long video is not trimmed to the training clip length
+        whole = [EqualifyFromRight(math.inf) if isinstance(t, EqualifyFromRight) else t for t in transforms[:first]]
+        return cls(whole, transforms[first : last + 1], transforms[last + 1 :])
+
+    def prepare(self, rgb: torch.Tensor, audio: torch.Tensor, meta: dict, path: str) -> dict:
+        item = {"video": rgb, "audio": audio, "meta": meta, "path": path, "split": "test", "targets": {}}
+        for t in self.whole:
+            item = t(item)
+        return item
+
+    def window_segments(self, item: dict, v_start_sec: float, offset_sec: float = 0.0) -> list[tuple[int, int]]:
+        """(first frame, first sample) of each segment of the window starting at `v_start_sec`, with the
+        audio taken `offset_sec` earlier; found by running the crop transforms on frame/sample indices."""
+        probe = {
+            "video": torch.arange(item["video"].shape[0]),
+            "audio": torch.arange(item["audio"].shape[0]),
+            "meta": {"video": dict(item["meta"]["video"]), "audio": dict(item["meta"]["audio"])},
+            "path": item["path"],
+            "split": "test",
+            "targets": {"v_start_i_sec": v_start_sec, "offset_sec": offset_sec},
+        }
+        for t in self.crop:
+            probe = t(probe)
+        return list(zip(probe["video"][:, 0].tolist(), probe["audio"][:, 0].tolist()))
+
+    def segment_inputs(self, item: dict, keys: Sequence[tuple[int, int]], seg_v: int, seg_a: int):
+        """Model inputs for the segments starting at `keys`: video (N, Tv, C, H, W), audio (N, 1, F, Ta)."""
+        seg = {
+            "video": torch.stack([item["video"][v : v + seg_v] for v, _ in keys]),
+            "audio": torch.stack([item["audio"][a : a + seg_a] for _, a in keys]),
+            "meta": {"video": dict(item["meta"]["video"]), "audio": dict(item["meta"]["audio"])},
+            "path": item["path"],
+            "split": "test",
+            "targets": {},
+        }
+        for t in self.per_segment:
+            seg = t(seg)
+        return seg["video"], seg["audio"]
+
+
+class WindowPredictor:
+    """Predicts offsets for many windows of one video, computing each distinct segment's features once."""
+
+    def __init__(self, model: Synchformer, cfg: DictConfig, batch_segments: int = 14, batch_windows: int = 16):
+        self.model, self.cfg = model.eval(), cfg
+        self.pipeline = SegmentPipeline.from_config(cfg)
+        self.device = next(model.parameters()).device
+        self.batch_segments, self.batch_windows = batch_segments, batch_windows
+        self.seg_v = cfg.data.segment_size_vframes
+        self.seg_a = round(self.seg_v / cfg.data.vfps * cfg.data.afps)
+        self.segments_computed = 0  # features extracted so far: the cost that reuse saves
+
+    @torch.inference_mode()
+    def features(self, item: dict, keys: Sequence[tuple[int, int]], progress: bool = False) -> dict:
+        """{segment key: (visual features (tv, D), audio features (ta, D))} for the distinct `keys`."""
+        keys = list(dict.fromkeys(keys))
+        feats = {}
+        chunks = range(0, len(keys), self.batch_segments)
+        for i in tqdm(chunks, desc="segments", unit="batch", disable=not progress):
+            chunk = keys[i : i + self.batch_segments]
+            vid, aud = self.pipeline.segment_inputs(item, chunk, self.seg_v, self.seg_a)
+            # the chunk goes in as one clip of N segments: the extractors treat segments independently
+            vid = vid.unsqueeze(0).to(self.device, torch.float32)  # (1, N, Tv, C, H, W)
+            aud = aud.unsqueeze(0).to(self.device, torch.float32)  # (1, N, 1, F, Ta)
+            vfeat, afeat = self.model.extract_features(vid, aud)  # (1, N, tv, D), (1, N, ta, D)
+            for j, key in enumerate(chunk):
+                feats[key] = (vfeat[0, j], afeat[0, j])
+        self.segments_computed += len(keys)
+        return feats
+
+    @torch.inference_mode()
+    def predict(self, item: dict, windows: Sequence[Sequence[tuple[int, int]]], progress: bool = False):
+        """Logits (W, num_classes) of windows given as lists of segment keys."""
+        feats = self.features(item, [k for w in windows for k in w], progress)
+        logits = []
+        for i in range(0, len(windows), self.batch_windows):
+            chunk = windows[i : i + self.batch_windows]
+            vfeat = torch.stack([torch.stack([feats[k][0] for k in w]) for w in chunk])  # (W, S, tv, D)
+            afeat = torch.stack([torch.stack([feats[k][1] for k in w]) for w in chunk])  # (W, S, ta, D)
+            logits.append(self.model.forward_head(vfeat, afeat).float().cpu())
+        return torch.cat(logits)
+
+    def window_starts(self, item: dict, stride_sec: float, crop_len_sec: float | None = None) -> list[float]:
+        """Visual window starts every `stride_sec` seconds (snapped to frames) that fit in the video."""
+        fps = item["meta"]["video"]["fps"][0]
+        crop_len_sec = self.cfg.data.crop_len_sec if crop_len_sec is None else crop_len_sec
+        duration = min(item["video"].shape[0] / fps, item["audio"].shape[0] / item["meta"]["audio"]["framerate"][0])
+        n = math.floor((duration - crop_len_sec) / stride_sec + 1e-6) + 1
+        return [round(i * stride_sec * fps) / fps for i in range(max(n, 0))]
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
