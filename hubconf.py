@@ -1,0 +1,41 @@
+"""torch.hub entry points for the published Synchformer models.
+
+    model = torch.hub.load("<owner>/<repo>", "synchformer_audioset")  # eval mode, weights md5-verified
+
+Each returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Weights are downloaded
+once into `<torch.hub.get_dir()>/synchformer/<experiment>/`.
+"""
+
+from pathlib import Path
+
+import torch
+
+dependencies = ["torch", "torchvision", "torchaudio", "omegaconf", "einops", "av", "transformers"]
+
+
+def _published(exp_name: str, device: str = "cpu"):
+    from utils.inference import load_model
+
+    model, cfg = load_model(exp_name, device=device, logdir=Path(torch.hub.get_dir()) / "synchformer")
+    model.cfg = cfg
+    return model.eval()
+
+
+def synchformer_lrs3(device: str = "cpu"):
+    """Stage 2 trained on LRS3 ('Full Scene'): 86.6 / 99.6 Acc@1 / ±1 class on LRS3."""
+    return _published("23-12-23T18-33-57", device)
+
+
+def synchformer_vggsound(device: str = "cpu"):
+    """Stage 2 trained on VGGSound: 43.8 / 60.2 on VGGSound-Sparse."""
+    return _published("24-01-02T10-00-53", device)
+
+
+def synchformer_audioset(device: str = "cpu"):
+    """Stage 2 trained on AudioSet: 47.2 / 67.4 on VGGSound-Sparse; the model behind DeSync."""
+    return _published("24-01-04T16-39-21", device)
+
+
+def synchformer_syncability(device: str = "cpu"):
+    """Synchronizability (2 classes, 1 = can be synchronised), AudioSet: Acc 73.5, ROC AUC 0.83."""
+    return _published("24-01-22T20-34-52", device)
