@@ -208,6 +208,7 @@ class MotionFormer(SegmentFeatureExtractor):
         if self.attn_type == "joint":
             self.st_embed = nn.Parameter(torch.zeros(1, 1 + t * h * w, embed_dim))
             trunc_normal_(self.st_embed, std=0.02)
+            self.pos_embed.requires_grad_(False)  # unused with joint embeddings, kept for the checkpoints
         else:
             self.temp_embed = nn.Parameter(torch.zeros(1, t, embed_dim))
         # unused: Motionformer kept its image patch embedding in the checkpoints; frozen like there
