@@ -54,7 +54,8 @@ def test_wrong_input_layout_is_rejected():
 
 
 def test_published_names_and_shapes():
-    state = AST().state_dict()
+    with torch.device("meta"):  # shapes only
+        state = AST().state_dict()
     assert state["ast.embeddings.position_embeddings"].shape == (1, 2 + 12 * 6, 768)
     assert state["ast.encoder.layer.11.attention.attention.query.weight"].shape == (768, 768)
     assert state["ast.encoder.layer.11.output.dense.weight"].shape == (768, 3072)
