@@ -164,7 +164,7 @@ def make_vggsound_like(
         split = next(s for (s, _), hi in zip(splits, bounds[1:]) if i < hi)
         label = labels[i % len(labels)]
         vid = f"syn{i:08d}"  # 11 chars like a YouTube id
-        clip_id = f"{vid}_0_{int(duration_sec * 1000)}"
+        clip_id = f"{vid}_0_10000"  # VGGSound names always span 10 s, whatever the actual length
         spec = ClipSpec(duration_sec=duration_sec, height=side, width=side, tone_hz=TONE_CLASSES[label], seed=seed + i)
         make_clip(vids_dir / f"{clip_id}.mp4", spec)
         meta_rows.append([vid, 0, label, "test" if split == "test" else "train"])
