@@ -92,6 +92,7 @@ class ClipwiseTransform(torch.nn.Module):
 
 
 class AudioClipwiseTransform(ClipwiseTransform):
+    audio_only = True
     stream = "audio"
     clip_ndim = 1
 
@@ -452,19 +453,52 @@ class GenerateMultipleSegments(torch.nn.Module):
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = _fps(item)
         v_ranges, a_ranges = self.segment_ranges(item["video"].shape[0], item["audio"].shape[0], v_fps, a_fps)
-        # overlapping segments as strided views, one copy by stack
-        item["video"] = torch.stack([item["video"][s:e] for s, e in v_ranges.tolist()])  # (S, T, C, H, W)
-        item["audio"] = torch.stack([item["audio"][s:e] for s, e in a_ranges.tolist()])  # (S, Ta)
+        item["video"] = _segments(item["video"], v_ranges)  # (S, T, C, H, W)
+        item["audio"] = _segments(item["audio"], a_ranges)  # (S, Ta)
         return item
 
 
+def _segments(x: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """Stacks `x[start:end]` for each range along a new first dim. Evenly spaced equal-length ranges
+    become a strided *view* (no copy; the next op materialises it); do not modify it in place."""
+    starts, length = ranges[:, 0], int(ranges[0, 1] - ranges[0, 0])
+    step = int(starts[1] - starts[0]) if len(starts) > 1 else 1
+    if step > 0 and torch.equal(starts, starts[0] + step * torch.arange(len(starts))):
+        # (S, *, length) -> (S, length, *)
+        return x[int(starts[0]) :].unfold(0, length, step)[: len(starts)].movedim(-1, 1)
+    return torch.stack([x[s:e] for s, e in ranges.tolist()])
+
+
+def hoist_pixelwise(transforms: list) -> list:
+    """Moves the deterministic pixel-wise video transforms (`pixelwise = True`: dtype conversion,
+    normalisation) that follow `GenerateMultipleSegments` in front of it when only other pixel-wise or
+    audio-only transforms lie in between. Same values, computed once per frame rather than once per
+    frame of every (half-overlapping) segment."""
+    reordered, seg_i = [], None
+    for t in transforms:
+        between = reordered[seg_i + 1 :] if seg_i is not None else []
+        commutes = all(getattr(u, "pixelwise", False) or getattr(u, "audio_only", False) for u in between)
+        if seg_i is not None and getattr(t, "pixelwise", False) and commutes:
+            reordered.insert(seg_i, t)
+            seg_i += 1
+            continue
+        if isinstance(t, GenerateMultipleSegments):
+            seg_i = len(reordered)
+        reordered.append(t)
+    return reordered
+
+
 class RGBToFloatToZeroOne(torch.nn.Module):
+    pixelwise = True
+
     def forward(self, item: dict) -> dict:
         item["video"] = item["video"].to(torch.float32).div(255.0)
         return item
 
 
 class RGBToHalfToZeroOne(torch.nn.Module):
+    pixelwise = True
+
     def forward(self, item: dict) -> dict:
         item["video"] = item["video"].half().div(255.0)
         return item
@@ -472,6 +506,8 @@ class RGBToHalfToZeroOne(torch.nn.Module):
 
 class RGBNormalize(torchvision.transforms.Normalize):
     """torchvision's Normalize on (..., C, H, W); records the stats in `meta['video']['norm_stats']`."""
+
+    pixelwise = True
 
     def forward(self, item: dict) -> dict:
         item["video"] = super().forward(item["video"])
@@ -515,15 +551,25 @@ class AudioRandomLowpassFilter(_RandomAudioEffect):
 
 class AudioRandomPitchShift(_RandomAudioEffect):
     """Shifts the pitch by `shift` cents keeping the duration (the original used sox `pitch` + `rate`;
-    sox is gone from torchaudio). Phase-vocoder time stretch + resampling (torchaudio's `pitch_shift`
-    with 1200 bins per octave): statistics close to sox, not bit-exact."""
+    sox is gone from torchaudio): a phase-vocoder time stretch by 2^(shift/1200) followed by linear
+    resampling back to the original length. Statistics close to sox, not bit-exact (training only)."""
+
+    n_fft, hop_length = 512, 128
 
     def __init__(self, p: float, shift: int):
         super().__init__(p)
         self.shift = shift
 
     def effect(self, wave, sr):
-        return torchaudio.functional.pitch_shift(wave, sr, n_steps=self.shift, bins_per_octave=1200)
+        ratio = 2 ** (self.shift / 1200)
+        (Ta,) = wave.shape
+        window = torch.hann_window(self.n_fft, dtype=wave.dtype)
+        spec = torch.stft(wave, self.n_fft, self.hop_length, window=window, return_complex=True)  # (F, t)
+        phase_advance = torch.linspace(0, math.pi * self.hop_length, spec.shape[0])[:, None]
+        stretched = torchaudio.functional.phase_vocoder(spec, 1 / ratio, phase_advance)  # (F, t*ratio)
+        longer = torch.istft(stretched, self.n_fft, self.hop_length, window=window, length=round(Ta * ratio))
+        # (1, 1, Ta*ratio) -> (1, 1, Ta): playing it faster raises the pitch by `ratio`
+        return torch.nn.functional.interpolate(longer[None, None], size=Ta, mode="linear")[0, 0]
 
 
 class AudioRandomReverb(_RandomAudioEffect):
@@ -551,6 +597,8 @@ class AudioRandomGaussNoise(_RandomAudioEffect):
 
 
 class AudioMelSpectrogram(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, **kwargs):
         super().__init__()
         self.spec = torchaudio.transforms.MelSpectrogram(**kwargs)
@@ -561,6 +609,8 @@ class AudioMelSpectrogram(torch.nn.Module):
 
 
 class AudioLog(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -572,6 +622,8 @@ class AudioLog(torch.nn.Module):
 
 class PadOrTruncate(torch.nn.Module):
     """Pads (with `pad_value`) or truncates the last (time) dim of the audio to `max_spec_t`."""
+
+    audio_only = True
 
     def __init__(self, max_spec_t: int, pad_mode: str = "constant", pad_value: float = 0.0):
         super().__init__()
@@ -591,6 +643,8 @@ class PadOrTruncate(torch.nn.Module):
 
 class AudioNormalizeAST(torch.nn.Module):
     """AST's normalisation: (x - mean) / (2 * std)."""
+
+    audio_only = True
 
     def __init__(self, mean: float, std: float):
         super().__init__()
@@ -618,6 +672,8 @@ class PermuteStreams(torch.nn.Module):
 
 
 class ResampleAudio(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, new_fps: int):
         super().__init__()
         self.new_fps = new_fps
