@@ -257,6 +257,7 @@ class TemporalCropAndOffset(torch.nn.Module):
         self.do_offset = do_offset
         self.max_a_jitter_sec = max_wiggle_sec
         self.prob_oos = prob_oos
+        self.vfps = vfps
         if do_offset and offset_type == "grid":
             self.class_grid = make_class_grid(
                 -max_off_sec, max_off_sec, grid_size, add_doubt_cls, segment_size_vframes, n_segments,
@@ -305,6 +306,8 @@ class TemporalCropAndOffset(torch.nn.Module):
 
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = _fps(item)
+        if self.vfps is not None and v_fps != int(self.vfps):
+            raise BadVideoError(item["path"], f"has {v_fps} fps, expected {self.vfps}", "re-encode with reencode_video")
         v_start, a_start = _window_starts(item)
         v_len, a_len = v_start + item["video"].shape[0], a_start + item["audio"].shape[0]  # file lengths
         v_crop_len, a_crop_len = sec2frames(self.crop_len_sec, v_fps), sec2frames(self.crop_len_sec, a_fps)
@@ -359,7 +362,7 @@ class TemporalCropAndOffsetForSyncabilityTraining(TemporalCropAndOffset):
     ):
         seq_len_in_segs = n_segments - (1 - step_size_seg) * (n_segments - 1)
         crop_len_sec = round(seq_len_in_segs * segment_size_vframes / vfps, 2)
-        super().__init__(crop_len_sec, max_off_sec, "grid", do_offset, grid_size, max_wiggle_sec)
+        super().__init__(crop_len_sec, max_off_sec, "grid", do_offset, grid_size, max_wiggle_sec, vfps=vfps)
 
     def sample_offset(self) -> tuple[float, bool | None]:
         if random.random() < self.prob_syncable:
@@ -604,6 +607,9 @@ class AudioMelSpectrogram(torch.nn.Module):
         self.spec = torchaudio.transforms.MelSpectrogram(**kwargs)
 
     def forward(self, item: dict) -> dict:
+        sr = int(item["meta"]["audio"]["framerate"][0])
+        if sr != self.spec.sample_rate:
+            raise BadVideoError(item["path"], f"audio at {sr} Hz, expected {self.spec.sample_rate}", "resample it")
         item["audio"] = self.spec(item["audio"])  # (..., Ta) -> (..., F, T)
         return item
 

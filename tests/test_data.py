@@ -11,19 +11,21 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset import transforms as T
+from dataset.audioset import AudioSet
 from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms
 from dataset.io import BadVideoError, audio_priming_drop, decode_audio, get_video_and_audio, reencode_video
+from dataset.lrs import LRS3
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, write_mp4
-from dataset.vggsound import VGGSound, VGGSoundSparsePicked
+from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
 from scripts import download_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VGG_DIR = SHARED / "data" / "vggsound" / "h264_video_25fps_256side_16000hz_aac"
 REF_CLIP = VGG_DIR / "3qesirWAGt4_20000_30000.mp4"
-LRS_CLIP = (
-    SHARED / "data" / "lrs3" / "h264_uncropped_25fps_256side_16000hz_aac" / "pretrain" / "C8zY0oAdQrs" / "00018.mp4"
-)
+LRS_DIR = SHARED / "data" / "lrs3" / "h264_uncropped_25fps_256side_16000hz_aac"
+LRS_CLIP = LRS_DIR / "pretrain" / "C8zY0oAdQrs" / "00018.mp4"
+TEST_OFFSETS = "test_size21_crop5_min-2.00_max2.00.csv"
 CFG = OmegaConf.load(REPO / "configs" / "sync.yaml")
 
 
@@ -331,31 +333,87 @@ def test_vggsound_like_dataset_with_fixed_offsets_and_iter_times(vgg_like):
     assert item["video"].shape == (14, 16, 3, 32, 32)
 
 
-def test_vggsound_on_real_samples_with_original_fixed_offsets(tmp_path):
-    # the real split files list both sample clips; vggsound.csv is not shipped, so write the two rows
+@pytest.fixture
+def real_splits(tmp_path):
+    """The shared metadata plus a two-row `vggsound.csv` (the real one is not shipped) for the samples."""
     splits_path = tmp_path / "data"
     splits_path.mkdir()
-    for sub in ("fixed_offsets_vggsound", "filtered_examples_vggsound"):
-        (splits_path / sub).symlink_to(SHARED / "data" / sub)
-    clips = [p.stem for p in VGG_DIR.glob("*.mp4")]
-    split = {
-        c: s
-        for s in ("train", "valid", "test")
-        for c in (SHARED / "data" / f"vggsound_{s}.txt").read_text().split()
-        if c in clips
-    }
-    (splits_path / "vggsound.csv").write_text(
-        "".join(f"{c[:11]},{int(c.split('_')[-2]) // 1000},dog,train\n" for c in clips)
+    for entry in (SHARED / "data").iterdir():
+        (splits_path / entry.name).symlink_to(entry)
+    rows = [f"{p.stem[:11]},{int(p.stem.split('_')[-2]) // 1000},dog barking,test\n" for p in VGG_DIR.glob("*.mp4")]
+    (splits_path / "vggsound.csv").write_text("".join(rows))
+    return splits_path
+
+
+def _fixed_offset_row(csv_path: Path, clip_id: str) -> tuple[float, float]:
+    row = next(line for line in csv_path.read_text().splitlines() if line.startswith(clip_id + ","))
+    return float(row.split(",")[-2]), float(row.split(",")[-1])
+
+
+def test_vggsound_real_samples_with_original_fixed_offsets(real_splits):
+    ds = VGGSound("test", VGG_DIR, get_transforms(CFG, "test"), splits_path=real_splits)
+    assert [Path(p).name for p in ds.dataset] == [REF_CLIP.name]
+    offset, v_start = _fixed_offset_row(
+        real_splits / "fixed_offsets_vggsound" / "test_size21_crop5_min-2.00_max2.00.csv", REF_CLIP.stem
     )
-    for s in ("train", "valid", "test"):
-        (splits_path / f"vggsound_{s}.txt").write_text("".join(f"{c}\n" for c, cs in split.items() if cs == s))
-    fixed_split = next(s for s in split.values() if s in ("valid", "test"))
-    ds = VGGSound(fixed_split, VGG_DIR, get_transforms(CFG, "test"), splits_path=splits_path)
     windowed = ds[0]
+    assert (windowed["targets"]["offset_sec"], windowed["targets"]["v_start_i_sec"]) == (offset, v_start)
     ds.windowed_decode = False
     full = ds[0]
     assert torch.equal(windowed["video"], full["video"]) and torch.equal(windowed["audio"], full["audio"])
-    assert windowed["video"].shape == (14, 16, 3, 224, 224)
+    assert windowed["video"].shape == (14, 16, 3, 224, 224) and windowed["audio"].shape == (14, 1, 128, 66)
+
+
+def test_vggsound_sparse_clean_fixed_offsets(real_splits):
+    ds = VGGSoundSparsePickedCleanTestFixedOffsets(
+        "test", VGG_DIR, get_transforms(CFG, "test"), splits_path=real_splits
+    )
+    assert [Path(p).name for p in ds.dataset] == [REF_CLIP.name]
+    targets = ds[0]["targets"]
+    # vggsound_sparse_clean_fixed_offsets.csv: vggsound_sparse,3qesirWAGt4_20000_30000,2.8,1.4,1
+    assert (targets["v_start_i_sec"], targets["offset_sec"], targets["offset_target"].item()) == (2.8, 1.4, 17)
+    assert targets["vggsound_label"] == "dog barking"
+
+
+def test_lrs3_real_sample_with_fixed_offsets():
+    ds = LRS3("test", LRS_DIR, get_transforms(CFG, "test"), splits_path=SHARED / "data")
+    assert str(LRS_CLIP) in ds.dataset
+    ds.dataset = [str(LRS_CLIP)]
+    offset, v_start = _fixed_offset_row(
+        SHARED / "data" / "fixed_offsets_lrs3" / "test_size21_crop5_min-2.00_max2.00.csv", "pretrain/C8zY0oAdQrs/00018"
+    )
+    item = ds[0]
+    assert (item["targets"]["offset_sec"], item["targets"]["v_start_i_sec"]) == (offset, v_start)
+    assert item["video"].shape == (14, 16, 3, 224, 224)
+
+
+def test_audioset_layout_and_fixed_offsets(tmp_path):
+    vids_dir, splits_path = tmp_path / "vids", tmp_path / "data"
+    make_clip(vids_dir / "eval_segments" / "abcdefghijk_0_10000.mp4", ClipSpec(duration_sec=8, height=32, width=32))
+    (splits_path / "filtered_examples_audioset").mkdir(parents=True)
+    (splits_path / "fixed_offsets_audioset").mkdir()
+    (splits_path / "audioset.csv").write_text(
+        'eval/abcdefghijk,0.0,10.0,"0,1",eval\nbalanced/zzzzzzzzzzz,0.0,10.0,2,x\n'
+    )
+    (splits_path / "audioset_labels.csv").symlink_to(SHARED / "data" / "audioset_labels.csv")
+    fixed = "path,offset_sec,vstart_sec\neval/abcdefghijk_0_10000,-0.4,1.2\n"
+    (splits_path / "fixed_offsets_audioset" / "test_size21_crop5_min-2.00_max2.00.csv").write_text(fixed)
+    transforms = get_transforms(OmegaConf.merge(CFG, {"data": {"input_size": 32}}), "test")
+    ds = AudioSet("test", vids_dir, transforms, splits_path=splits_path)
+    item = ds[0]
+    assert len(ds) == 1 and ds.video2target == {"eval_segments/abcdefghijk_0_10000": [0, 1]}
+    assert (item["targets"]["offset_sec"], item["targets"]["v_start_i_sec"]) == (-0.4, 1.2)
+
+
+@pytest.mark.parametrize("vfps, afps, problem", [(30, 16000, "30 fps, expected 25"), (25, 22050, "22050 Hz")])
+def test_unexpected_fps_or_sample_rate(tmp_path, vfps, afps, problem):
+    path = tmp_path / "odd.mp4"
+    make_clip(path, ClipSpec(duration_sec=8, vfps=vfps, afps=afps, height=32, width=32))
+    rgb, audio, meta = get_video_and_audio(path)
+    item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "split": "test"}
+    item["targets"] = {"offset_sec": 0.0, "v_start_i_sec": 1.0}
+    with pytest.raises(BadVideoError, match=problem):
+        get_transforms(OmegaConf.merge(CFG, {"data": {"input_size": 32}}), "test")(item)
 
 
 def test_sparse_dataset_relabels_to_sparse_classes(vgg_like):
