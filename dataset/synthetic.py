@@ -173,7 +173,7 @@ def make_vggsound_like(
             offset = float(rng.choice(grid))
             v_start_max = duration_sec - crop_len_sec
             v_start = rng.uniform(max(0.0, -offset), min(v_start_max, v_start_max - offset))
-            offset_rows[split].append([clip_id, round(offset, 2), int(v_start * 25) / 25])
+            offset_rows[split].append([clip_id, round(offset, 2), int(v_start * spec.vfps) / spec.vfps])
     with open(splits_path / "vggsound.csv", "w", newline="") as f:
         csv.writer(f).writerows(meta_rows)
     for split, ids in split_ids.items():

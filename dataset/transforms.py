@@ -156,7 +156,8 @@ class Resize(torchvision.transforms.Resize):
 
 class RGBSpatialCropSometimesUpscale(torch.nn.Module):
     """Crops to `target_input_size`; with probability `sometimes_p` crops a smaller `smaller_input_size`
-    region instead and upscales it to the target size (a zoom-in augmentation)."""
+    region instead and upscales it to the target size (a zoom-in augmentation). Resizing is bilinear
+    without antialiasing, what `antialias=None` meant for tensors in the original's torchvision."""
 
     def __init__(self, sometimes_p, target_input_size, is_random, smaller_input_size=None):
         super().__init__()
@@ -164,7 +165,7 @@ class RGBSpatialCropSometimesUpscale(torch.nn.Module):
         self.crop_only = RGBSpatialCrop(target_input_size, is_random)
         self.crop_and_upscale = (
             torchvision.transforms.Compose(
-                [RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=None)]
+                [RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=False)]
             )
             if self.sometimes_p > 0
             else None
@@ -724,12 +725,12 @@ class ResizeAndLetterboxPad(torch.nn.Module):
         aspect, target_aspect = width / height, self.new_w / self.new_h
         if aspect > target_aspect:
             h = round(self.new_w / aspect)
-            rgb = TF.resize(rgb, [h, self.new_w], antialias=None)
+            rgb = TF.resize(rgb, [h, self.new_w], antialias=False)
             top = (self.new_h - h) // 2
             rgb = torch.nn.functional.pad(rgb, (0, 0, top, self.new_h - h - top))
         elif aspect < target_aspect:
             w = round(self.new_h * aspect)
-            rgb = TF.resize(rgb, [self.new_h, w], antialias=None)
+            rgb = TF.resize(rgb, [self.new_h, w], antialias=False)
             left = (self.new_w - w) // 2
             rgb = torch.nn.functional.pad(rgb, (left, self.new_w - w - left, 0, 0))
         item["video"] = rgb

@@ -307,6 +307,8 @@ def test_clipwise_augmentations_apply_per_segment():
     rgb = torch.rand(4, 3, 32, 32)
     assert T.RandomApplyColorDistortion(p_gray_scale=1.0)({"video": rgb.clone()})["video"].std(dim=1).max() < 1e-6
     assert T.ResizeAndLetterboxPad(32, 64)({"video": rgb})["video"].shape == (4, 3, 32, 64)
+    zoom = T.RGBSpatialCropSometimesUpscale(1.0, target_input_size=24, is_random=True, smaller_input_size=16)
+    assert zoom({"video": rgb})["video"].shape == (4, 3, 24, 24)
 
 
 # ---------------------------------------------------------------- datasets
