@@ -105,6 +105,8 @@ def test_synthetic_clip_decodes_with_expected_format_and_event_times(drift_clip)
     assert meta == {"video": {"fps": [25.0]}, "audio": {"framerate": [16000]}}
     assert rgb.shape == (300, 3, 64, 96) and abs(len(audio) / 16000 - 12) < 0.13  # AAC pads its last 1024-sample frame
     np.testing.assert_allclose(_video_events(rgb, 25), labels["visual_events_sec"], atol=1 / 25 + 1e-6)
+    centre = _event_times(rgb[:, :, 32, 48].float().amax(dim=1).numpy(), 25, 128)  # every flash covers it
+    np.testing.assert_allclose(centre, labels["visual_events_sec"], atol=1 / 25 + 1e-6)
     np.testing.assert_allclose(_merge_close(_audio_events(audio, 16000)), labels["audio_events_sec"], atol=0.01)
     # drift: the first half runs 0.4 s ahead, the second 0.6 s behind
     shifts = np.array(labels["visual_events_sec"]) - np.array(labels["audio_events_sec"])
