@@ -439,3 +439,16 @@ def test_download_metadata_skips_present_files_and_fails_clearly_offline(tmp_pat
         ["--out", str(tmp_path), "--only", "lrs3_test.txt", "--base-url", "http://127.0.0.1:9/"]
     )
     assert code == 1 and "Could not download" in capsys.readouterr().err
+
+
+def test_pixelwise_ops_move_before_segmentation_only_past_commuting_ops():
+    def names(cfg_name, phase, reorder=True):
+        cfg = OmegaConf.load(REPO / "configs" / cfg_name)
+        return [type(t).__name__ for t in get_transforms(cfg, phase, reorder_for_speed=reorder).transforms]
+
+    test_order = names("sync.yaml", "test")
+    assert test_order.index("RGBNormalize") < test_order.index("GenerateMultipleSegments")
+    assert sorted(test_order) == sorted(names("sync.yaml", "test", reorder=False))
+    # random clip-wise augmentations after the segmentation keep everything behind them in place
+    avclip = names("segment_avclip.yaml", "train")
+    assert avclip == names("segment_avclip.yaml", "train", reorder=False)
