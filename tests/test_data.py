@@ -452,3 +452,14 @@ def test_pixelwise_ops_move_before_segmentation_only_past_commuting_ops():
     # random clip-wise augmentations after the segmentation keep everything behind them in place
     avclip = names("segment_avclip.yaml", "train")
     assert avclip == names("segment_avclip.yaml", "train", reorder=False)
+
+
+def test_size_ratio_and_local_scratch_cache(vgg_like, tmp_path, monkeypatch):
+    vids_dir, splits_path = vgg_like
+    kwargs = {"splits_path": splits_path, "load_fixed_offsets_on": []}
+    assert len(VGGSound("train", vids_dir, size_ratio=0.25, **kwargs)) == 4
+    monkeypatch.setenv("LOCAL_SCRATCH", str(tmp_path / "scratch"))
+    ds = VGGSound("train", vids_dir, **kwargs)
+    item = ds[0]
+    cached = tmp_path / "scratch" / Path(ds.dataset[0]).resolve().relative_to("/")
+    assert cached.read_bytes() == Path(ds.dataset[0]).read_bytes() and item["path"] == ds.dataset[0]
