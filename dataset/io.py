@@ -17,6 +17,8 @@ environment the published checkpoints were trained in, on any PyAV version:
 Windows (`start_sec`, `end_sec`) select video frames with `start <= t < end` and audio samples with
 `round(start*sr) <= i < round(end*sr)`; a windowed read equals the full read cropped the same way. The
 video is decoded from the last keyframe before the window, the audio (cheap) from the file start.
+(`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
+to 10 s by `EqualifyFromRight` anyway.)
 """
 
 import math
