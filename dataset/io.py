@@ -228,3 +228,17 @@ def _rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
     frame.pts = pts
     return frame
+
+
+def probe_video(path) -> dict:
+    """What a file holds, without decoding it: `fps`, `sample_rate`, `height`, `width`, `duration_sec`."""
+    with _open(path) as container:
+        video, audio = _stream(container, "video", path), _stream(container, "audio", path)
+        duration = container.duration / av.time_base if container.duration else None
+        return {
+            "fps": float(video.average_rate),
+            "sample_rate": audio.codec_context.sample_rate,
+            "height": video.codec_context.height,
+            "width": video.codec_context.width,
+            "duration_sec": duration,
+        }
