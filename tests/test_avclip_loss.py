@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model.avclip_loss import contrastive_loss
+from tests.reference_data import reference_arrays
 
 
 def features(n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +70,10 @@ def test_gathered_loss_averaged_over_ranks_equals_the_full_batch_loss():
         rows = slice(rank * 4, (rank + 1) * 4)
         torch.testing.assert_close(v_grad / world_size, v_all.grad[rows])
         torch.testing.assert_close(a_grad / world_size, a_all.grad[rows])
+
+
+def test_loss_matches_original_on_its_features():
+    ref = reference_arrays("parity_avclip")
+    loss, sim = contrastive_loss(ref["vfeat"], ref["afeat"], ref["logit_scale"])
+    assert (sim - ref["sim_v2a"]).abs().max() <= 1e-4
+    assert (loss - ref["segment_contrastive_loss"]).abs() <= 1e-4
