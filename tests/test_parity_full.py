@@ -2,7 +2,7 @@
 deterministic `detfill` weights and inputs recorded in ../shared/reference/parity_*.json.
 
 One forward each (tens of seconds): B=1 as in the stage-2 references; the stage-1 reference used B=2, so
-its first clip is compared here and the batch-level loss in test_avclip_loss.py.
+its first clip is compared here, the batch-level similarities and loss in test_avclip_loss.py.
 """
 
 import pytest
@@ -85,9 +85,8 @@ def test_avclip_matches_original_on_first_clip():
         "afeat": out["audio_features"][0],
         "logit_scale": out["logit_scales"][0],
     }
-    outputs["sim_v2a"] = outputs["vfeat"] @ outputs["afeat"].T / outputs["logit_scale"]
     first = {k: v[:S] for k, v in ref.items() if k in ("vfeat", "afeat", "v_spatial_agg_out", "a_freq_agg_out")}
     first |= {"v_encoder_out": ref["v_encoder_out"][:1], "a_encoder_out": ref["a_encoder_out"][:1]}
-    first |= {"logit_scale": ref["logit_scale"], "sim_v2a": ref["sim_v2a"][:S, :S]}
+    first["logit_scale"] = ref["logit_scale"]
     assert out["rgb_features"][1] is None and set(out["losses"]) == {"segment_contrastive_loss"}
     assert_close_to_reference(outputs, first)
