@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from model.avclip import AVCLIP
 from tests.reference_data import REPO
-from tests.test_synchformer import AUD_SEGMENT, D, TINY_EXTRACTORS, VIS_SEGMENT
+from tests.tiny import AUD_SEGMENT, TINY_EXTRACTORS, VIS_SEGMENT, D
 from utils.utils import get_obj_from_str, instantiate_from_config
 
 
