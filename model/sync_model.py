@@ -185,12 +185,16 @@ def load_synchformer(
     )
     model = instantiate_from_config(cfg.model)
     state_dict = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    fix = f"Check that the config is the one {ckpt_path} was trained with."
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.params.transformer.target}): "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
+        )
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(
-            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.target} with "
-            f"{cfg.model.params.transformer.target}): {e}\nCheck that the config is the one the checkpoint was "
-            "trained with."
-        ) from e
+        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {e}\n{fix}") from e
     return model.eval(), cfg
