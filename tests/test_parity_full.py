@@ -22,7 +22,7 @@ def build_full(config: str, keys_name: str) -> torch.nn.Module:
         cfg.model.params[extractor].params.ckpt_path = None
     torch.manual_seed(0)
     model = instantiate_from_config(cfg.model)
-    assert list(keys_of(model.state_dict()).items()) == list(reference_keys(keys_name).items())
+    assert keys_of(model.state_dict()) == reference_keys(keys_name)
     model.load_state_dict(det_state_dict(model.state_dict(), seed=0))
     return model.eval()
 
