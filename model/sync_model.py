@@ -131,6 +131,11 @@ class Synchformer(nn.Module):
 
         `for_loop=True` runs the extractors one segment at a time (less memory, slower).
         """
+        if vis.ndim != 6 or aud.ndim != 5 or aud.shape[2] != 1:
+            raise ValueError(
+                f"Synchformer expects vis (B, S, Tv, C, H, W) and aud (B, S, 1, F, Ta), got {tuple(vis.shape)} and "
+                f"{tuple(aud.shape)}: check the PermuteStreams transform of the config."
+            )
         B, S, _, Fa, Ta = aud.shape
         vis = vis.permute(0, 1, 3, 2, 4, 5)  # (B, S, C, Tv, H, W)
         aud = aud.view(B, S, Fa, Ta).transpose(2, 3)  # (B, S, Ta, F)

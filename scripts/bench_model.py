@@ -34,8 +34,9 @@ TINY_SIZES = {
 
 def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
     cfg = OmegaConf.load(config)
-    for path, sizes in TINY_SIZES.items() if tiny else ():
-        OmegaConf.select(cfg, path).update(sizes)
+    if tiny:
+        for path, sizes in TINY_SIZES.items():
+            OmegaConf.select(cfg, path).update(sizes)
     for extractor in ("afeat_extractor", "vfeat_extractor"):
         cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
     model = instantiate_from_config(cfg.model).eval()
