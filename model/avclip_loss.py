@@ -49,7 +49,7 @@ def contrastive_loss(
     local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
     """
     N = vfeat.shape[0]
-    rank, world_size = _world() if gather else (0, 1)
+    rank = _world()[0] if gather else 0
     vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
     sim_v2a = vfeat @ afeat_all.T / temperature  # (N, N_all)
     sim_a2v = afeat @ vfeat_all.T / temperature  # (N, N_all)
