@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from dataset.dataset_utils import get_transforms
-from dataset.io import get_video_and_audio, probe_video, reencode_video
+from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
 from dataset.transforms import make_class_grid, quantize_offset
 from model.sync_model import Synchformer
 from utils.inference import load_model
@@ -102,7 +102,14 @@ def main(args) -> None:
 
     print(f"Using video: {args.vid_path}")
     vid_path = ensure_model_format(args.vid_path, args.reencode_dir)
-    item = make_input(cfg, vid_path, args.offset_sec, args.v_start_i_sec)
+    try:
+        item = make_input(cfg, vid_path, args.offset_sec, args.v_start_i_sec)
+    except BadVideoError as e:
+        raise SystemExit(
+            f"{e}\nThe {cfg.data.crop_len_sec} s visual window starts at --v_start_i_sec and the audio window is "
+            "shifted by --offset_sec: both must lie inside the video (for a negative offset, start the visual "
+            "window at least |offset| seconds in, e.g. --v_start_i_sec 2.0)."
+        ) from e
     logits = predict(model, item, device, bool(cfg.training.get("use_half_precision", False)))
 
     if len(logits) == 2:  # the synchronizability head: class 1 means "can be synchronised"

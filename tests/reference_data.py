@@ -7,7 +7,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+SHARED = REPO.parent / "shared"  # beside the checkout, also in CI
+REFERENCE = SHARED / "reference"
 
 
 def reference_arrays(name: str) -> dict[str, torch.Tensor]:

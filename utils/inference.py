@@ -62,11 +62,17 @@ class SegmentPipeline:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SegmentPipeline":
         transforms = list(get_transforms(cfg, "test").transforms)
+        crop_types = (TemporalCropAndOffset, GenerateMultipleSegments)
         first = next(i for i, t in enumerate(transforms) if isinstance(t, TemporalCropAndOffset))
         last = next(i for i, t in enumerate(transforms) if isinstance(t, GenerateMultipleSegments))
-        # a long video is not trimmed to the training clip length
-        whole = [EqualifyFromRight(math.inf) if isinstance(t, EqualifyFromRight) else t for t in transforms[:first]]
-        return cls(whole, transforms[first : last + 1], transforms[last + 1 :])
+        head = transforms[: last + 1]
+        # the pixel-wise ops that `get_transforms` moved in front of the segmentation commute with the
+        # crop: they run once on the whole video. A long video is not trimmed to the training clip length.
+        assert all(isinstance(t, crop_types) or getattr(t, "pixelwise", False) for t in head[first:]), head
+        whole = [EqualifyFromRight(math.inf) if isinstance(t, EqualifyFromRight) else t for t in head]
+        whole = [t for t in whole if not isinstance(t, crop_types)]
+        crop = [t for t in head if isinstance(t, crop_types)]
+        return cls(whole, crop, transforms[last + 1 :])
 
     def prepare(self, rgb: torch.Tensor, audio: torch.Tensor, meta: dict, path: str) -> dict:
         item = {"video": rgb, "audio": audio, "meta": meta, "path": path, "split": "test", "targets": {}}

@@ -1,0 +1,210 @@
+"""example.py, sliding-window tracking with feature reuse, and DeSync, on a tiny model saved in the
+published checkpoint format."""
+
+import copy
+import csv
+import json
+import re
+
+import av
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import example
+from dataset.io import get_video_and_audio, probe_video
+from dataset.synthetic import ClipSpec, make_clip
+from scripts import desync, predict_offsets
+from tests.reference_data import REPO, SHARED
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.download import DownloadError
+from utils.inference import SegmentPipeline, WindowPredictor, load_model
+from utils.utils import instantiate_from_config
+
+REAL_CLIP = SHARED / "data/vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
+PREDICTION = re.compile(r'^p=(\d\.\d{4}) \((-?\d+\.\d{4})\), "(-?\d\.\d\d)" \((\d+)\)$')
+
+
+def tiny_sync_cfg():
+    """configs/sync.yaml with 1-layer, 32-wide extractors at the published input sizes."""
+    cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
+    p = cfg.model.params
+    p.vfeat_extractor.params.update(embed_dim=32, depth=1, num_heads=2)
+    p.afeat_extractor.params.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    p.vproj.params.in_features = p.aproj.params.in_features = 32
+    p.transformer.params.update(n_layer=1, n_head=2, n_embd=32)
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    cfg = tiny_sync_cfg()
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint({"model": model.state_dict(), "args": cfg, "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A 12 s model-format clip with a known offset, and an 8 s 30 fps / 44.1 kHz stereo / 640x360 one."""
+    root = tmp_path_factory.mktemp("clips")
+    make_clip(root / "long.mp4", ClipSpec(duration_sec=12.0, offset_sec=0.4, seed=3))
+    make_clip(root / "odd.mp4", ClipSpec(duration_sec=8.0, vfps=30, afps=44100, n_audio_channels=2, height=360,
+                                         width=640, seed=4))  # fmt: skip
+    return root
+
+
+def write_wav(path, wave: torch.Tensor, sample_rate: int) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_f32le", rate=sample_rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(wave.numpy()[None], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def run_example(capsys, *argv):
+    example.main(example.get_parser().parse_args(list(argv)))
+    return capsys.readouterr().out.splitlines()
+
+
+def test_example_on_a_real_clip(tiny_ckpt, tmp_path, capsys):
+    plot = tmp_path / "probs.png"
+    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--offset_sec", "1.6",
+                        "--device", "cpu", "--plot", str(plot))  # fmt: skip
+    assert lines[0] == f"Using video: {REAL_CLIP}"
+    assert lines[1].startswith("Skipping reencoding. vfps: 25.0; afps: 16000; min(H, W)=256")
+    assert "Ground Truth offset (sec): 1.60 (18)" in lines
+    preds = [PREDICTION.match(line) for line in lines[lines.index("Prediction Results:") + 1 :]]
+    preds = [m for m in preds if m]
+    assert len(preds) == 5
+    probs = [float(m[1]) for m in preds]
+    assert probs == sorted(probs, reverse=True) and sum(probs) < 1
+    grid = torch.linspace(-2, 2, 21)
+    for m in preds:  # the printed offset is the class's grid value
+        assert float(m[3]) == pytest.approx(float(grid[int(m[4])]), abs=5e-3)
+    assert plot.stat().st_size > 0
+
+
+def test_example_takes_a_bare_state_dict_with_its_config(tiny_ckpt, tmp_path, capsys):
+    bare = tmp_path / "bare.pt"
+    torch.save(load_checkpoint(tiny_ckpt)["model"], bare)
+    cfg_path = tmp_path / "cfg.yaml"
+    OmegaConf.save(tiny_sync_cfg(), cfg_path)
+    lines = run_example(capsys, "--ckpt_path", str(bare), "--cfg_path", str(cfg_path), "--vid_path", str(REAL_CLIP),
+                        "--offset_sec", "-2.0", "--v_start_i_sec", "2.0", "--device", "cpu")  # fmt: skip
+    assert "Ground Truth offset (sec): -2.00 (0)" in lines
+    assert sum(bool(PREDICTION.match(line)) for line in lines) == 5
+
+
+def test_example_reencodes_other_formats(tiny_ckpt, clips, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(clips / "odd.mp4"), "--device", "cpu")
+    assert lines[1] == "Reencoding. vfps: 30.0 -> 25; afps: 44100 -> 16000; (360, 640) -> min(H, W)=256"
+    (reencoded,) = (tmp_path / "vis").glob("odd_*.mp4")
+    info = probe_video(reencoded)
+    assert (info["fps"], info["sample_rate"], info["height"], info["width"]) == (25.0, 16000, 256, 454)
+    assert "Ground Truth offset (sec): 0.00 (10)" in lines
+
+
+def test_example_explains_a_window_outside_the_video(tiny_ckpt):
+    args = ["--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--offset_sec", "-2.0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="v_start_i_sec"):
+        example.main(example.get_parser().parse_args(args))
+
+
+def test_example_offline_names_the_url_and_the_path(tmp_path, monkeypatch):
+    monkeypatch.setattr("utils.download.PARENT_URL", "http://127.0.0.1:9/sync_models")
+    args = example.get_parser().parse_args(
+        ["--exp_name", "24-01-04T16-39-21", "--vid_path", str(REAL_CLIP), "--logdir", str(tmp_path)]
+    )
+    with pytest.raises(DownloadError, match=r"127\.0\.0\.1:9/sync_models/24-01-04T16-39-21/cfg-24-01-04T16-39-21"):
+        example.main(args)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_ckpt):
+    return WindowPredictor(*load_model(ckpt_path=tiny_ckpt), batch_segments=8, batch_windows=4)
+
+
+def test_windows_and_their_segments(predictor, clips):
+    item = predictor.pipeline.prepare(*get_video_and_audio(clips / "long.mp4", get_meta=True), "long.mp4")
+    starts = predictor.window_starts(item, stride_sec=1.28)
+    assert starts == pytest.approx([0.0, 1.28, 2.56, 3.84, 5.12, 6.4])  # 12 s clip, 5 s windows
+    for start in starts:
+        keys = predictor.pipeline.window_segments(item, start)
+        first_frame = round(start * 25) + 2  # 14 segments (4.8 s) centred in the 5 s crop
+        assert [v for v, _ in keys] == [first_frame + 8 * j for j in range(14)]
+        assert [a for _, a in keys] == [640 * v for v, _ in keys]  # audio starts with its frame
+    base = predictor.pipeline.window_segments(item, 2.56)
+    shifted = predictor.pipeline.window_segments(item, 2.56, offset_sec=0.4)
+    assert [v for v, _ in shifted] == [v for v, _ in base]
+    # a positive offset takes the audio 0.4 s later in the file, so its events come earlier in the crop
+    assert [a for _, a in shifted] == [a + 6400 for _, a in base]
+
+
+def test_feature_reuse_equals_per_window_computation(predictor, clips):
+    rgb, audio, meta = get_video_and_audio(clips / "long.mp4", get_meta=True)
+    item = predictor.pipeline.prepare(rgb, audio, copy.deepcopy(meta), "long.mp4")
+    starts = predictor.window_starts(item, stride_sec=0.64)
+    windows = [predictor.pipeline.window_segments(item, s) for s in starts]
+    before = predictor.segments_computed
+    shared = predictor.predict(item, windows)
+    n_distinct = predictor.segments_computed - before
+    assert n_distinct == 14 + 2 * (len(starts) - 1) < 14 * len(starts)
+
+    # the plain way: the whole test-time pipeline and model for each window on its own
+    transforms = SegmentPipeline.from_config(predictor.cfg)
+    for start, logits in zip(starts, shared):
+        one = {"video": rgb, "audio": audio, "meta": copy.deepcopy(meta), "path": "long.mp4",
+               "split": "test", "targets": {"v_start_i_sec": start, "offset_sec": 0.0}}  # fmt: skip
+        for t in transforms.whole + transforms.crop + transforms.per_segment:
+            one = t(one)
+        with torch.inference_mode():
+            _, expected = predictor.model(one["video"][None].float(), one["audio"][None].float())
+        assert (logits - expected[0]).abs().max() <= 1e-4
+
+
+def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "long.mp4").symlink_to(clips / "long.mp4")
+    argv = [str(folder), "--ckpt_path", str(tiny_ckpt), "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
+    result = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert result["n_windows"] == 6 and len(result["windows"]) == 6
+    with open(tmp_path / "out" / "long.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["start_sec"]) for r in rows] == pytest.approx([0.0, 1.28, 2.56, 3.84, 5.12, 6.4])
+    assert all(0 < float(r["prob"]) <= 1 and float(r["entropy"]) >= 0 for r in rows)
+    assert (tmp_path / "out" / "long.png").stat().st_size > 0
+    assert "segments computed: 34" in capsys.readouterr().out  # 6 windows, stride 4 segments: 14 + 5 * 4
+    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
+    assert "segments computed: 0" in capsys.readouterr().out  # resumed: nothing left to do
+
+
+def test_desync_on_a_folder_with_and_without_separate_audio(tiny_ckpt, tmp_path, capsys):
+    videos, audios = tmp_path / "videos", tmp_path / "audio"
+    videos.mkdir(), audios.mkdir()
+    for i in range(2):
+        make_clip(videos / f"v{i}.mp4", ClipSpec(duration_sec=8.0, seed=10 + i))
+        # the audio the video file decodes to, as a separate float WAV file
+        write_wav(audios / f"v{i}.wav", get_video_and_audio(videos / f"v{i}.mp4")[1], 16000)
+    results = []
+    for extra in ([], ["--audio_dir", str(audios)]):
+        out = tmp_path / f"desync{len(extra)}.csv"
+        argv = [str(videos), "--ckpt_path", str(tiny_ckpt), "--out", str(out), "--device", "cpu", *extra]
+        desync.main(desync.get_parser().parse_args(argv))
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        assert [r["video"] for r in rows] == ["v0.mp4", "v1.mp4"]
+        for r in rows:
+            first, last = float(r["offset_first_sec"]), float(r["offset_last_sec"])
+            assert float(r["desync"]) == pytest.approx((abs(first) + abs(last)) / 2)
+        mean = sum(float(r["desync"]) for r in rows) / 2
+        assert f"DeSync: {mean:.4f} s over 2 videos" in capsys.readouterr().out
+        results.append(rows)
+    # a separate file with the same samples gives the same result
+    assert [r["desync"] for r in results[0]] == [r["desync"] for r in results[1]]
