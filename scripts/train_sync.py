@@ -1,0 +1,203 @@
+"""Stage 2 (`train_avsync_model`): the offset classifier on top of frozen stage-1 feature extractors, and
+its fine-tuning for synchronizability (`ft_avsync_model_for_syncability`, a 2-class head).
+
+    python main.py config=configs/sync.yaml data.vids_path=... data.dataset.target=...
+    torchrun --nproc_per_node=8 main.py config=...                       # DDP
+    python main.py config=logs/sync_models/<id>/cfg-<id>.yaml training.resume=True
+    python main.py config=configs/ft_synchability.yaml training.finetune=True ckpt_path=<stage-2 .pt>
+    python main.py config=<run cfg> training.run_test_only=True ckpt_path=<.pt> data.iter_times=25 \\
+        data.dataset.params.load_fixed_offsets_on=[]
+
+Each epoch trains, validates, saves `<run>/<start_time>_latest.pt` and, if the validation metric improved,
+`<start_time>.pt` and `<start_time>_best.pt`. Early stopping after `patience` epochs without improvement;
+the best checkpoint is tested at the end unless `training.skip_test`.
+"""
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from scripts.train_utils import (
+    BadLossGuard,
+    EarlyStopper,
+    build_loader,
+    build_model,
+    build_optimizer,
+    count_params,
+    derive_seed,
+    load_weights,
+    lr_factor_fn,
+    mixed_precision,
+    optimizer_step,
+    seed_everything,
+    set_loader_epoch,
+    setup_run,
+    toggle_mode,
+    wrap_ddp,
+)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import cfg_get
+from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.metrics import classification_metrics
+
+
+class Trainer:
+    """The state of a stage-2 run and the loop over one phase's data."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module):
+        self.cfg, self.env, self.loaders, self.model = cfg, env, loaders, model
+        self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        use_half = cfg.training.use_half_precision
+        # lr scales with the number of processes (the global batch grows with it)
+        lr = cfg.training.base_learning_rate * env.world_size
+        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=1e-7 if use_half else 1e-8)
+        sched = cfg.training.lr_scheduler
+        factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.autocast, self.scaler = mixed_precision(cfg, use_half, env.device)
+        self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
+        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
+        self.net = wrap_ddp(model, env)
+        if cfg.training.get("compile", False):
+            self.net = torch.compile(self.net)
+
+    def state_dict(self, epoch: int, metrics: dict, loss: float) -> dict:
+        """The checkpoint in the published format plus the early-stopping state."""
+        return {
+            "model": self.model.state_dict(),
+            "args": self.cfg,
+            "epoch": epoch,
+            "metrics": metrics,
+            "loss": loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "early_stopper": self.stopper.state_dict(),
+            "model_type": type(self.model).__name__,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.stopper.load_state_dict(ckpt["early_stopper"])
+
+    def run_phase(self, phase: str, epoch: int, iter_times: int = 1) -> dict:
+        """One pass (or `iter_times` passes with fresh augmentation) over a phase's data; returns metrics."""
+        cfg, env, loader = self.cfg, self.env, self.loaders[phase]
+        is_train = phase == "train"
+        toggle_mode(self.model, cfg, is_train)
+        # evaluation runs without DDP: ranks may hold different numbers of batches
+        net = self.net if is_train else self.model
+        max_iters = cfg_get(cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
+        # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
+        stride = max(1, math.ceil(len(loader.dataset) * iter_times / cfg_get(cfg, "logging.log_max_items")))
+        kept, loss_sum, n_items, n_skipped = [], 0.0, 0, 0
+        for it in range(iter_times):
+            set_loader_epoch(loader, epoch, it)
+            seed_everything(derive_seed(cfg.training.seed, env.rank, epoch, it))  # dropout
+            progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
+            for i, batch in enumerate(progress):
+                if max_iters is not None and i >= max_iters:
+                    break
+                if is_train and not all_ranks_agree(batch is not None, env.device):
+                    continue  # a batch of bad samples only, on some rank: every rank skips the step
+                if batch is None:
+                    continue
+                n_skipped += int(batch["n_skipped"])
+                vis = batch["video"].to(env.device, non_blocking=True)
+                aud = batch["audio"].to(env.device, non_blocking=True)
+                targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
+                with self.autocast(), torch.set_grad_enabled(is_train):
+                    loss, logits = net(vis, aud, targets=targets)
+                if is_train:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
+                    if self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
+                        optimizer_step(
+                            loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
+                        )
+                    else:
+                        continue
+                loss_sum += loss.item() * len(targets)
+                n_items += len(targets)
+                if i % stride == 0:
+                    order = it * len(loader.dataset) + batch["index"]  # puts gathered items in dataset order
+                    kept.append((order, logits.detach().float().cpu(), targets.cpu()))
+                if env.is_main and i % cfg.logging.log_frequency == 0:
+                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if n_skipped:
+            logging.warning(f"{phase} ({epoch}): {n_skipped} bad samples skipped on rank {env.rank}")
+        return self.gather_metrics(kept, loss_sum, n_items, n_skipped)
+
+    def gather_metrics(self, kept: list, loss_sum: float, n_items: int, n_skipped: int) -> dict:
+        """Metrics over the items of all ranks (every rank computes the same numbers)."""
+        local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
+        shards = all_gather_objects((local, loss_sum, n_items, n_skipped))
+        order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
+        sort = order.argsort(stable=True)
+        logits, targets = logits[sort], targets[sort]
+        metrics = classification_metrics(targets, logits)
+        metrics["loss"] = sum(s[3] for s in shards) / max(1, sum(s[4] for s in shards))
+        metrics["n_skipped"] = sum(s[5] for s in shards)
+        return metrics
+
+
+def train(cfg: DictConfig) -> None:
+    env, run_dir, logger = setup_run(cfg)
+    training = cfg.training
+    seed_everything(training.seed)  # the same initial weights on every rank
+    model = build_model(cfg).to(env.device)
+    logging.info(count_params(model))
+
+    from dataset import get_datasets
+
+    phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
+    datasets = get_datasets(cfg, phases)
+    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
+    trainer = Trainer(cfg, env, loaders, model)
+
+    best_path = run_dir / f"{cfg.start_time}_best.pt"
+    start_epoch = 0
+    if training.resume:
+        latest = run_dir / f"{cfg.start_time}_latest.pt"
+        ckpt = load_checkpoint(latest, map_location=env.device)
+        trainer.load_state_dict(ckpt)
+        start_epoch = ckpt["epoch"] + 1
+        logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
+    elif training.finetune:
+        load_weights(model, cfg.ckpt_path, strict=False)
+        logging.info(f"Fine-tuning from the weights of {cfg.ckpt_path}")
+
+    num_epochs = 0 if training.run_test_only else training.num_epochs
+    for epoch in range(start_epoch, num_epochs):
+        if trainer.stopper.triggered:
+            break
+        metrics = {phase: trainer.run_phase(phase, epoch) for phase in ("train", "valid")}
+        for phase, phase_metrics in metrics.items():
+            logger.log_metrics(phase, epoch, phase_metrics)
+        improved = trainer.stopper.update(metrics[training.early_stop_phase])
+        if env.is_main:
+            ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
+            save_checkpoint(ckpt, run_dir / f"{cfg.start_time}_latest.pt")
+            if improved:
+                save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
+                save_checkpoint(ckpt, best_path)
+        barrier()
+    if trainer.stopper.triggered:
+        logging.info(f"Early stopping: no improvement for {training.patience} epochs")
+
+    if training.run_test_only or not training.skip_test:
+        ckpt_path = Path(cfg.ckpt_path) if training.run_test_only else best_path
+        ckpt = load_weights(model, ckpt_path, strict=True)
+        logging.info(f"Testing {ckpt_path} (epoch {ckpt.get('epoch')})")
+        metrics = trainer.run_phase("test", epoch=0, iter_times=cfg_get(cfg, "data.iter_times"))
+        logger.log_metrics("test", ckpt.get("epoch", -1), metrics)
+    logger.finish()
+    cleanup()
