@@ -1,0 +1,108 @@
+"""Transformer layers of the synchronisation head: a minGPT-style pre-norm block and learned position encodings.
+
+Parameter names (`attn.key`, `attn.query`, `attn.value`, `attn.proj`, `ln1`, `ln2`, `mlp.0`, `mlp.2`,
+`pos_emb`) are those of the published checkpoints.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention without a mask: every token attends to every token."""
+
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.attn_pdrop = attn_pdrop
+        self.key = nn.Linear(n_embd, n_embd)
+        self.query = nn.Linear(n_embd, n_embd)
+        self.value = nn.Linear(n_embd, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.resid_drop = nn.Dropout(resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        # (B, n_head, N, D // n_head) each
+        q, k, v = (t.view(B, N, self.n_head, -1).transpose(1, 2) for t in (self.query(x), self.key(x), self.value(x)))
+        # dropout on the attention probabilities, as in minGPT, only while training
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D): heads side by side
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(resid_pdrop),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """A trainable embedding of shape (1, *block_shape, n_embd) added to the token sequence.
+
+    It knows nothing about modalities or segments: position i is simply the i-th token. A checkpoint
+    trained on longer sequences (more segments) loads by keeping its first positions.
+    """
+
+    def __init__(self, block_shape: list[int], n_embd: int, init: str = "randn"):
+        super().__init__()
+        inits = {"randn": torch.randn, "zeros": torch.zeros}
+        if init not in inits:
+            raise ValueError(f"init must be one of {list(inits)}, got '{init}'")
+        self.pos_emb = nn.Parameter(inits[init](1, *block_shape, n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos_emb
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "pos_emb"
+        if key in state_dict:
+            theirs, ours = state_dict[key].shape, self.pos_emb.shape
+            if len(theirs) != len(ours) or any(t < o for t, o in zip(theirs, ours)):
+                raise ValueError(
+                    f"Cannot load '{key}' of shape {tuple(theirs)} into {tuple(ours)}: the checkpoint was trained "
+                    "on shorter sequences (fewer segments) than this model. Use at most as many segments as it had."
+                )
+            if theirs != ours:
+                log.warning("Trimming '%s' from %s to %s (fewer segments than in training)", key, theirs, ours)
+                state_dict[key] = state_dict[key][tuple(slice(0, o) for o in ours)]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class RandInitPositionalEncoding(LearnedPositionalEncoding):
+    """Learned position encoding initialised from N(0, 1) (the configs' default)."""
+
+    def __init__(self, block_shape: list[int], n_embd: int):
+        super().__init__(block_shape, n_embd, init="randn")
+
+
+class ZeroInitPositionalEncoding(LearnedPositionalEncoding):
+    """Learned position encoding initialised with zeros."""
+
+    def __init__(self, block_shape: list[int], n_embd: int):
+        super().__init__(block_shape, n_embd, init="zeros")
+
+
+class NoPosEncoding(nn.Identity):
+    """No position encoding; accepts and ignores the arguments of the others so configs can swap it in."""

@@ -1,0 +1,196 @@
+"""Synchformer (stage 2): frozen segment-level feature extractors + a transformer that predicts the A/V offset.
+
+Each segment of the video (16 frames) and of the audio (a 0.64 s spectrogram) is turned into a few
+features by its extractor: 8 visual features (one per temporal patch) and 6 audio ones. All segments'
+features are flattened into one sequence `[OFF, v_1 ... v_S*8, MOD, a_1 ... a_S*6]`; the output at the
+OFF token is classified into one of the offset classes (or sync / not sync for the syncability head).
+"""
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from model.modules.transformer import Block, NoPosEncoding
+from utils.checkpoint import CheckpointError, config_of, load_checkpoint
+from utils.utils import instantiate_from_config
+
+
+def init_weights(module: nn.Module) -> None:
+    """minGPT's initialisation: N(0, 0.02) linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class GlobalTransformer(nn.Module):
+    """Joint transformer over the visual and audio features of all segments, read out at the OFF token.
+
+    `pos_emb_cfg` and `off_head_cfg` are `{target, params}` configs; when absent, no position encoding is
+    added and `forward` returns the OFF token's features (B, n_embd) instead of logits.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        tok_pdrop: float = 0.0,
+        embd_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0,
+        attn_pdrop: float = 0.0,
+        pos_emb_cfg: Mapping | None = None,
+        off_head_cfg: Mapping | None = None,
+    ):
+        super().__init__()
+        # learned tokens: OFF is read out for the prediction, MOD separates the visual and audio parts
+        self.OFF_tok = nn.Parameter(torch.randn(1, 1, n_embd))
+        self.MOD_tok = nn.Parameter(torch.randn(1, 1, n_embd))
+        # the two extractors' features live on different scales
+        self.vis_in_lnorm = nn.LayerNorm(n_embd)
+        self.aud_in_lnorm = nn.LayerNorm(n_embd)
+        # Dropout1d on (B, N, D) zeroes whole tokens
+        self.tok_drop_vis = nn.Dropout1d(tok_pdrop) if tok_pdrop > 0 else nn.Identity()
+        self.tok_drop_aud = nn.Dropout1d(tok_pdrop) if tok_pdrop > 0 else nn.Identity()
+        # the odd name `pos_emb_cfg` is the one in the published checkpoints
+        self.pos_emb_cfg = instantiate_from_config(pos_emb_cfg) if pos_emb_cfg is not None else NoPosEncoding()
+        self.drop = nn.Dropout(embd_pdrop)
+        self.blocks = nn.Sequential(*[Block(n_embd, n_head, attn_pdrop, resid_pdrop) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.off_head = instantiate_from_config(off_head_cfg) if off_head_cfg is not None else nn.Identity()
+        self.apply(init_weights)
+
+    def forward_features(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """v: (B, Nv, D) visual tokens, a: (B, Na, D) audio tokens -> (B, 1+Nv+1+Na, D) after the final norm."""
+        B, Nv, D = v.shape
+        v = self.tok_drop_vis(self.vis_in_lnorm(v))
+        a = self.tok_drop_aud(self.aud_in_lnorm(a))
+        x = torch.cat((self.OFF_tok.expand(B, 1, D), v, self.MOD_tok.expand(B, 1, D), a), dim=1)  # (B, 1+Nv+1+Na, D)
+        x = self.drop(self.pos_emb_cfg(x))
+        return self.ln_f(self.blocks(x))
+
+    def forward(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """-> offset logits (B, num_offset_classes)."""
+        return self.off_head(self.forward_features(v, a)[:, 0])
+
+
+class GlobalTransformerWithSyncabilityHead(GlobalTransformer):
+    """The same transformer with a 2-way head: is the clip synchronisable (1) or not (0)?
+
+    It is fine-tuned from an offset model, so it accepts (and drops) the offset head's config.
+    """
+
+    def __init__(self, n_embd: int, off_head_cfg: Mapping | None = None, **kwargs):
+        super().__init__(n_embd=n_embd, off_head_cfg=None, **kwargs)
+        self.sync_head = nn.Linear(n_embd, 2)
+        init_weights(self.sync_head)
+
+    def forward(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """-> syncability logits (B, 2)."""
+        return self.sync_head(super().forward(v, a))
+
+
+class Synchformer(nn.Module):
+    """Feature extractors, projections and the global transformer, each built from a `{target, params}` config.
+
+    An extractor config with `is_trainable: False` freezes that extractor: its parameters get
+    `requires_grad=False` and it stays in eval mode when the model is put in training mode (its dropout
+    stays off), as in the original training loop.
+    """
+
+    def __init__(
+        self, afeat_extractor: Mapping, vfeat_extractor: Mapping, aproj: Mapping, vproj: Mapping, transformer: Mapping
+    ):
+        super().__init__()
+        self.vfeat_extractor = instantiate_from_config(vfeat_extractor)
+        self.afeat_extractor = instantiate_from_config(afeat_extractor)
+        self.vproj = instantiate_from_config(vproj)
+        self.aproj = instantiate_from_config(aproj)
+        self.transformer = instantiate_from_config(transformer)
+        extractor_cfgs = {"vfeat_extractor": vfeat_extractor, "afeat_extractor": afeat_extractor}
+        self.frozen_extractors = [name for name, cfg in extractor_cfgs.items() if not cfg.get("is_trainable", True)]
+        for name in self.frozen_extractors:
+            getattr(self, name).requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> "Synchformer":
+        super().train(mode)
+        for name in self.frozen_extractors:
+            getattr(self, name).eval()
+        return self
+
+    def extract_features(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
+        """vis (B, S, Tv, C, H, W), aud (B, S, 1, F, Ta) -> segment features (B, S, tv, D) and (B, S, ta, D).
+
+        `for_loop=True` runs the extractors one segment at a time (less memory, slower).
+        """
+        B, S, _, Fa, Ta = aud.shape
+        vis = vis.permute(0, 1, 3, 2, 4, 5)  # (B, S, C, Tv, H, W)
+        aud = aud.view(B, S, Fa, Ta).transpose(2, 3)  # (B, S, Ta, F)
+        # the extractors also return a global (whole-clip) feature, not used for synchronisation
+        vfeat, _ = self.vfeat_extractor(vis, for_loop=for_loop)
+        afeat, _ = self.afeat_extractor(aud, for_loop=for_loop)
+        return vfeat, afeat
+
+    def forward_head(self, vfeat: torch.Tensor, afeat: torch.Tensor) -> torch.Tensor:
+        """vfeat (B, S, tv, Dv), afeat (B, S, ta, Da) -> logits (B, num_classes)."""
+        vfeat, afeat = self.vproj(vfeat), self.aproj(afeat)  # (B, S, tv, D), (B, S, ta, D)
+        B, S, tv, D = vfeat.shape
+        ta = afeat.shape[2]
+        # all segments form one sequence
+        return self.transformer(vfeat.reshape(B, S * tv, D), afeat.reshape(B, S * ta, D))
+
+    def forward(
+        self, vis: torch.Tensor, aud: torch.Tensor, targets: torch.Tensor | None = None, for_loop: bool = False
+    ):
+        """vis (B, S, Tv, C, H, W), aud (B, S, 1, F, Ta), targets (B,) class ids -> (loss or None, logits (B, K))."""
+        logits = self.forward_head(*self.extract_features(vis, aud, for_loop))
+        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        return loss, logits
+
+
+def load_synchformer(
+    ckpt_path: str | os.PathLike, cfg: DictConfig | str | os.PathLike | None = None, map_location="cpu"
+) -> tuple[Synchformer, DictConfig]:
+    """Builds a stage-2 model and loads a checkpoint into it; returns (model in eval mode, config).
+
+    `ckpt_path`: a published checkpoint `{'model': state_dict, 'args': config, ...}` or a bare state dict
+    (DDP's `module.` prefixes are removed). `cfg`: the training config (DictConfig or YAML path); required
+    for a bare state dict, otherwise it replaces the stored one. The extractors' own `ckpt_path`s are
+    ignored: their weights are in the checkpoint.
+    """
+    ckpt = load_checkpoint(ckpt_path, map_location)
+    if cfg is None:
+        cfg = config_of(ckpt)
+        if cfg is None:
+            raise CheckpointError(
+                f"{ckpt_path} is a bare state dict without the config it was trained with: pass it, e.g. "
+                "load_synchformer(path, cfg='configs/sync.yaml')."
+            )
+    elif not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.load(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for extractor in ("afeat_extractor", "vfeat_extractor"):
+        cfg.model.params[extractor].params.ckpt_path = None
+    # early checkpoints name the transformer's module differently
+    cfg.model.params.transformer.target = cfg.model.params.transformer.target.replace(
+        ".modules.feature_selector.", ".sync_model."
+    )
+    model = instantiate_from_config(cfg.model)
+    state_dict = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.target} with "
+            f"{cfg.model.params.transformer.target}): {e}\nCheck that the config is the one the checkpoint was "
+            "trained with."
+        ) from e
+    return model.eval(), cfg

@@ -1,0 +1,74 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from model.sync_model import GlobalTransformer, GlobalTransformerWithSyncabilityHead, Synchformer
+from tests.conftest import REPO, keys_of, reference_keys
+from tests.detfill import det_state_dict
+from utils.utils import instantiate_from_config
+
+HEAD_PARTS = ("vproj", "aproj", "transformer")
+
+
+def build_head(config: str) -> nn.ModuleDict:
+    """The full-size projections and transformer of a stage-2 config, without the feature extractors."""
+    cfg = OmegaConf.load(REPO / "configs" / config)
+    return nn.ModuleDict({name: instantiate_from_config(cfg.model.params[name]) for name in HEAD_PARTS})
+
+
+@pytest.mark.parametrize("config, name", [("sync.yaml", "parity_sync"), ("ft_synchability.yaml", "parity_syncability")])
+def test_head_matches_original_on_reference_features(config, name, reference):
+    """The original's extractor outputs through our projections + transformer give the original's logits."""
+    ref = reference(name)
+    head = build_head(config)
+    head.load_state_dict(det_state_dict(head.state_dict(), seed=0))
+    head.eval()
+    outputs = {}
+    hooked = {"vproj_out": head.vproj, "aproj_out": head.aproj, "transformer_blocks_out": head.transformer.blocks}
+    for key, module in {**hooked, "transformer_ln_f_out": head.transformer.ln_f}.items():
+        module.register_forward_hook(lambda m, i, out, key=key: outputs.__setitem__(key, out))
+    with torch.no_grad():
+        outputs["logits"] = Synchformer.forward_head(head, ref["vfeat"], ref["afeat"])
+    for key, out in outputs.items():
+        assert (out - ref[key]).abs().max() <= 1e-4, key
+
+
+@pytest.mark.parametrize("config, name", [("sync.yaml", "sync_model"), ("ft_synchability.yaml", "syncability_model")])
+def test_head_state_dict_matches_original(config, name):
+    expected = {k: v for k, v in reference_keys(name).items() if k.split(".")[0] in HEAD_PARTS}
+    assert list(keys_of(build_head(config).state_dict()).items()) == list(expected.items())
+
+
+def tiny_transformer(cls=GlobalTransformer, n_tokens=1 + 2 * 3 + 1 + 2 * 2, **kwargs) -> GlobalTransformer:
+    return cls(
+        n_layer=2, n_head=2, n_embd=16, tok_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1,
+        pos_emb_cfg={"target": "model.modules.transformer.RandInitPositionalEncoding",
+                     "params": {"block_shape": [n_tokens], "n_embd": 16}},
+        off_head_cfg={"target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 5}},
+        **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cls, n_classes", [(GlobalTransformer, 5), (GlobalTransformerWithSyncabilityHead, 2)])
+def test_global_transformer_shape_nan_backward(cls, n_classes):
+    model = tiny_transformer(cls)
+    v, a = torch.randn(3, 6, 16), torch.randn(3, 4, 16)  # 2 segments of 3 visual and 2 audio tokens
+    logits = model(v, a)
+    assert logits.shape == (3, n_classes) and torch.isfinite(logits).all()
+    assert model.forward_features(v, a).shape == (3, 1 + 6 + 1 + 4, 16)
+    logits.sum().backward()
+    unused = {"off_head"} if cls is GlobalTransformerWithSyncabilityHead else set()
+    for name, p in model.named_parameters():
+        assert name.split(".")[0] not in unused and p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_global_transformer_is_deterministic_in_eval_and_reads_off_token():
+    model = tiny_transformer().eval()
+    v, a = torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+    torch.testing.assert_close(model(v, a), model(v, a), atol=0, rtol=0)
+    torch.testing.assert_close(model(v, a), model.off_head(model.forward_features(v, a)[:, 0]))
+    # every token influences the prediction: no masking, all segments count
+    a2 = a.clone()
+    a2[:, -1] += torch.randn(16)  # not a constant shift: the input LayerNorm removes that
+    assert not torch.allclose(model(v, a), model(v, a2))
