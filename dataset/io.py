@@ -1,0 +1,229 @@
+"""Reading and re-encoding audio-visual files with PyAV (no ffmpeg binary).
+
+`get_video_and_audio` reproduces what the original got from `torchvision.io.read_video` on av 9.0.0, the
+environment the published checkpoints were trained in, on any PyAV version:
+
+- video: every frame with pts >= 0, sorted by pts (for equal pts the later-decoded one wins), converted
+  with `to_ndarray(format='rgb24')`; fps is `float(stream.average_rate)`.
+- audio, with `audio_priming_compat=True` (default): av 8.1-9.0.1 shipped FFmpeg 4.3, which re-applied
+  the AAC encoder-delay skip after torchvision's seek to 0 in MP4 files whose first audio packet starts
+  before 0 (pts -1024, the encoder priming). The audio the checkpoints saw therefore starts 1024 samples
+  (64 ms at 16 kHz) *later in the file* than the video, i.e. the audio is that much ahead. We drop the
+  same samples: `max(0, landed + start_pad)` where `start_pad = -pts` of the first audio packet and
+  `landed` is the pts of the first packet demuxed after a backward seek to 0 (upstream issue #11).
+  Files without priming (e.g. the LRS3 sample) lose nothing. Use `audio_priming_compat=False` for
+  exact-sync decoding when training new models.
+
+Windows (`start_sec`, `end_sec`) select video frames with `start <= t < end` and audio samples with
+`round(start*sr) <= i < round(end*sr)`; a windowed read equals the full read cropped the same way. The
+video is decoded from the last keyframe before the window, the audio (cheap) from the file start.
+"""
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+# a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
+_EPS_SEC = 1e-6
+
+
+class BadVideoError(ValueError):
+    """A media file that cannot be used: missing, empty, corrupt, lacking a stream, or too short."""
+
+    def __init__(self, path, problem: str, fix: str = ""):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}" + (f" ({fix})" if fix else ""))
+
+
+def _open(path) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.is_file():
+        raise BadVideoError(path, "file does not exist", "check `vids_dir` / the split files")
+    if path.stat().st_size == 0:
+        raise BadVideoError(path, "file is empty (0 bytes)", "re-download or re-encode it")
+    try:
+        return av.open(str(path))
+    except av.FFmpegError as e:
+        raise BadVideoError(path, f"cannot be opened as media: {e}", "the file is corrupt or not a video") from e
+
+
+def _stream(container, kind: str, path):
+    streams = getattr(container.streams, kind)
+    if len(streams) == 0:
+        raise BadVideoError(path, f"has no {kind} stream", "the datasets need both video and audio")
+    return streams[0]
+
+
+def decode_video(path, start_sec: float = 0.0, end_sec: float | None = None) -> tuple[torch.Tensor, float]:
+    """Returns `(rgb, fps)`: rgb is (Tv, 3, H, W) uint8 with the frames whose time is in [start, end)."""
+    end_sec = math.inf if end_sec is None else end_sec
+    with _open(path) as container:
+        stream = _stream(container, "video", path)
+        if not stream.average_rate:
+            raise BadVideoError(path, "video stream has no frame rate", "re-encode it with a constant fps")
+        fps = float(stream.average_rate)
+        stream.thread_type = "AUTO"
+        seek_sec = start_sec
+        while True:
+            frames, keyframe_t = _decode_frames_from(container, stream, path, seek_sec, start_sec, end_sec)
+            # a seek lands on a keyframe by its dts: make sure no frame of the window lies before it
+            if seek_sec <= 0 or keyframe_t <= start_sec + _EPS_SEC:
+                break
+            seek_sec = max(0.0, seek_sec - 1.0)
+    if not frames:
+        raise BadVideoError(path, f"no video frames in [{start_sec}, {end_sec}) s", "the clip is too short")
+    # equal pts: the later-decoded frame wins (as in torchvision's dict of frames)
+    by_pts = dict(frames)
+    rgb = np.stack([by_pts[pts].to_ndarray(format="rgb24") for pts in sorted(by_pts)])  # (Tv, H, W, 3)
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps  # (Tv, 3, H, W)
+
+
+def _decode_frames_from(container, stream, path, seek_sec, start_sec, end_sec):
+    """Decodes from the keyframe before `seek_sec`; returns [(pts, frame)] in the window and the time of
+    the first keyframe decoded (0 when decoding from the start)."""
+    time_base = stream.time_base
+    if seek_sec > 0:
+        container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
+    frames, keyframe_t = [], None if seek_sec > 0 else 0.0
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * time_base)
+            if keyframe_t is None:
+                if not frame.key_frame:
+                    continue  # frames before the first keyframe after a seek may reference missing ones
+                keyframe_t = t
+            if t >= end_sec - _EPS_SEC:
+                break
+            if frame.pts >= 0 and t >= start_sec - _EPS_SEC:
+                frames.append((frame.pts, frame))
+    except av.FFmpegError as e:
+        raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
+    return frames, math.inf if keyframe_t is None else keyframe_t
+
+
+def audio_priming_drop(path) -> int:
+    """Samples that av 9.0.0 + torchvision dropped from the start of the audio (1024 for AAC in MP4 made
+    by FFmpeg, 0 for files without encoder priming). See the module docstring."""
+    with _open(path) as container:
+        stream = _stream(container, "audio", path)
+        to_samples = stream.time_base * stream.sample_rate
+        first = next((p for p in container.demux(stream) if p.pts is not None), None)
+        if first is None:
+            raise BadVideoError(path, "audio stream has no packets", "re-encode it")
+        start_pad = max(0, -int(first.pts * to_samples))
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+        landed = next((p for p in container.demux(stream) if p.pts is not None), first)
+        return max(0, int(landed.pts * to_samples) + start_pad)
+
+
+def decode_audio(
+    path, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Returns `(audio, sample_rate)`: audio is (Ta,) float32, the mean over channels."""
+    drop = audio_priming_drop(path) if audio_priming_compat else 0
+    with _open(path) as container:
+        stream = _stream(container, "audio", path)
+        sr = stream.sample_rate
+        if not sr:
+            raise BadVideoError(path, "audio stream has no sample rate", "re-encode it")
+        first_i = drop + round(start_sec * sr)
+        last_i = math.inf if end_sec is None else drop + round(end_sec * sr)
+        to_fltp = av.AudioResampler(format="fltp")
+        chunks = []
+        decoded_until = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.pts < 0:
+                    continue
+                if frame.format.name != "fltp":
+                    frame = to_fltp.resample(frame)[0]
+                chunks.append((frame.pts, frame.to_ndarray()))  # (C, n)
+                decoded_until += frame.samples
+                if decoded_until >= last_i:
+                    break
+        except av.FFmpegError as e:
+            raise BadVideoError(path, f"audio stream is corrupt: {e}", "re-encode or drop the file") from e
+    if not chunks:
+        raise BadVideoError(path, "no audio could be decoded", "the audio stream is empty")
+    by_pts = dict(chunks)
+    wave = np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1).mean(axis=0)  # (Ta,)
+    stop = None if last_i == math.inf else last_i
+    return torch.from_numpy(np.ascontiguousarray(wave[first_i:stop], dtype=np.float32)), sr
+
+
+def get_video_and_audio(
+    path, get_meta: bool = False, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat=True
+):
+    """`(rgb (Tv, 3, H, W) uint8, audio (Ta,) float32, meta)` with the original's legacy meta layout
+    `{'video': {'fps': [fps]}, 'audio': {'framerate': [sr]}}` (returned regardless of `get_meta`)."""
+    rgb, fps = decode_video(path, start_sec, end_sec)
+    audio, sr = decode_audio(path, start_sec, end_sec, audio_priming_compat)
+    meta = {"video": {"fps": [fps]}, "audio": {"framerate": [sr]}}
+    return rgb, audio, meta
+
+
+def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256, out_dir=None) -> Path:
+    """Re-encodes `path` to what the models expect: `vfps` fps, the shorter side `in_size` (aspect kept,
+    both sides even), mono `afps` Hz AAC. Mirrors the original's ffmpeg call
+    (`fps=`, `scale=iw*S/min(iw,ih):ih*S/min(iw,ih)`, `crop=trunc(iw/2)*2:trunc(ih/2)*2`, `-ar`):
+
+    - fps conversion like ffmpeg's `fps` filter: output frame n (time n/vfps) repeats the latest input
+      frame that starts at or before that time (rounded to the nearest output tick);
+    - bicubic resize (swscale, ffmpeg's default), then a centred crop to even sides;
+    - audio resampled with libswresample to `afps` and down-mixed to mono (the original kept the
+      channels in the mp4 but every reader here averages them).
+
+    Returns the new path `<out_dir>/<stem>_<vfps>fps_<in_size>side_<afps>hz.mp4` (`out_dir` defaults
+    to `./vis`, as in the original's `example.py`).
+    """
+    out_dir = Path("vis") if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new_path = out_dir / f"{Path(path).stem}_{vfps}fps_{in_size}side_{afps}hz.mp4"
+    with _open(path) as src:
+        v_in, a_in = _stream(src, "video", path), _stream(src, "audio", path)
+        h, w = v_in.codec_context.height, v_in.codec_context.width
+        scale = in_size / min(h, w)
+        scaled_h, scaled_w = int(h * scale), int(w * scale)
+        out_h, out_w = scaled_h // 2 * 2, scaled_w // 2 * 2
+        top, left = (scaled_h - out_h) // 2, (scaled_w - out_w) // 2
+        with av.open(str(new_path), "w") as dst:
+            v_out = dst.add_stream("libx264", rate=Fraction(vfps).limit_denominator(1001))
+            v_out.height, v_out.width, v_out.pix_fmt = out_h, out_w, "yuv420p"
+            a_out = dst.add_stream("aac", rate=afps)
+            a_out.layout = "mono"
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=afps)
+            next_out_i, last_rgb = 0, None
+            v_time_base, v_start = v_in.time_base, v_in.start_time or 0
+            for frame in src.decode(v_in, a_in):
+                if isinstance(frame, av.AudioFrame):
+                    for resampled in resampler.resample(frame):
+                        dst.mux(a_out.encode(resampled))
+                    continue
+                t = float((frame.pts - v_start) * v_time_base)
+                # emit every output tick up to this frame's start with the previous frame
+                while last_rgb is not None and next_out_i / vfps < t - 0.5 / vfps:
+                    dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
+                    next_out_i += 1
+                scaled = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24", interpolation="BICUBIC")
+                last_rgb = scaled.to_ndarray()[top : top + out_h, left : left + out_w]
+            duration = float(src.duration / av.time_base) if src.duration else (next_out_i + 1) / vfps
+            while last_rgb is not None and next_out_i < round(duration * vfps):
+                dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
+                next_out_i += 1
+            for resampled in resampler.resample(None):
+                dst.mux(a_out.encode(resampled))
+            dst.mux(v_out.encode())
+            dst.mux(a_out.encode())
+    return new_path
+
+
+def _rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    frame.pts = pts
+    return frame
