@@ -134,19 +134,23 @@ class Trainer:
                     progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         if n_skipped:
             logging.warning(f"{phase} ({epoch}): {n_skipped} bad samples skipped on rank {env.rank}")
-        return self.gather_metrics(kept, loss_sum, n_items, n_skipped)
+        return gather_metrics(kept, loss_sum, n_items, n_skipped)
 
-    def gather_metrics(self, kept: list, loss_sum: float, n_items: int, n_skipped: int) -> dict:
-        """Metrics over the items of all ranks (every rank computes the same numbers)."""
-        local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
-        shards = all_gather_objects((local, loss_sum, n_items, n_skipped))
-        order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
-        sort = order.argsort(stable=True)
-        logits, targets = logits[sort], targets[sort]
-        metrics = classification_metrics(targets, logits)
-        metrics["loss"] = sum(s[3] for s in shards) / max(1, sum(s[4] for s in shards))
-        metrics["n_skipped"] = sum(s[5] for s in shards)
-        return metrics
+
+def gather_metrics(kept: list, loss_sum: float, n_items: int, n_skipped: int) -> dict:
+    """Metrics over the items of all ranks; every rank computes the same numbers.
+
+    `kept`: this rank's `(order, logits, targets)` per batch, `order` giving each item's place in the
+    single-process order of the data (so the result does not depend on the number of ranks).
+    """
+    local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
+    shards = all_gather_objects((local, loss_sum, n_items, n_skipped))
+    order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
+    sort = order.argsort(stable=True)
+    metrics = classification_metrics(targets[sort], logits[sort])
+    metrics["loss"] = sum(s[1] for s in shards) / max(1, sum(s[2] for s in shards))
+    metrics["n_skipped"] = sum(s[3] for s in shards)
+    return metrics
 
 
 def train(cfg: DictConfig) -> None:
