@@ -4,8 +4,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from model.sync_model import GlobalTransformer, GlobalTransformerWithSyncabilityHead, Synchformer
-from tests.conftest import REPO, keys_of, reference_keys
 from tests.detfill import det_state_dict
+from tests.reference_data import REPO, keys_of, reference_arrays, reference_keys
 from utils.utils import instantiate_from_config
 
 HEAD_PARTS = ("vproj", "aproj", "transformer")
@@ -18,9 +18,9 @@ def build_head(config: str) -> nn.ModuleDict:
 
 
 @pytest.mark.parametrize("config, name", [("sync.yaml", "parity_sync"), ("ft_synchability.yaml", "parity_syncability")])
-def test_head_matches_original_on_reference_features(config, name, reference):
+def test_head_matches_original_on_reference_features(config, name):
     """The original's extractor outputs through our projections + transformer give the original's logits."""
-    ref = reference(name)
+    ref = reference_arrays(name)
     head = build_head(config)
     head.load_state_dict(det_state_dict(head.state_dict(), seed=0))
     head.eval()

@@ -94,20 +94,20 @@ def _target_accepts(cfg: DictConfig, key_path: str) -> bool:
 def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) -> None:
     """Raises ConfigError for an override that would create a key the YAML does not have."""
     known = set(_all_key_paths(cfg_yml))
-    for path in _all_key_paths(cfg_cli):
-        if path in known or path in RUNTIME_KEYS or path in OPTIONAL_KEYS:
+    allowed = RUNTIME_KEYS | set(OPTIONAL_KEYS)
+    merged = OmegaConf.merge(cfg_yml, cfg_cli)
+    for path in _all_key_paths(cfg_cli):  # parents come before their children
+        if path in known or path in allowed or _target_accepts(merged, path):
             continue
-        if isinstance(OmegaConf.select(cfg_cli, path), DictConfig):
-            continue  # an intermediate node: its leaves are checked on their own
-        if _target_accepts(OmegaConf.merge(cfg_yml, cfg_cli), path):
-            continue
-        parent = path.rsplit(".", 1)[0] if "." in path else ""
-        if parent and parent not in known and parent not in OPTIONAL_KEYS:
-            continue  # report only the topmost unknown key (its parent is reported already)
-        close = difflib.get_close_matches(path, sorted(known | RUNTIME_KEYS | set(OPTIONAL_KEYS)), n=1)
+        node = OmegaConf.select(cfg_cli, path)
+        if isinstance(node, DictConfig) and any(k.startswith(f"{path}.") for k in allowed):
+            continue  # a new parent of an allowed key, e.g. `data` for `data.iter_times`
+        # name a full key (`trainig.lr`, not `trainig`) so the suggestion is a full key too
+        leaf = next((p for p in _all_key_paths(node, f"{path}.")), path) if isinstance(node, DictConfig) else path
+        close = difflib.get_close_matches(leaf, sorted(known | allowed), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"Unknown config key '{path}': it is neither in {yaml_path} nor one of the run-time keys.{hint} "
+            f"Unknown config key '{leaf}': it is neither in {yaml_path} nor one of the run-time keys.{hint} "
             "See utils/config.py for the keys that may be added from the command line."
         )
 

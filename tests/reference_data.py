@@ -1,3 +1,5 @@
+"""Reference facts measured from the original implementation (../shared/reference, see its README)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -8,17 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 
 
-@pytest.fixture
-def reference():
-    """Loads `<name>.npz` of the original's measured outputs; skips when the shared data are not there."""
-
-    def load(name: str) -> dict[str, torch.Tensor]:
-        path = REFERENCE / f"{name}.npz"
-        if not path.is_file():
-            pytest.skip(f"reference data not found: {path}")
-        return {k: torch.from_numpy(v) for k, v in np.load(path).items()}
-
-    return load
+def reference_arrays(name: str) -> dict[str, torch.Tensor]:
+    """The original's measured outputs `<name>.npz`; skips the test when the shared data are not there."""
+    path = REFERENCE / f"{name}.npz"
+    if not path.is_file():
+        pytest.skip(f"reference data not found: {path}")
+    return {k: torch.from_numpy(v) for k, v in np.load(path).items()}
 
 
 def reference_keys(name: str) -> dict[str, tuple[str, tuple[int, ...]]]:

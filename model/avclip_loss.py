@@ -1,0 +1,42 @@
+"""Symmetric contrastive (InfoNCE) loss between visual and audio features of the same segments.
+
+Row i of the visual and of the audio features come from the same segment (a positive pair); every other
+row of the batch, on every rank when gathered, is a negative.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates `x` (same shape on every rank) from all ranks in rank order; gradients flow back to each rank."""
+    _, world_size = _world()
+    return torch.cat(dist_fn.all_gather(x), dim=0) if world_size > 1 else x
+
+
+def contrastive_loss(
+    vfeat: torch.Tensor, afeat: torch.Tensor, temperature: torch.Tensor | float, gather: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the visual->audio and audio->visual cross-entropies over cosine similarities / temperature.
+
+    vfeat, afeat: (N, D), L2-normalised. With `gather`, negatives come from all ranks' batches (the
+    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
+    """
+    N = vfeat.shape[0]
+    rank, world_size = _world() if gather else (0, 1)
+    vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
+    sim_v2a = vfeat @ afeat_all.T / temperature  # (N, N_all)
+    sim_a2v = afeat @ vfeat_all.T / temperature  # (N, N_all)
+    # the positive of local row i sits where this rank's rows start in the gathered batch
+    targets = torch.arange(N, device=vfeat.device) + rank * N
+    loss = (F.cross_entropy(sim_v2a, targets) + F.cross_entropy(sim_a2v, targets)) / 2
+    return loss, sim_v2a

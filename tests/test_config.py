@@ -1,0 +1,107 @@
+"""Config loading: merge semantics, interpolation, the `add` resolver, typo rejection, SLURM mapping."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from utils.config import ConfigError, load_config, set_env_from_slurm
+from utils.utils import get_obj_from_str, instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_CFG = str(ROOT / "configs" / "sync.yaml")
+
+
+@pytest.fixture
+def small_yaml(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "action: train_avsync_model\n"
+        "a: {b: 1, c: [1, 2]}\n"
+        "width: 4\n"
+        "derived: ${width}\n"
+        "total: ${add:1,${width},3}\n"
+        "training: {lr: 0.1}\n"
+        "head: {target: torch.nn.Linear, params: {in_features: 2, out_features: 3}}\n"
+    )
+    return str(path)
+
+
+def test_cli_wins_and_interpolations_resolve(small_yaml):
+    cfg = load_config([f"config={small_yaml}", "a.b=5", "a.c=[3,4,5]", "width=7"])
+    assert cfg.a.b == 5 and list(cfg.a.c) == [3, 4, 5]
+    assert cfg.derived == 7  # interpolation sees the override
+    assert cfg.total == 11  # ${add:1,7,3}
+    assert cfg.training.lr == 0.1
+
+
+def test_start_time_default_and_override(small_yaml):
+    cfg = load_config([f"config={small_yaml}"])
+    assert len(cfg.start_time) == len("24-01-04T16-39-21") and cfg.start_time[8] == "T"
+    assert load_config([f"config={small_yaml}", "start_time=xyz"]).start_time == "xyz"
+
+
+def test_typo_is_rejected_with_closest_key(small_yaml):
+    with pytest.raises(ConfigError, match="trainig.lr.*Did you mean 'training.lr'"):
+        load_config([f"config={small_yaml}", "trainig.lr=1"])
+    with pytest.raises(ConfigError, match="training.lrr"):
+        load_config([f"config={small_yaml}", "training.lrr=1"])
+
+
+def test_runtime_and_optional_keys_are_allowed(small_yaml):
+    cfg = load_config([f"config={small_yaml}", "ckpt_path=/x.pt", "data.iter_times=5", "config_off=/c.yaml"])
+    assert cfg.ckpt_path == "/x.pt" and cfg.data.iter_times == 5
+
+
+def test_new_param_accepted_only_if_target_takes_it(small_yaml):
+    cfg = load_config([f"config={small_yaml}", "head.params.bias=false"])
+    assert instantiate_from_config(cfg.head).bias is None
+    with pytest.raises(ConfigError, match="head.params.biass"):
+        load_config([f"config={small_yaml}", "head.params.biass=false"])
+
+
+def test_published_config_loads_and_resolves():
+    cfg = load_config([f"config={SYNC_CFG}", "training.base_batch_size=2"])
+    assert cfg.model.params.aproj.params.out_features == 768
+    assert cfg.model.params.transformer.params.off_head_cfg.params.out_features == 21
+    assert cfg.training.base_batch_size == 2
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([f"config={tmp_path / 'missing.yaml'}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="Malformed"):
+        load_config([f"config={bad}"])
+    with pytest.raises(ConfigError, match="config="):
+        load_config(["a=1"])
+
+
+def test_unknown_action_is_a_clear_error(small_yaml):
+    with pytest.raises(ConfigError, match="Unknown action"):
+        main.main([f"config={small_yaml}", "action=train_something"])
+
+
+def test_slurm_env_mapping():
+    env = {"SLURM_JOB_ID": "1", "SLURM_LOCALID": "2", "SLURM_PROCID": "6", "SLURM_NPROCS": "8"}
+    set_env_from_slurm(env)
+    assert (env["LOCAL_RANK"], env["RANK"], env["WORLD_SIZE"]) == ("2", "6", "8")
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_JOB_ID": "1", "SLURM_PROCID": "5"}
+    set_env_from_slurm(torchrun_env)
+    assert torchrun_env["RANK"] == "0"  # torchrun's variables win
+    plain = {}
+    set_env_from_slurm(plain)
+    assert plain == {}
+
+
+def test_dotted_instantiation():
+    linear = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}})
+    assert isinstance(linear, torch.nn.Linear) and linear.weight.shape == (2, 3)
+    assert isinstance(instantiate_from_config({"target": "torch.nn.Identity"}), torch.nn.Identity)
+    assert get_obj_from_str("torch.nn.Identity") is torch.nn.Identity
+    with pytest.raises(KeyError, match="target"):
+        instantiate_from_config({"params": {}})
+    with pytest.raises(ImportError, match="NoSuchLayer"):
+        get_obj_from_str("torch.nn.NoSuchLayer")

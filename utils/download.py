@@ -1,0 +1,96 @@
+"""Downloading the published checkpoints: resumable, md5-verified, with a progress bar."""
+
+import hashlib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+PARENT_URL = "https://a3s.fi/swift/v1/AUTH_a235c0f452d648828f745589cde1219a/sync/sync_models"
+# experiment id -> what it is and the md5 prefix of its checkpoint, as published in the original README
+PUBLISHED_MODELS = {
+    "23-12-23T18-33-57": {"what": "stage 2, LRS3", "md5": "4415276"},
+    "24-01-02T10-00-53": {"what": "stage 2, VGGSound", "md5": "19592ed"},
+    "24-01-04T16-39-21": {"what": "stage 2, AudioSet", "md5": "54037d2"},
+    "24-01-22T20-34-52": {"what": "synchronizability, AudioSet", "md5": "b1cb346"},
+    "23-12-22T16-04-18": {"what": "stage 1 feature extractors, LRS3", "md5": "20b6e55"},
+    "23-12-22T16-10-50": {"what": "stage 1 feature extractors, VGGSound", "md5": "a9979df"},
+    "23-12-22T16-13-38": {"what": "stage 1 feature extractors, AudioSet", "md5": "4a566f2"},
+}
+STAGE1_IDS = {"23-12-22T16-04-18", "23-12-22T16-10-50", "23-12-22T16-13-38"}
+
+
+def _ckpt_relpath(exp_name: str) -> str:
+    return "checkpoints/epoch_best.pt" if exp_name in STAGE1_IDS else f"{exp_name}.pt"
+
+
+class DownloadError(RuntimeError):
+    """A file that could not be fetched or failed its checksum."""
+
+
+def published_urls(exp_name: str) -> dict[str, str]:
+    """The config and checkpoint URLs of a published experiment, keyed by 'cfg' and 'ckpt'."""
+    if exp_name not in PUBLISHED_MODELS:
+        raise DownloadError(f"Unknown published experiment '{exp_name}'; known: {sorted(PUBLISHED_MODELS)}.")
+    return {
+        "cfg": f"{PARENT_URL}/{exp_name}/cfg-{exp_name}.yaml",
+        "ckpt": f"{PARENT_URL}/{exp_name}/{_ckpt_relpath(exp_name)}",
+    }
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0) -> Path:
+    """Fetches `url` to `path` unless it is there already.
+
+    Bytes go to `path.part` first; an interrupted download resumes from there (HTTP Range) and the file
+    appears under its final name only once complete and, if `md5_prefix` is given, verified.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if have and response.status != 206:  # the server ignored the range: start over
+                have = 0
+            total = int(response.headers.get("Content-Length", 0)) + have
+            with (
+                open(part, "ab" if have else "wb") as f,
+                tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=path.name) as bar,
+            ):
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(
+            f"Could not download {url} to {path} ({e}). If this machine is offline, fetch the file elsewhere "
+            f"and place it at {path}."
+        ) from e
+    if md5_prefix is not None and not md5sum(part).startswith(md5_prefix):
+        part.unlink()
+        raise DownloadError(f"{url} downloaded to {part} does not match md5 {md5_prefix}...: deleted; try again.")
+    part.rename(path)
+    return path
+
+
+def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") -> tuple[Path, Path]:
+    """Returns local (config, checkpoint) paths of a published experiment, downloading what is missing.
+
+    The layout is the original's: `<root>/<exp>/cfg-<exp>.yaml` and `<root>/<exp>/<exp>.pt`.
+    """
+    urls = published_urls(exp_name)
+    exp_dir = Path(root) / exp_name
+    cfg_path = download(urls["cfg"], exp_dir / f"cfg-{exp_name}.yaml")
+    ckpt_path = download(urls["ckpt"], exp_dir / _ckpt_relpath(exp_name), md5_prefix=PUBLISHED_MODELS[exp_name]["md5"])
+    return cfg_path, ckpt_path
