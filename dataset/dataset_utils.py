@@ -1,0 +1,254 @@
+"""What every dataset shares: the base class, fixed offsets, subsampling, caching, bad-item handling and
+the builders the trainers call (`get_transforms`, `get_datasets`, `collate_drop_bad`).
+
+Items keep the original's layout:
+`{'video', 'audio', 'meta': {'video': {'fps': [..]}, 'audio': {'framerate': [..]}}, 'path', 'split',
+'targets': {...}}`; the dataset puts `offset_sec`, `v_start_i_sec` (and `offset_target` when the CSV has
+`oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
+`offset_target` (and `sync_target` for synchronisability).
+
+Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
+it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
+batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
+"""
+
+import csv
+import logging
+import math
+import os
+import random
+import shutil
+from glob import glob
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import default_collate
+
+from dataset.io import BadVideoError, get_video_and_audio
+from dataset.transforms import TemporalCropAndOffset
+from utils.config import cfg_get
+from utils.utils import get_obj_from_str, instantiate_from_config
+
+# decode this much more than the crop on each side of a fixed-offset window (covers the audio wiggle)
+WINDOW_MARGIN_SEC = 0.2
+
+
+def fixed_offsets_fname(transforms, split: str) -> str:
+    """The original's fixed-offset CSV name for the offset transform in `transforms` (a Compose)."""
+    for t in getattr(transforms, "transforms", []):
+        crop = getattr(t, "crop_len_sec", None)
+        if crop is None:
+            continue
+        crop = int(crop) if crop == int(crop) else crop
+        if hasattr(t, "class_grid"):
+            grid = t.class_grid
+            return f"{split}_size{len(grid)}_crop{crop}_min{grid.min().item():.2f}_max{grid.max().item():.2f}.csv"
+        if hasattr(t, "off_dist"):
+            low, high = t.off_dist.low.item(), t.off_dist.high.item()
+            return f"{split}_unifbin_crop{crop}_min{low:.2f}_max{high:.2f}.csv"
+    raise ValueError("No offset transform in the transforms: cannot tell which fixed offsets to load")
+
+
+def get_fixed_offsets(transforms, split: str, splits_path, dataset_name: str) -> dict[str, dict]:
+    """`{clip id: {'offset_sec', 'v_start_i_sec'[, 'oos_target']}}` from every split's CSV with the same
+    parameters (valid and test may share clips; their offsets must then agree)."""
+    fname = fixed_offsets_fname(transforms, split)
+    pattern = os.path.join(splits_path, f"fixed_offsets_{dataset_name}", fname.replace(split, "*", 1))
+    paths = sorted(glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"No fixed offsets match {pattern}: run scripts/download_metadata.py or make them")
+    vid2params = {}
+    for path in paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                params = {"offset_sec": float(row["offset_sec"])}
+                params["v_start_i_sec"] = float(row.get("vstart_sec", row.get("v_start_sec")))
+                if "oos_target" in row:
+                    params["oos_target"] = int(row["oos_target"])
+                assert vid2params.get(row["path"], params) == params, f"{row['path']}: offsets differ across splits"
+                vid2params[row["path"]] = params
+    return vid2params
+
+
+def read_id_lists(folder) -> set[str]:
+    """Union of the ids listed (one per line) in every `*.txt` of `folder`."""
+    ids = set()
+    for path in sorted(Path(folder).glob("*.txt")):
+        ids.update(path.read_text().splitlines())
+    return ids
+
+
+def subsample_dataset(dataset: list, size_ratio: float | None, shuffle: bool = False) -> list:
+    """Keeps the first `size_ratio` share (at least one item), shuffled first if asked."""
+    if size_ratio is None or not 0.0 < size_ratio < 1.0:
+        return dataset
+    if shuffle:
+        random.shuffle(dataset)
+    return dataset[: max(1, int(len(dataset) * size_ratio))]
+
+
+def maybe_cache_file(path) -> str:
+    """With `LOCAL_SCRATCH` set (cluster nodes), copies the file there once and reads the copy, so that
+    many jobs do not hammer a shared disk. The full source path is kept under the cache dir."""
+    cache_dir = os.environ.get("LOCAL_SCRATCH")
+    if not cache_dir:
+        return str(path)
+    cache_path = Path(cache_dir) / Path(path).resolve().relative_to("/")
+    if not cache_path.exists():
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, cache_path)  # atomic: parallel workers never read a half-copied file
+    return str(cache_path)
+
+
+class AudioVisualDataset(torch.utils.data.Dataset):
+    """Base of every dataset: subclasses implement `list_clips()` (paths of the split) and may extend
+    `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets.
+
+    `iter_times` repeats the dataset (fresh random offsets each pass when no fixed offsets are loaded).
+    `windowed_decode` reads only the part of the file a fixed-offset crop needs (same output, faster).
+    """
+
+    fixed_offsets_name = ""
+    max_clip_len_sec = None
+
+    def __init__(
+        self,
+        split: str,
+        vids_dir,
+        transforms=None,
+        splits_path="./data",
+        seed: int = 1337,
+        load_fixed_offsets_on=("valid", "test"),
+        vis_load_backend: str = "read_video",
+        size_ratio: float | None = None,
+        attr_annot_path=None,
+        max_attr_per_vid=None,
+        to_filter_bad_examples: bool = True,
+        iter_times: int = 1,
+        skip_bad_samples: bool = False,
+        audio_priming_compat: bool = True,
+        windowed_decode: bool = True,
+    ):
+        super().__init__()
+        self.split = split
+        self.vids_dir = str(vids_dir)
+        self.transforms = transforms
+        self.splits_path = Path(splits_path)
+        self.seed = seed
+        self.load_fixed_offsets_on = list(load_fixed_offsets_on or [])
+        self.vis_load_backend = vis_load_backend  # kept for config compatibility: PyAV reads everything
+        self.to_filter_bad_examples = to_filter_bad_examples
+        self.iter_times = iter_times
+        self.skip_bad_samples = skip_bad_samples
+        self.audio_priming_compat = audio_priming_compat
+        self.windowed_decode = windowed_decode
+        self.vid2offset_params = {}
+        self.dataset = self.list_clips()
+        if split in self.load_fixed_offsets_on:
+            self.vid2offset_params = self.load_fixed_offsets()
+        self.dataset = subsample_dataset(self.dataset, size_ratio, shuffle=split == "train")
+        logging.info(f"{type(self).__name__} {split}: {len(self.dataset)} clips x {iter_times}")
+
+    def list_clips(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_fixed_offsets(self) -> dict[str, dict]:
+        return get_fixed_offsets(self.transforms, self.split, self.splits_path, self.fixed_offsets_name)
+
+    def clip_id(self, path: str) -> str:
+        """The key of the clip in the fixed-offset files."""
+        return Path(path).stem
+
+    def targets_for(self, path: str) -> dict:
+        targets = {}
+        params = self.vid2offset_params.get(self.clip_id(path)) if self.split in self.load_fixed_offsets_on else None
+        if self.split in self.load_fixed_offsets_on and params is None:
+            raise KeyError(f"{path}: no fixed offset for clip id '{self.clip_id(path)}'")
+        if params is not None:
+            targets["offset_sec"], targets["v_start_i_sec"] = params["offset_sec"], params["v_start_i_sec"]
+            if "oos_target" in params:
+                targets["offset_target"] = {"oos": params["oos_target"], "offset": params["offset_sec"]}
+        return targets
+
+    def decode_window(self, targets: dict) -> tuple[float, float | None]:
+        """`(start_sec, end_sec)` to read: the whole clip, or just around a fixed-offset crop."""
+        end = self.max_clip_len_sec
+        crop = next(
+            (t for t in getattr(self.transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None
+        )
+        known = "offset_sec" in targets and "v_start_i_sec" in targets
+        if not (self.windowed_decode and known and crop is not None and crop.do_offset):
+            return 0.0, end
+        v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
+        start = max(0.0, min(v_start, a_start) - WINDOW_MARGIN_SEC)
+        stop = max(v_start, a_start) + crop.crop_len_sec + WINDOW_MARGIN_SEC
+        return start, stop if end is None else min(end, stop)
+
+    def load_item(self, path: str) -> dict:
+        targets = self.targets_for(path)
+        start_sec, end_sec = self.decode_window(targets)
+        rgb, audio, meta = get_video_and_audio(
+            maybe_cache_file(path), True, start_sec, end_sec, audio_priming_compat=self.audio_priming_compat
+        )
+        if start_sec > 0:
+            # window start in file indices, for the crops (assumes constant fps, as in these datasets)
+            meta["video"]["start_frame"] = math.ceil(start_sec * meta["video"]["fps"][0] - 1e-6)
+            meta["audio"]["start_sample"] = round(start_sec * meta["audio"]["framerate"][0])
+        item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": targets, "split": self.split}
+        return item if self.transforms is None else self.transforms(item)
+
+    def __getitem__(self, index: int) -> dict | None:
+        path = self.dataset[index % len(self.dataset)]
+        try:
+            return self.load_item(path)
+        except BadVideoError as e:
+            if not self.skip_bad_samples:
+                raise
+            logging.warning(f"Skipping a bad sample: {e}")
+            return None
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.iter_times
+
+
+def collate_drop_bad(batch: list[dict | None]) -> dict | None:
+    """`default_collate` without the `None`s of skipped bad samples; `'n_bad_samples'` says how many were
+    dropped. Returns None when the whole batch was bad."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return None
+    collated = default_collate(good)
+    collated["n_bad_samples"] = len(batch) - len(good)
+    return collated
+
+
+def get_transforms(cfg, phase: str) -> torchvision.transforms.Compose:
+    """The `transform_sequence_train` (phase 'train') or `transform_sequence_test` (else) of the config."""
+    seq = cfg.get("transform_sequence_train" if phase == "train" else "transform_sequence_test")
+    return torchvision.transforms.Compose([instantiate_from_config(c) for c in seq] if seq else [])
+
+
+def get_datasets(cfg, phases=("train", "valid", "test")) -> dict[str, AudioVisualDataset]:
+    """Datasets of `cfg.data.dataset.target` for `phases`, built like the original's trainer: train uses
+    the train transforms, valid/test the test ones; `data.dataset.params` are passed through
+    (`size_ratios: {phase: r}` overrides `size_ratio`). Valid/test are repeated `data.iter_times` times;
+    `data.skip_bad_samples` and `data.audio_priming_compat` are forwarded."""
+    dataset_cls = get_obj_from_str(cfg.data.dataset.target)
+    params = dict(cfg.data.dataset.get("params") or {})
+    size_ratios = params.pop("size_ratios", None)
+    datasets = {}
+    for phase in phases:
+        kwargs = dict(params)
+        if size_ratios is not None:
+            kwargs["size_ratio"] = size_ratios[phase]
+        if phase != "train" and "iter_times" not in kwargs:
+            kwargs["iter_times"] = cfg_get(cfg, "data.iter_times")
+        kwargs.setdefault("skip_bad_samples", cfg_get(cfg, "data.skip_bad_samples"))
+        kwargs.setdefault("audio_priming_compat", cfg_get(cfg, "data.audio_priming_compat"))
+        datasets[phase] = dataset_cls(
+            split=phase, vids_dir=cfg.data.vids_path, transforms=get_transforms(cfg, phase), **kwargs
+        )
+    return datasets
