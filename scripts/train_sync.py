@@ -36,7 +36,6 @@ from scripts.train_utils import (
     seed_everything,
     set_loader_epoch,
     setup_run,
-    toggle_mode,
     wrap_ddp,
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -88,68 +87,65 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.stopper.load_state_dict(ckpt["early_stopper"])
 
-    def run_phase(self, phase: str, epoch: int, iter_times: int = 1) -> dict:
-        """One pass (or `iter_times` passes with fresh augmentation) over a phase's data; returns metrics."""
+    def run_phase(self, phase: str, epoch: int) -> dict:
+        """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
         cfg, env, loader = self.cfg, self.env, self.loaders[phase]
         is_train = phase == "train"
-        toggle_mode(self.model, cfg, is_train)
+        self.model.train(is_train)  # frozen extractors stay in eval mode
         # evaluation runs without DDP: ranks may hold different numbers of batches
         net = self.net if is_train else self.model
         max_iters = cfg_get(cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
         # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
-        stride = max(1, math.ceil(len(loader.dataset) * iter_times / cfg_get(cfg, "logging.log_max_items")))
-        kept, loss_sum, n_items, n_skipped = [], 0.0, 0, 0
-        for it in range(iter_times):
-            set_loader_epoch(loader, epoch, it)
-            seed_everything(derive_seed(cfg.training.seed, env.rank, epoch, it))  # dropout
-            progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
-            for i, batch in enumerate(progress):
-                if max_iters is not None and i >= max_iters:
-                    break
-                if is_train and not all_ranks_agree(batch is not None, env.device):
-                    continue  # a batch of bad samples only, on some rank: every rank skips the step
-                if batch is None:
+        stride = max(1, math.ceil(len(loader.dataset) / cfg_get(cfg, "logging.log_max_items")))
+        set_loader_epoch(loader, epoch)
+        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
+        kept, loss_sum, n_items, n_bad = [], 0.0, 0, 0
+        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
+        for i, batch in enumerate(progress):
+            if max_iters is not None and i >= max_iters:
+                break
+            if is_train and not all_ranks_agree(batch is not None, env.device):
+                continue  # only bad samples in this batch on some rank: every rank skips the step
+            if batch is None:
+                continue
+            n_bad += int(batch["n_bad_samples"])
+            vis = batch["video"].to(env.device, non_blocking=True)
+            aud = batch["audio"].to(env.device, non_blocking=True)
+            targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
+            with self.autocast(), torch.set_grad_enabled(is_train):
+                loss, logits = net(vis, aud, targets=targets)
+            if is_train:
+                self.optimizer.zero_grad(set_to_none=True)
+                is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
+                if not self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
                     continue
-                n_skipped += int(batch["n_skipped"])
-                vis = batch["video"].to(env.device, non_blocking=True)
-                aud = batch["audio"].to(env.device, non_blocking=True)
-                targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
-                with self.autocast(), torch.set_grad_enabled(is_train):
-                    loss, logits = net(vis, aud, targets=targets)
-                if is_train:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
-                    if self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
-                        optimizer_step(
-                            loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
-                        )
-                    else:
-                        continue
-                loss_sum += loss.item() * len(targets)
-                n_items += len(targets)
-                if i % stride == 0:
-                    order = it * len(loader.dataset) + batch["index"]  # puts gathered items in dataset order
-                    kept.append((order, logits.detach().float().cpu(), targets.cpu()))
-                if env.is_main and i % cfg.logging.log_frequency == 0:
-                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        if n_skipped:
-            logging.warning(f"{phase} ({epoch}): {n_skipped} bad samples skipped on rank {env.rank}")
-        return gather_metrics(kept, loss_sum, n_items, n_skipped)
+                optimizer_step(
+                    loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
+                )
+            loss_sum += loss.item() * len(targets)
+            n_items += len(targets)
+            if i % stride == 0:
+                kept.append((batch["index"], logits.detach().float().cpu(), targets.cpu()))
+            if env.is_main and i % cfg.logging.log_frequency == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if n_bad:
+            logging.warning(f"{phase} ({epoch}): skipped {n_bad} bad samples on rank {env.rank}")
+        return gather_metrics(kept, loss_sum, n_items, n_bad)
 
 
-def gather_metrics(kept: list, loss_sum: float, n_items: int, n_skipped: int) -> dict:
+def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dict:
     """Metrics over the items of all ranks; every rank computes the same numbers.
 
-    `kept`: this rank's `(order, logits, targets)` per batch, `order` giving each item's place in the
-    single-process order of the data (so the result does not depend on the number of ranks).
+    `kept`: this rank's `(indices, logits, targets)` per batch; items are put in dataset order, so the
+    result does not depend on the number of ranks.
     """
     local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
-    shards = all_gather_objects((local, loss_sum, n_items, n_skipped))
+    shards = all_gather_objects((local, loss_sum, n_items, n_bad))
     order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
     sort = order.argsort(stable=True)
     metrics = classification_metrics(targets[sort], logits[sort])
     metrics["loss"] = sum(s[1] for s in shards) / max(1, sum(s[2] for s in shards))
-    metrics["n_skipped"] = sum(s[3] for s in shards)
+    metrics["n_bad_samples"] = sum(s[3] for s in shards)
     return metrics
 
 
@@ -201,7 +197,7 @@ def train(cfg: DictConfig) -> None:
         ckpt_path = Path(cfg.ckpt_path) if training.run_test_only else best_path
         ckpt = load_weights(model, ckpt_path, strict=True)
         logging.info(f"Testing {ckpt_path} (epoch {ckpt.get('epoch')})")
-        metrics = trainer.run_phase("test", epoch=0, iter_times=cfg_get(cfg, "data.iter_times"))
+        metrics = trainer.run_phase("test", epoch=0)
         logger.log_metrics("test", ckpt.get("epoch", -1), metrics)
     logger.finish()
     cleanup()

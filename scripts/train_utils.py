@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from dataset.dataset_utils import collate_drop_bad
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, cfg_get
 from utils.dist import DistEnv, broadcast_object, init_distributed
@@ -39,51 +40,34 @@ def seed_everything(seed: int) -> None:
 class SeededItems(Dataset):
     """Wraps a dataset so that the random augmentation of item i in epoch e depends only on (seed, e, i).
 
-    Adds the item's index to the item (to put gathered predictions back in dataset order). With
-    `skip_bad`, an item that fails to load is logged and returned as None (dropped by `collate_skipping_none`).
+    Adds the item's index to the item (to put gathered predictions back in dataset order).
     """
 
-    def __init__(self, dataset: Dataset, seed: int, skip_bad: bool = False):
+    def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.skip_bad = skip_bad
-        self.epoch_key: tuple[int, ...] = (0,)
+        self.epoch = 0
 
-    def set_epoch(self, *key: int) -> None:
-        self.epoch_key = key
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict | None:
         # the global generators are borrowed for the item and restored afterwards, so that a loader
         # without workers leaves the training randomness (dropout) untouched
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            seed_everything(derive_seed(self.seed, *self.epoch_key, index))
+            seed_everything(derive_seed(self.seed, self.epoch, index))
             try:
                 item = self.dataset[index]
-            except Exception as e:
-                if not self.skip_bad:
-                    raise
-                logging.warning(f"Skipping item {index} ({type(e).__name__}: {e})")
-                item = None
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-        if item is not None:
+        if item is not None:  # None: a bad sample, skipped by the collate function
             item["index"] = index
         return item
-
-
-def collate_skipping_none(items: list) -> dict | None:
-    """Collates the items that loaded; counts the dropped ones under 'n_skipped'. None if none loaded."""
-    good = [item for item in items if item is not None]
-    if not good:
-        return None
-    batch = default_collate(good)
-    batch["n_skipped"] = len(items) - len(good)
-    return batch
 
 
 class ShardSampler(Sampler):
@@ -100,7 +84,9 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loader(cfg: DictConfig, dataset: SeededItems, phase: str, env: DistEnv) -> DataLoader:
+def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) -> DataLoader:
+    """A loader of `dataset` seeded per item (see `SeededItems`); bad samples are dropped by the collate."""
+    dataset = SeededItems(dataset, cfg.training.seed)
     if phase == "train":
         # shuffled by (seed, epoch) through `set_epoch`; every rank gets the same number of batches
         sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=cfg.training.seed)
@@ -111,30 +97,16 @@ def build_loader(cfg: DictConfig, dataset: SeededItems, phase: str, env: DistEnv
         batch_size=cfg.training.base_batch_size,
         sampler=sampler,
         num_workers=cfg.training.num_workers,
-        collate_fn=collate_skipping_none,
+        collate_fn=collate_drop_bad,
         pin_memory=env.device.type == "cuda",
     )
 
 
-def set_loader_epoch(loader: DataLoader, *key: int) -> None:
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Sets the randomness of the next pass over `loader`: shuffling (train) and per-item augmentation."""
     if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(key[0])
-    loader.dataset.set_epoch(*key)
-
-
-def toggle_mode(model: torch.nn.Module, cfg: DictConfig, train: bool) -> None:
-    """train()/eval(); frozen feature extractors always stay in eval mode (no dropout)."""
-    model.train(train)
-    for name in ("afeat_extractor", "vfeat_extractor"):
-        if train and cfg.model.params[name].get("is_trainable", True) is False:
-            getattr(model, name).eval()
-
-
-def freeze_extractors(model: torch.nn.Module, cfg: DictConfig) -> None:
-    for name in ("afeat_extractor", "vfeat_extractor"):
-        if cfg.model.params[name].get("is_trainable", True) is False:
-            getattr(model, name).requires_grad_(False)
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
 
 
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
@@ -310,9 +282,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    model = instantiate_from_config(cfg.model)
-    freeze_extractors(model, cfg)
-    return model
+    return instantiate_from_config(cfg.model)
 
 
 def count_params(model: torch.nn.Module) -> str:

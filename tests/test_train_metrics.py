@@ -92,7 +92,7 @@ def _gather_on_rank(rank: int, port: int, logits, targets, queue) -> None:
     idx = torch.arange(rank, len(targets), 2)
     kept = [(idx[i : i + 2], logits[idx[i : i + 2]], targets[idx[i : i + 2]]) for i in range(0, len(idx), 2)]
     loss_sum = float(rank + 1) * len(idx)  # rank 0 reports a mean loss of 1, rank 1 of 2
-    queue.put((rank, gather_metrics(kept, loss_sum, len(idx), n_skipped=rank)))
+    queue.put((rank, gather_metrics(kept, loss_sum, len(idx), n_bad=rank)))
     dist.destroy_process_group()
 
 
@@ -113,6 +113,6 @@ def test_gather_metrics_across_two_processes():
         assert p.exitcode == 0
     expected = classification_metrics(targets, logits)
     n0, n1 = len(range(0, N, 2)), len(range(1, N, 2))
-    expected |= {"loss": (1 * n0 + 2 * n1) / N, "n_skipped": 1}
+    expected |= {"loss": (1 * n0 + 2 * n1) / N, "n_bad_samples": 1}
     assert results[0] == results[1]  # every rank computes the same numbers
     assert results[0] == pytest.approx(expected)
