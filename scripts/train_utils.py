@@ -202,7 +202,8 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(params, max_clip_norm)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 class BadLossGuard:
