@@ -146,8 +146,10 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         self.audio_priming_compat = audio_priming_compat
         self.windowed_decode = windowed_decode
         self.vid2offset_params = {}
+        # fixed offsets name the file of the offset transform's parameters, so they need the transforms
+        self.use_fixed_offsets = split in self.load_fixed_offsets_on and transforms is not None
         self.dataset = self.list_clips()
-        if split in self.load_fixed_offsets_on:
+        if self.use_fixed_offsets:
             self.vid2offset_params = self.load_fixed_offsets()
         self.dataset = subsample_dataset(self.dataset, size_ratio, shuffle=split == "train")
         logging.info(f"{type(self).__name__} {split}: {len(self.dataset)} clips x {iter_times}")
@@ -164,10 +166,10 @@ class AudioVisualDataset(torch.utils.data.Dataset):
 
     def targets_for(self, path: str) -> dict:
         targets = {}
-        params = self.vid2offset_params.get(self.clip_id(path)) if self.split in self.load_fixed_offsets_on else None
-        if self.split in self.load_fixed_offsets_on and params is None:
-            raise KeyError(f"{path}: no fixed offset for clip id '{self.clip_id(path)}'")
-        if params is not None:
+        if self.use_fixed_offsets:
+            params = self.vid2offset_params.get(self.clip_id(path))
+            if params is None:
+                raise KeyError(f"{path}: no fixed offset for clip id '{self.clip_id(path)}'")
             targets["offset_sec"], targets["v_start_i_sec"] = params["offset_sec"], params["v_start_i_sec"]
             if "oos_target" in params:
                 targets["offset_target"] = {"oos": params["oos_target"], "offset": params["offset_sec"]}

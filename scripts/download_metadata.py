@@ -1,0 +1,112 @@
+"""Fetches the dataset metadata (split lists, filter lists, fixed offsets, class lists) of the original
+Synchformer repository from GitHub into `./data/` (or `--out`).
+
+    python -m scripts.download_metadata            # everything
+    python -m scripts.download_metadata --only vggsound_test.txt lrs3_test.txt
+
+Files already present with the expected size are skipped; partial downloads resume (HTTP Range).
+"""
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BASE_URL = "https://raw.githubusercontent.com/v-iashin/Synchformer/main/data/"
+# relative path -> size in bytes (None: size unknown upstream, only checked to be non-empty)
+FILES = {
+    "vggsound.csv": None,
+    "vggsound_train.txt": 3825803,
+    "vggsound_valid.txt": 460259,
+    "vggsound_test.txt": 354417,
+    "vggsound_sparse_clean.csv": 23047,
+    "vggsound_sparse_clean_fixed_offsets.csv": 33546,
+    "picked_sparse_classes.csv": 6020,
+    "lrs3_train.txt": 1252449,
+    "lrs3_valid.txt": 152037,
+    "lrs3_test.txt": 161082,
+    "audioset.csv": None,
+    "audioset_labels.csv": 14652,
+    "fixed_offsets_vggsound/train_size21_crop5_min-2.00_max2.00.csv": None,
+    "fixed_offsets_vggsound/valid_size21_crop5_min-2.00_max2.00.csv": 637695,
+    "fixed_offsets_vggsound/test_size21_crop5_min-2.00_max2.00.csv": 487284,
+    "fixed_offsets_lrs3/train_size21_crop5_min-2.00_max2.00.csv": 1729093,
+    "fixed_offsets_lrs3/valid_size21_crop5_min-2.00_max2.00.csv": 209990,
+    "fixed_offsets_lrs3/test_size21_crop5_min-2.00_max2.00.csv": 222349,
+    "fixed_offsets_audioset/train_size21_crop5_min-2.00_max2.00.csv": None,
+    "fixed_offsets_audioset/valid_size21_crop5_min-2.00_max2.00.csv": 752691,
+    "fixed_offsets_audioset/test_size21_crop5_min-2.00_max2.00.csv": 623176,
+    "filtered_examples_audioset/less_than_9s_in_frames.txt": 1166748,
+    "filtered_examples_audioset/missings.txt": None,
+    "filtered_examples_audioset/mostly_stills.txt": None,
+    "filtered_examples_lrs/less_than_9s.txt": 1842857,
+    "filtered_examples_lrs/less_than_9s_corr_names.txt": 1842857,
+    "filtered_examples_lrs_extra/less_than_9.5s.txt": 124620,
+    "filtered_examples_vggsound_extra/test_failed_manual_inspection.txt": 2503,
+    "filtered_examples_vggsound_shorter/less_than_9.5s.txt": 83478,
+    **{
+        f"filtered_examples_vggsound/{name}.txt": size
+        for name, size in {
+            "145": 10098, "190": 8695, "299": 13311, "filtered_80_video_has_still_frames": 1661,
+            "filtered_audio_has_0_std": 24361, "filtered_broken": 444, "filtered_in_0_dists_group": 9543,
+            "filtered_manually_found": 589, "less_than_9s_frames_segments": 16204, "region_app": 52,
+            "region_babies": 290, "region_bird": 300, "region_blue_circle": 192, "region_flipped": 461,
+            "region_footsteps": 552, "region_tube": 48,
+        }.items()
+    },
+}  # fmt: skip
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def is_complete(path: Path, size: int | None) -> bool:
+    return path.is_file() and (path.stat().st_size == size if size is not None else path.stat().st_size > 0)
+
+
+def fetch(rel_path: str, out_dir: Path, base_url: str = BASE_URL, timeout: float = 30) -> str:
+    """Downloads one file unless it is already complete; returns 'skipped' or 'downloaded'."""
+    size, path = FILES.get(rel_path), out_dir / rel_path
+    if is_complete(path, size):
+        return "skipped"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(base_url + rel_path, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "ab" if have else "wb") as f:
+            if have and response.status != 206:  # the server ignored the range: start over
+                f.truncate(0)
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(
+            f"Could not download {base_url + rel_path}: {e}. Are you offline? Copy the original repo's `data/` "
+            f"folder into {out_dir} by hand, or re-run when online (partial files resume)."
+        ) from e
+    if size is not None and part.stat().st_size != size:
+        raise DownloadError(f"{rel_path}: got {part.stat().st_size} bytes, expected {size}; re-run to resume")
+    part.replace(path)
+    return "downloaded"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="./data")
+    parser.add_argument("--only", nargs="*", default=None, help="relative paths to fetch (default: all)")
+    parser.add_argument("--base-url", default=BASE_URL)
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    try:
+        for rel_path in args.only or list(FILES):
+            print(f"{fetch(rel_path, out_dir, args.base_url)}: {rel_path}")
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
