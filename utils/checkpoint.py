@@ -46,6 +46,10 @@ SAFE_GLOBALS = [
 ]
 
 
+# Where other formats keep the state dict: stage-1 AVCLIP checkpoints, Motionformer '.pyth' files.
+STATE_DICT_ALIASES = ("state_dict", "model_state")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not in a format we know."""
 
@@ -53,8 +57,9 @@ class CheckpointError(RuntimeError):
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Loads a checkpoint safely; always returns a dict with a 'model' state dict.
 
-    A bare state dict (all values tensors) is wrapped as `{'model': sd}`. A stored config under 'args'
-    is returned as a DictConfig.
+    A bare state dict (all values tensors) is wrapped as `{'model': sd}`; the state dict of a stage-1
+    (AVCLIP, 'state_dict') or Motionformer ('.pyth', 'model_state') checkpoint is moved to 'model'. A stored
+    config under 'args' is returned as a DictConfig.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,6 +74,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"Checkpoint {path} holds a {type(ckpt).__name__}, expected a dict.")
+    for alias in STATE_DICT_ALIASES:
+        if "model" not in ckpt and isinstance(ckpt.get(alias), dict):
+            ckpt["model"] = ckpt.pop(alias)
     if "model" not in ckpt:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             ckpt = {"model": ckpt}
