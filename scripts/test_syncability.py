@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
         for batch in loader:
             if batch is None:
                 continue
-            vis, aud = batch["video"].to(env.device), batch["audio"].to(env.device)
+            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             out = {
                 "index": batch["index"],
                 "sync_logits": models["sync"](vis[:, :n_seg_sync], aud[:, :n_seg_sync])[1].float().cpu(),

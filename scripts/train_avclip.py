@@ -165,7 +165,7 @@ class AVCLIPTrainer:
             if not all_ranks_agree(batch is not None, env.device):
                 continue  # only bad samples in this batch on some rank: every rank skips the step
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device), batch["audio"].to(env.device)
+            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             self.model.train()
             with self.autocast():
                 out = self.net(vis, aud)
@@ -207,7 +207,7 @@ class AVCLIPTrainer:
             if batch is None:
                 continue
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device), batch["audio"].to(env.device)
+            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             precision, loss = self.evaluate_batch(vis, aud, "valid", self.viz_path("valid", epoch) if i == 0 else None)
             precisions.append(precision.cpu())
             loss_sum += loss.item() * len(vis)

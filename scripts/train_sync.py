@@ -109,8 +109,8 @@ class Trainer:
             if batch is None:
                 continue
             n_bad += int(batch["n_bad_samples"])
-            vis = batch["video"].to(env.device, non_blocking=True)
-            aud = batch["audio"].to(env.device, non_blocking=True)
+            vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
+            aud = batch["audio"].to(env.device, non_blocking=True).float()
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
             with self.autocast(), torch.set_grad_enabled(is_train):
                 loss, logits = net(vis, aud, targets=targets)
@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> None:
     model = build_model(cfg).to(env.device)
     logging.info(count_params(model))
 
-    from dataset import get_datasets
+    from dataset.dataset_utils import get_datasets
 
     phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
     datasets = get_datasets(cfg, phases)
