@@ -14,7 +14,7 @@ import torch
 
 import main
 from dataset.synthetic import make_vggsound_like
-from scripts.test_syncability import main as test_syncability
+from scripts import test_syncability
 from utils.checkpoint import load_checkpoint
 from utils.logger import read_metrics
 
@@ -128,7 +128,7 @@ def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
     assert torch.equal(ft["vfeat_extractor.patch_embed.proj.weight"], s2["vfeat_extractor.patch_embed.proj.weight"])
 
     ft_run = tmp_path / "ft"
-    test_syncability([f"config_sync={ft_run / 'cfg-ft.yaml'}", f"ckpt_path_sync={ft_run / 'ft_best.pt'}",
+    test_syncability.main([f"config_sync={ft_run / 'cfg-ft.yaml'}", f"ckpt_path_sync={ft_run / 'ft_best.pt'}",
                       f"config_off={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path_off={stage2_run / 's2_best.pt'}",
                       f"logging.logdir={tmp_path}", "start_time=sync_test"])  # fmt: skip
     report = json.loads((tmp_path / "sync_test" / "syncability_test.json").read_text())
