@@ -24,6 +24,7 @@ from scripts.train_utils import (
     EarlyStopper,
     build_loader,
     build_model,
+    checkpoint_to_resume,
     count_params,
     derive_seed,
     lr_factor_fn,
@@ -236,7 +237,7 @@ def train(cfg: DictConfig) -> None:
     ckpt_dir = run_dir / "checkpoints"
     start_epoch = 0
     if training.get("resume"):
-        ckpt = load_checkpoint(ckpt_dir / "epoch_latest.pt", map_location=env.device)
+        ckpt = load_checkpoint(checkpoint_to_resume(ckpt_dir / "epoch_latest.pt"), map_location=env.device)
         trainer.load_state_dict(ckpt)
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")

@@ -27,6 +27,7 @@ from scripts.train_utils import (
     build_loader,
     build_model,
     build_optimizer,
+    checkpoint_to_resume,
     count_params,
     derive_seed,
     load_weights,
@@ -166,7 +167,7 @@ def train(cfg: DictConfig) -> None:
     best_path = run_dir / f"{cfg.start_time}_best.pt"
     start_epoch = 0
     if training.resume:
-        latest = run_dir / f"{cfg.start_time}_latest.pt"
+        latest = checkpoint_to_resume(run_dir / f"{cfg.start_time}_latest.pt")
         ckpt = load_checkpoint(latest, map_location=env.device)
         trainer.load_state_dict(ckpt)
         start_epoch = ckpt["epoch"] + 1

@@ -313,3 +313,12 @@ def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
     logging.info(f"Config:\n{OmegaConf.to_yaml(cfg)}")
     logging.info(f"Rank {env.rank} of {env.world_size} on {env.device}; logging to {run_dir}")
     return env, run_dir, logger
+
+
+def checkpoint_to_resume(path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(
+            f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
+            "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
+        )
+    return path

@@ -60,10 +60,10 @@ class RunLogger:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run keeps its first config and adds one under the time it was resumed
+        # a resumed (or tested) run keeps its first config and adds one named by the current time
         cfg_path = run_dir / f"cfg-{cfg.start_time}.yaml"
         if cfg_path.exists():
-            cfg_path = run_dir / f"cfg-{cfg.start_time}-resumed-{curr_time_with_random_shift()}.yaml"
+            cfg_path = run_dir / f"cfg-{cfg.start_time}-{curr_time_with_random_shift()}.yaml"
         OmegaConf.save(cfg, cfg_path)
         if cfg_get(cfg, "logging.log_code_state"):
             patterns = list(cfg.logging.get("patterns_to_ignore", []))
