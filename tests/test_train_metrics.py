@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from scripts.train_sync import gather_metrics
-from scripts.train_utils import EarlyStopper, lr_factor_fn
+from scripts.train_utils import BadLossGuard, EarlyStopper, lr_factor_fn
 from utils.metrics import classification_metrics, shifted_window_accuracy, topk_accuracy
 
 
@@ -116,3 +116,12 @@ def test_gather_metrics_across_two_processes():
     expected |= {"loss": (1 * n0 + 2 * n1) / N, "n_bad_samples": 1}
     assert results[0] == results[1]  # every rank computes the same numbers
     assert results[0] == pytest.approx(expected)
+
+
+def test_bad_loss_guard_stops_after_consecutive_non_finite_losses():
+    guard = BadLossGuard(max_steps=3)
+    assert guard.check(True, "it 0") and not guard.check(False, "it 1") and not guard.check(False, "it 2")
+    assert guard.check(True, "it 3")  # a finite loss resets the count
+    assert not guard.check(False, "it 4") and not guard.check(False, "it 5")
+    with pytest.raises(FloatingPointError, match="NaN/inf for 3 steps in a row"):
+        guard.check(False, "it 6")
