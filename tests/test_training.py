@@ -134,7 +134,7 @@ def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
     assert set(report["offset_by_threshold"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"}
 
 
-def test_avclip_trains_validates_and_resumes(data, tmp_path):
+def test_avclip_trains_validates_resumes_and_initialises_stage2(data, tmp_path):
     main.main(tiny_args("segment_avclip.yaml", tmp_path, "s1", data))
     run_dir = tmp_path / "s1"
     ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
@@ -148,3 +148,13 @@ def test_avclip_trains_validates_and_resumes(data, tmp_path):
     main.main([f"config={run_dir / 'cfg-s1.yaml'}", "training.resume=latest", "training.num_epochs=3"])
     assert [r["epoch"] for r in read_metrics(run_dir, "train")] == [0, 1, 2]
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")["epoch"] == 3
+    # stage 2 starts from the stage-1 extractors
+    s1_best = run_dir / "checkpoints" / "epoch_best.pt"
+    main.main(tiny_args("sync.yaml", tmp_path, "s2", data, "training.num_epochs=1", "training.skip_test=True",
+                        f"model.params.vfeat_extractor.params.ckpt_path={s1_best}",
+                        f"model.params.afeat_extractor.params.ckpt_path={s1_best}"))  # fmt: skip
+    s1, s2 = load_checkpoint(s1_best)["model"], load_checkpoint(tmp_path / "s2" / "s2_latest.pt")["model"]
+    for s1_key, s2_key in [("v_encoder.patch_embed_3d.proj.weight", "vfeat_extractor.patch_embed_3d.proj.weight"),
+                           ("a_encoder.ast.encoder.layer.0.attention.attention.query.weight",
+                            "afeat_extractor.ast.encoder.layer.0.attention.attention.query.weight")]:  # fmt: skip
+        assert torch.equal(s1[s1_key], s2[s2_key]) and s1[s1_key].abs().sum() > 0, s1_key
