@@ -18,6 +18,7 @@ import sys
 import torch
 from sklearn.metrics import roc_curve
 
+from dataset.dataset_utils import get_datasets
 from scripts.train_utils import build_loader, build_model, load_weights, mixed_precision, setup_run
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
@@ -79,8 +80,6 @@ def main(argv: list[str]) -> None:
         load_weights(models["off"], cfg_off.ckpt_path, strict=True)
     for model in models.values():
         model.eval()
-
-    from dataset.dataset_utils import get_datasets
 
     loader = build_loader(cfg, get_datasets(cfg, ["test"])["test"], "test", env)
     autocast, _ = mixed_precision(cfg, cfg.training.use_half_precision, env.device)

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
     BadLossGuard,
     EarlyStopper,
@@ -227,8 +228,6 @@ def train(cfg: DictConfig) -> None:
     seed_everything(training.seed)  # the same initial weights on every rank
     model = build_model(cfg).to(env.device)
     logging.info(count_params(model))
-
-    from dataset.dataset_utils import get_datasets
 
     datasets = get_datasets(cfg, ["train", "valid"])
     loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in datasets}

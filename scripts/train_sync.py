@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
     BadLossGuard,
     EarlyStopper,
@@ -156,8 +157,6 @@ def train(cfg: DictConfig) -> None:
     seed_everything(training.seed)  # the same initial weights on every rank
     model = build_model(cfg).to(env.device)
     logging.info(count_params(model))
-
-    from dataset.dataset_utils import get_datasets
 
     phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
     datasets = get_datasets(cfg, phases)
