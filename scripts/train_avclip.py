@@ -3,6 +3,7 @@
     python main.py config=configs/segment_avclip.yaml data.vids_path=... data.dataset.target=...
     torchrun --nproc_per_node=8 main.py config=configs/segment_avclip.yaml ...   # DDP
     python main.py config=logs/avclip_models/<id>/cfg-<id>.yaml training.resume=latest
+    python main.py config=<run cfg> training.run_test_only=True ckpt_path=<run>/checkpoints/epoch_best.pt
 
 Validation (every `val_frequency` epochs) is the zero-shot offset accuracy of the original: in an in-sync
 clip, each window of `run_shifted_win_val_winsize_valid` segments must be most similar to the window of
@@ -28,6 +29,7 @@ from scripts.train_utils import (
     checkpoint_to_resume,
     count_params,
     derive_seed,
+    load_weights,
     lr_factor_fn,
     mixed_precision,
     optimizer_step,
@@ -240,6 +242,12 @@ def train(cfg: DictConfig) -> None:
         trainer.load_state_dict(ckpt)
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
+
+    elif training.get("run_test_only"):
+        # the zero-shot offset accuracy of a checkpoint on the validation split, as the original offers
+        load_weights(model, cfg.ckpt_path, strict=True)
+        start_epoch = training.num_epochs
+        logger.log_metrics("valid", -1, trainer.validate(epoch=0))
 
     val_every = training.val_frequency if training.get("run_shifted_win_val", True) else 0
     for epoch in range(start_epoch, training.num_epochs):

@@ -148,8 +148,12 @@ def test_avclip_trains_validates_resumes_and_initialises_stage2(data, tmp_path):
     main.main([f"config={run_dir / 'cfg-s1.yaml'}", "training.resume=latest", "training.num_epochs=3"])
     assert [r["epoch"] for r in read_metrics(run_dir, "train")] == [0, 1, 2]
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")["epoch"] == 3
-    # stage 2 starts from the stage-1 extractors
+    # test-only: the validation of the best checkpoint again
     s1_best = run_dir / "checkpoints" / "epoch_best.pt"
+    best_valid = max(read_metrics(run_dir, "valid"), key=lambda r: r["precision"])
+    main.main([f"config={run_dir / 'cfg-s1.yaml'}", "training.run_test_only=True", f"ckpt_path={s1_best}"])
+    assert read_metrics(run_dir, "valid")[-1] == pytest.approx(best_valid | {"epoch": -1})
+    # stage 2 starts from the stage-1 extractors
     main.main(tiny_args("sync.yaml", tmp_path, "s2", data, "training.num_epochs=1", "training.skip_test=True",
                         f"model.params.vfeat_extractor.params.ckpt_path={s1_best}",
                         f"model.params.afeat_extractor.params.ckpt_path={s1_best}"))  # fmt: skip
