@@ -6,7 +6,6 @@ row of the batch, on every rank when gathered, is a negative.
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 
@@ -17,10 +16,28 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank the gradient of its own rows, summed over the
+    losses of all ranks (every rank's loss uses every rank's rows as negatives)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (world_size * N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        N = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * N : (dist.get_rank() + 1) * N]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenates `x` (same shape on every rank) from all ranks in rank order; gradients flow back to each rank."""
     _, world_size = _world()
-    return torch.cat(dist_fn.all_gather(x), dim=0) if world_size > 1 else x
+    return _GatherWithGrad.apply(x) if world_size > 1 else x
 
 
 def contrastive_loss(
@@ -32,7 +49,7 @@ def contrastive_loss(
     local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
     """
     N = vfeat.shape[0]
-    rank, world_size = _world() if gather else (0, 1)
+    rank = _world()[0] if gather else 0
     vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
     sim_v2a = vfeat @ afeat_all.T / temperature  # (N, N_all)
     sim_a2v = afeat @ vfeat_all.T / temperature  # (N, N_all)

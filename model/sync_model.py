@@ -131,6 +131,11 @@ class Synchformer(nn.Module):
 
         `for_loop=True` runs the extractors one segment at a time (less memory, slower).
         """
+        if vis.ndim != 6 or aud.ndim != 5 or aud.shape[2] != 1:
+            raise ValueError(
+                f"Synchformer expects vis (B, S, Tv, C, H, W) and aud (B, S, 1, F, Ta), got {tuple(vis.shape)} and "
+                f"{tuple(aud.shape)}: check the PermuteStreams transform of the config."
+            )
         B, S, _, Fa, Ta = aud.shape
         vis = vis.permute(0, 1, 3, 2, 4, 5)  # (B, S, C, Tv, H, W)
         aud = aud.view(B, S, Fa, Ta).transpose(2, 3)  # (B, S, Ta, F)
@@ -185,12 +190,16 @@ def load_synchformer(
     )
     model = instantiate_from_config(cfg.model)
     state_dict = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    fix = f"Check that the config is the one {ckpt_path} was trained with."
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.params.transformer.target}): "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
+        )
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(
-            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.target} with "
-            f"{cfg.model.params.transformer.target}): {e}\nCheck that the config is the one the checkpoint was "
-            "trained with."
-        ) from e
+        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {e}\n{fix}") from e
     return model.eval(), cfg

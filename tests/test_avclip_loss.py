@@ -40,7 +40,8 @@ def _gathered_rank(rank: int, world_size: int, port: int, queue) -> None:
     v, a = (x[rank * 4 : (rank + 1) * 4].clone().requires_grad_() for x in (v_all, a_all))
     loss, sim = contrastive_loss(v, a, 0.1, gather=True)
     loss.backward()
-    queue.put((rank, loss.detach(), sim.shape, v.grad, a.grad))
+    # numpy arrays travel by value: shared tensors would vanish when this process exits
+    queue.put((rank, loss.item(), tuple(sim.shape), v.grad.numpy(), a.grad.numpy()))
     dist.destroy_process_group()
 
 
@@ -64,12 +65,12 @@ def test_gathered_loss_averaged_over_ranks_equals_the_full_batch_loss():
     v_all, a_all = (x.requires_grad_() for x in features(4 * world_size))
     full_loss, _ = contrastive_loss(v_all, a_all, 0.1)
     full_loss.backward()
-    torch.testing.assert_close(torch.stack([r[1] for r in results]).mean(), full_loss.detach())
+    torch.testing.assert_close(torch.tensor([r[1] for r in results]).mean(), full_loss.detach())
     for rank, _, sim_shape, v_grad, a_grad in results:
         assert sim_shape == (4, 8)
         rows = slice(rank * 4, (rank + 1) * 4)
-        torch.testing.assert_close(v_grad / world_size, v_all.grad[rows])
-        torch.testing.assert_close(a_grad / world_size, a_all.grad[rows])
+        torch.testing.assert_close(torch.from_numpy(v_grad) / world_size, v_all.grad[rows])
+        torch.testing.assert_close(torch.from_numpy(a_grad) / world_size, a_all.grad[rows])
 
 
 def test_loss_matches_original_on_its_features():

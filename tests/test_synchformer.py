@@ -57,6 +57,16 @@ def test_forward_shapes_loss_and_frozen_extractors(config, n_classes):
     assert not any(m.training for m in model.vfeat_extractor.modules())
 
 
+def test_wrong_input_layout_or_segment_count_is_explained():
+    model = tiny_model(n_segments=2)
+    vis, aud = inputs(S=2)
+    with pytest.raises(ValueError, match=r"aud \(B, S, 1, F, Ta\)"):
+        model(vis, aud.squeeze(2))
+    vis, aud = inputs(S=3)
+    with pytest.raises(ValueError, match="block_shape"):
+        model(vis, aud)
+
+
 def test_trainable_extractors_get_gradients():
     model = tiny_model(vfeat_extractor=True, afeat_extractor=True).train()
     vis, aud = inputs()
@@ -116,7 +126,7 @@ def test_load_errors_are_clear(tmp_path):
         load_synchformer(truncated)
     deeper = tiny_cfg()
     deeper.model.params.transformer.params.n_layer = 3
-    with pytest.raises(CheckpointError, match=r"do not fit .*Missing key\(s\).*transformer\.blocks\.2"):
+    with pytest.raises(CheckpointError, match=r"do not fit .*16 missing .*transformer\.blocks\.2"):
         load_synchformer(path, cfg=deeper)
     fewer_classes = tiny_cfg()
     fewer_classes.data.num_off_cls = 5

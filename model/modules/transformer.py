@@ -73,6 +73,12 @@ class LearnedPositionalEncoding(nn.Module):
         self.pos_emb = nn.Parameter(inits[init](1, *block_shape, n_embd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:-1] != self.pos_emb.shape[1:-1]:
+            raise ValueError(
+                f"Got {tuple(x.shape[1:-1])} tokens, but the position embedding was made for "
+                f"{tuple(self.pos_emb.shape[1:-1])}: set its `block_shape` for this number of segments "
+                "(1 + S * visual tokens + 1 + S * audio tokens per segment)."
+            )
         return x + self.pos_emb
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -26,6 +26,8 @@ from utils.checkpoint import load_checkpoint
 
 
 class ASTSelfAttention(nn.Module):
+    """Multi-head self-attention with separate query/key/value projections, as in the checkpoints."""
+
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads

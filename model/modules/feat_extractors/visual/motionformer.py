@@ -20,6 +20,7 @@ from torch import nn
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
 from utils.checkpoint import load_checkpoint
+from utils.download import download
 
 # The published Motionformer SSv2 checkpoints and the attention type each was trained with.
 ATTN_TYPE_OF_CKPT = {
@@ -28,6 +29,7 @@ ATTN_TYPE_OF_CKPT = {
     "ssv2_motionformer_224_16x4.pyth": "trajectory",
 }
 ATTN_TYPES = ("divided", "joint", "trajectory")
+MOTIONFORMER_URL = "https://dl.fbaipublicfiles.com/motionformer"
 
 
 class Attention(nn.Module):
@@ -103,9 +105,7 @@ class TrajectoryAttention(Attention):
 
         # every query attends within each frame: (B, h, Fr, Fr*P, d)
         queries = q[:, :, None, 1:].expand(-1, -1, Fr, -1, -1)
-        traj = F.scaled_dot_product_attention(
-            queries, k[:, :, 1:].unflatten(2, (Fr, P)), v[:, :, 1:].unflatten(2, (Fr, P))
-        )
+        traj = attend_grouped(queries, k[:, :, 1:].unflatten(2, (Fr, P)), v[:, :, 1:].unflatten(2, (Fr, P)))
         traj = traj.permute(0, 3, 2, 1, 4).reshape(B, Fr * P, Fr, D)  # (B, Fr*P, Fr, D): query, frame, feature
 
         # the query's trajectory point in its own frame: (B, Fr*P, D)
@@ -196,6 +196,8 @@ class MotionFormer(SegmentFeatureExtractor):
         super().__init__()
         if not (extract_features and factorize_space_time):
             raise ValueError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
+        if ckpt_path is not None and Path(ckpt_path).name in ATTN_TYPE_OF_CKPT:
+            download(f"{MOTIONFORMER_URL}/{Path(ckpt_path).name}", ckpt_path)  # no-op if it is there
         ckpt = None if ckpt_path is None else load_checkpoint(ckpt_path)
         self.attn_type = _attn_type_of(ckpt_path, ckpt, attn_type)
         self.segment_shape = (in_chans, num_frames, img_size, img_size)
@@ -208,6 +210,7 @@ class MotionFormer(SegmentFeatureExtractor):
         if self.attn_type == "joint":
             self.st_embed = nn.Parameter(torch.zeros(1, 1 + t * h * w, embed_dim))
             trunc_normal_(self.st_embed, std=0.02)
+            self.pos_embed.requires_grad_(False)  # unused with joint embeddings, kept for the checkpoints
         else:
             self.temp_embed = nn.Parameter(torch.zeros(1, t, embed_dim))
         # unused: Motionformer kept its image patch embedding in the checkpoints; frozen like there

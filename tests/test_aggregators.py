@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+from model.modules.aggregators import (
+    AveragePooling,
+    CLSTokenAggregator,
+    PositionalCLSTokenAggregator,
+    build_aggregator,
+)
+
+LAYER = dict(d_model=16, nhead=2, dim_feedforward=32)
+
+
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "AveragePooling"])
+@pytest.mark.parametrize("max_len", [None, 5])
+def test_aggregator_pools_the_sequence_axis(name, max_len):
+    agg = build_aggregator(name, max_len=max_len, **LAYER)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = agg(x)
+    assert y.shape == (3, 16) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in agg.parameters())
+
+
+def test_builder_names():
+    assert type(build_aggregator("TransformerEncoderLayer", **LAYER)) is CLSTokenAggregator
+    assert type(build_aggregator("TransformerEncoderLayer", max_len=4, **LAYER)) is PositionalCLSTokenAggregator
+    assert type(build_aggregator("AveragePooling", **LAYER)) is AveragePooling
+    assert type(build_aggregator("torch.nn.Identity", **LAYER)) is nn.Identity
+    with pytest.raises(ValueError, match="Unknown aggregation"):
+        build_aggregator("torch.nn.Identity", allow_identity=False, **LAYER)
+    with pytest.raises(ValueError, match="Unknown aggregation"):
+        build_aggregator("MaxPooling", **LAYER)
+
+
+def test_checkpoint_names():
+    keys = set(build_aggregator("TransformerEncoderLayer", max_len=4, **LAYER).state_dict())
+    assert {"cls_token", "pos_emb", "self_attn.in_proj_weight", "linear1.weight", "norm1.weight"} <= keys
+    assert build_aggregator("TransformerEncoderLayer", max_len=4, **LAYER).pos_emb.shape == (1, 5, 16)
+
+
+def test_cls_aggregator_fused_eval_path_matches_training_path():
+    agg = CLSTokenAggregator(**LAYER)  # dropout 0: training and eval compute the same function
+    x = torch.randn(4, 6, 16)
+    train_out = agg.train()(x)
+    with torch.no_grad():
+        eval_out = agg.eval()(x)
+    torch.testing.assert_close(eval_out, train_out, atol=1e-5, rtol=1e-5)
+
+
+def test_cls_output_depends_on_every_position_and_not_on_order_without_pos_emb():
+    agg = CLSTokenAggregator(**LAYER).eval()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(agg(x), agg(x.flip(1)), atol=1e-5, rtol=1e-5)
+    positional = PositionalCLSTokenAggregator(**LAYER, max_len=5).eval()
+    assert not torch.allclose(positional(x), positional(x.flip(1)), atol=1e-4)
+
+
+def test_too_many_segments_for_position_embeddings():
+    with pytest.raises(ValueError, match="max_segments"):
+        PositionalCLSTokenAggregator(**LAYER, max_len=3)(torch.randn(1, 4, 16))
