@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import default_collate
 
 from dataset.io import BadVideoError, get_video_and_audio
-from dataset.transforms import TemporalCropAndOffset
+from dataset.transforms import TemporalCropAndOffset, hoist_pixelwise
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config
 
@@ -103,6 +103,36 @@ def maybe_cache_file(path) -> str:
     return str(cache_path)
 
 
+def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> tuple[float, float | None]:
+    """`(start_sec, end_sec)` to read: around the crop when `targets` fix it (offset and video start),
+    otherwise the whole clip (up to `max_clip_len_sec`)."""
+    crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
+    if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
+        return 0.0, max_clip_len_sec
+    v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
+    start = max(0.0, min(v_start, a_start) - WINDOW_MARGIN_SEC)
+    stop = max(v_start, a_start) + crop.crop_len_sec + WINDOW_MARGIN_SEC
+    return start, stop if max_clip_len_sec is None else min(max_clip_len_sec, stop)
+
+
+def load_item(
+    path, split: str, targets: dict, transforms=None, max_clip_len_sec: float | None = None,
+    windowed_decode: bool = True, audio_priming_compat: bool = True,
+) -> dict:  # fmt: skip
+    """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
+    fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
+    `start_sample` in the meta, so the output is identical to a full read."""
+    whole = (0.0, max_clip_len_sec)
+    start_sec, end_sec = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else whole
+    rgb, audio, meta = get_video_and_audio(maybe_cache_file(path), True, start_sec, end_sec, audio_priming_compat)
+    if start_sec > 0:
+        # where the window starts, in file indices (assumes a constant frame rate, as in these datasets)
+        meta["video"]["start_frame"] = math.ceil(start_sec * meta["video"]["fps"][0] - 1e-6)
+        meta["audio"]["start_sample"] = round(start_sec * meta["audio"]["framerate"][0])
+    item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": dict(targets), "split": split}
+    return item if transforms is None else transforms(item)
+
+
 class AudioVisualDataset(torch.utils.data.Dataset):
     """Base of every dataset: subclasses implement `list_clips()` (paths of the split) and may extend
     `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets.
@@ -175,32 +205,11 @@ class AudioVisualDataset(torch.utils.data.Dataset):
                 targets["offset_target"] = {"oos": params["oos_target"], "offset": params["offset_sec"]}
         return targets
 
-    def decode_window(self, targets: dict) -> tuple[float, float | None]:
-        """`(start_sec, end_sec)` to read: the whole clip, or just around a fixed-offset crop."""
-        end = self.max_clip_len_sec
-        crop = next(
-            (t for t in getattr(self.transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None
-        )
-        known = "offset_sec" in targets and "v_start_i_sec" in targets
-        if not (self.windowed_decode and known and crop is not None and crop.do_offset):
-            return 0.0, end
-        v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
-        start = max(0.0, min(v_start, a_start) - WINDOW_MARGIN_SEC)
-        stop = max(v_start, a_start) + crop.crop_len_sec + WINDOW_MARGIN_SEC
-        return start, stop if end is None else min(end, stop)
-
     def load_item(self, path: str) -> dict:
-        targets = self.targets_for(path)
-        start_sec, end_sec = self.decode_window(targets)
-        rgb, audio, meta = get_video_and_audio(
-            maybe_cache_file(path), True, start_sec, end_sec, audio_priming_compat=self.audio_priming_compat
-        )
-        if start_sec > 0:
-            # window start in file indices, for the crops (assumes constant fps, as in these datasets)
-            meta["video"]["start_frame"] = math.ceil(start_sec * meta["video"]["fps"][0] - 1e-6)
-            meta["audio"]["start_sample"] = round(start_sec * meta["audio"]["framerate"][0])
-        item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": targets, "split": self.split}
-        return item if self.transforms is None else self.transforms(item)
+        return load_item(
+            path, self.split, self.targets_for(path), self.transforms, self.max_clip_len_sec,
+            self.windowed_decode, self.audio_priming_compat,
+        )  # fmt: skip
 
     def __getitem__(self, index: int) -> dict | None:
         path = self.dataset[index % len(self.dataset)]
@@ -227,10 +236,13 @@ def collate_drop_bad(batch: list[dict | None]) -> dict | None:
     return collated
 
 
-def get_transforms(cfg, phase: str) -> torchvision.transforms.Compose:
-    """The `transform_sequence_train` (phase 'train') or `transform_sequence_test` (else) of the config."""
+def get_transforms(cfg, phase: str, reorder_for_speed: bool = True) -> torchvision.transforms.Compose:
+    """The `transform_sequence_train` (phase 'train') or `transform_sequence_test` (else) of the config;
+    `reorder_for_speed` moves pixel-wise ops before the segmentation (identical output, see
+    `dataset.transforms.hoist_pixelwise`)."""
     seq = cfg.get("transform_sequence_train" if phase == "train" else "transform_sequence_test")
-    return torchvision.transforms.Compose([instantiate_from_config(c) for c in seq] if seq else [])
+    transforms = [instantiate_from_config(c) for c in seq] if seq else []
+    return torchvision.transforms.Compose(hoist_pixelwise(transforms) if reorder_for_speed else transforms)
 
 
 def get_datasets(cfg, phases=("train", "valid", "test")) -> dict[str, AudioVisualDataset]:

@@ -17,6 +17,8 @@ environment the published checkpoints were trained in, on any PyAV version:
 Windows (`start_sec`, `end_sec`) select video frames with `start <= t < end` and audio samples with
 `round(start*sr) <= i < round(end*sr)`; a windowed read equals the full read cropped the same way. The
 video is decoded from the last keyframe before the window, the audio (cheap) from the file start.
+(`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
+to 10 s by `EqualifyFromRight` anyway.)
 """
 
 import math
@@ -61,19 +63,13 @@ def _stream(container, kind: str, path):
 def decode_video(path, start_sec: float = 0.0, end_sec: float | None = None) -> tuple[torch.Tensor, float]:
     """Returns `(rgb, fps)`: rgb is (Tv, 3, H, W) uint8 with the frames whose time is in [start, end)."""
     end_sec = math.inf if end_sec is None else end_sec
-    with _open(path) as container:
-        stream = _stream(container, "video", path)
-        if not stream.average_rate:
-            raise BadVideoError(path, "video stream has no frame rate", "re-encode it with a constant fps")
-        fps = float(stream.average_rate)
-        stream.thread_type = "AUTO"
-        seek_sec = start_sec
-        while True:
-            frames, keyframe_t = _decode_frames_from(container, stream, path, seek_sec, start_sec, end_sec)
-            # a seek lands on a keyframe by its dts: make sure no frame of the window lies before it
-            if seek_sec <= 0 or keyframe_t <= start_sec + _EPS_SEC:
-                break
-            seek_sec = max(0.0, seek_sec - 1.0)
+    seek_sec = start_sec
+    while True:
+        frames, fps, keyframe_t = _decode_frames_from(path, seek_sec, start_sec, end_sec)
+        # a seek lands on a keyframe by its dts, whose pts may lie after the window start: seek earlier
+        if seek_sec <= 0 or keyframe_t <= start_sec + _EPS_SEC:
+            break
+        seek_sec = max(0.0, seek_sec - 1.0)
     if not frames:
         raise BadVideoError(path, f"no video frames in [{start_sec}, {end_sec}) s", "the clip is too short")
     # equal pts: the later-decoded frame wins (as in torchvision's dict of frames)
@@ -82,29 +78,34 @@ def decode_video(path, start_sec: float = 0.0, end_sec: float | None = None) -> 
     return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps  # (Tv, 3, H, W)
 
 
-def _decode_frames_from(container, stream, path, seek_sec, start_sec, end_sec):
-    """Decodes from the keyframe before `seek_sec`; returns [(pts, frame)] in the window and the time of
-    the first keyframe decoded (0 when decoding from the start)."""
-    time_base = stream.time_base
-    if seek_sec > 0:
-        container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
-    frames, keyframe_t = [], None if seek_sec > 0 else 0.0
-    try:
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            t = float(frame.pts * time_base)
-            if keyframe_t is None:
-                if not frame.key_frame:
-                    continue  # frames before the first keyframe after a seek may reference missing ones
-                keyframe_t = t
-            if t >= end_sec - _EPS_SEC:
-                break
-            if frame.pts >= 0 and t >= start_sec - _EPS_SEC:
-                frames.append((frame.pts, frame))
-    except av.FFmpegError as e:
-        raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
-    return frames, math.inf if keyframe_t is None else keyframe_t
+def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float):
+    """Decodes from the keyframe before `seek_sec` (from the file start if `seek_sec <= 0`); returns
+    `([(pts, frame)] in [start, end), fps, time of the first keyframe decoded)`."""
+    with _open(path) as container:
+        stream = _stream(container, "video", path)
+        if not stream.average_rate:
+            raise BadVideoError(path, "video stream has no frame rate", "re-encode it with a constant fps")
+        stream.thread_type = "AUTO"
+        time_base = stream.time_base
+        if seek_sec > 0:
+            container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
+        frames, keyframe_t = [], None if seek_sec > 0 else 0.0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * time_base)
+                if keyframe_t is None:
+                    if not frame.key_frame:
+                        continue  # frames before the first keyframe after a seek may reference missing ones
+                    keyframe_t = t
+                if t >= end_sec - _EPS_SEC:
+                    break
+                if frame.pts >= 0 and t >= start_sec - _EPS_SEC:
+                    frames.append((frame.pts, frame))
+        except av.FFmpegError as e:
+            raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
+        return frames, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
 
 
 def audio_priming_drop(path) -> int:

@@ -68,15 +68,16 @@ def sample_events(spec: ClipSpec) -> ClipSpec:
 
 
 def render_video(spec: ClipSpec) -> np.ndarray:
-    """(Tv, H, W, 3) uint8: dark background, a bright square during each flash at a seeded position."""
+    """(Tv, H, W, 3) uint8: dark background, a bright square during each flash. The square (half the
+    short side) moves around but always covers the frame centre, so any spatial crop sees it."""
     rng = np.random.default_rng(spec.seed + 1)
     n_frames = int(round(spec.duration_sec * spec.vfps))
     frames = np.full((n_frames, spec.height, spec.width, 3), 24, dtype=np.uint8)
-    side = max(4, min(spec.height, spec.width) // 4)
+    side = max(2, min(spec.height, spec.width) // 2)
     for t_v in spec.visual_events_sec:
         first = int(round(t_v * spec.vfps))
-        top = int(rng.integers(0, spec.height - side + 1))
-        left = int(rng.integers(0, spec.width - side + 1))
+        top = spec.height // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1))
+        left = spec.width // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1))
         frames[first : first + spec.flash_frames, top : top + side, left : left + side] = 235
     return frames
 
@@ -159,12 +160,14 @@ def make_vggsound_like(
     labels = list(TONE_CLASSES)
     grid = np.linspace(-max_off_sec, max_off_sec, grid_size)
     meta_rows, split_ids, offset_rows = [], {s: [] for s, _ in splits}, {s: [] for s in fixed_offset_splits}
+    assert duration_sec >= crop_len_sec + max_off_sec, "clips must fit a crop shifted by the largest offset"
     bounds = np.cumsum([0] + [int(round(frac * n_clips)) for _, frac in splits])
+    bounds[-1] = n_clips  # rounding must not leave clips without a split
     for i in range(n_clips):
         split = next(s for (s, _), hi in zip(splits, bounds[1:]) if i < hi)
         label = labels[i % len(labels)]
         vid = f"syn{i:08d}"  # 11 chars like a YouTube id
-        clip_id = f"{vid}_0_{int(duration_sec * 1000)}"
+        clip_id = f"{vid}_0_10000"  # VGGSound names always span 10 s, whatever the actual length
         spec = ClipSpec(duration_sec=duration_sec, height=side, width=side, tone_hz=TONE_CLASSES[label], seed=seed + i)
         make_clip(vids_dir / f"{clip_id}.mp4", spec)
         meta_rows.append([vid, 0, label, "test" if split == "test" else "train"])
@@ -173,7 +176,7 @@ def make_vggsound_like(
             offset = float(rng.choice(grid))
             v_start_max = duration_sec - crop_len_sec
             v_start = rng.uniform(max(0.0, -offset), min(v_start_max, v_start_max - offset))
-            offset_rows[split].append([clip_id, round(offset, 2), int(v_start * 25) / 25])
+            offset_rows[split].append([clip_id, round(offset, 2), int(v_start * spec.vfps) / spec.vfps])
     with open(splits_path / "vggsound.csv", "w", newline="") as f:
         csv.writer(f).writerows(meta_rows)
     for split, ids in split_ids.items():

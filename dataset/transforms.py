@@ -92,6 +92,7 @@ class ClipwiseTransform(torch.nn.Module):
 
 
 class AudioClipwiseTransform(ClipwiseTransform):
+    audio_only = True
     stream = "audio"
     clip_ndim = 1
 
@@ -155,7 +156,8 @@ class Resize(torchvision.transforms.Resize):
 
 class RGBSpatialCropSometimesUpscale(torch.nn.Module):
     """Crops to `target_input_size`; with probability `sometimes_p` crops a smaller `smaller_input_size`
-    region instead and upscales it to the target size (a zoom-in augmentation)."""
+    region instead and upscales it to the target size (a zoom-in augmentation). Resizing is bilinear
+    without antialiasing, what `antialias=None` meant for tensors in the original's torchvision."""
 
     def __init__(self, sometimes_p, target_input_size, is_random, smaller_input_size=None):
         super().__init__()
@@ -163,7 +165,7 @@ class RGBSpatialCropSometimesUpscale(torch.nn.Module):
         self.crop_only = RGBSpatialCrop(target_input_size, is_random)
         self.crop_and_upscale = (
             torchvision.transforms.Compose(
-                [RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=None)]
+                [RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=False)]
             )
             if self.sometimes_p > 0
             else None
@@ -256,6 +258,7 @@ class TemporalCropAndOffset(torch.nn.Module):
         self.do_offset = do_offset
         self.max_a_jitter_sec = max_wiggle_sec
         self.prob_oos = prob_oos
+        self.vfps = vfps
         if do_offset and offset_type == "grid":
             self.class_grid = make_class_grid(
                 -max_off_sec, max_off_sec, grid_size, add_doubt_cls, segment_size_vframes, n_segments,
@@ -304,6 +307,8 @@ class TemporalCropAndOffset(torch.nn.Module):
 
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = _fps(item)
+        if self.vfps is not None and v_fps != int(self.vfps):
+            raise BadVideoError(item["path"], f"has {v_fps} fps, expected {self.vfps}", "re-encode with reencode_video")
         v_start, a_start = _window_starts(item)
         v_len, a_len = v_start + item["video"].shape[0], a_start + item["audio"].shape[0]  # file lengths
         v_crop_len, a_crop_len = sec2frames(self.crop_len_sec, v_fps), sec2frames(self.crop_len_sec, a_fps)
@@ -358,7 +363,7 @@ class TemporalCropAndOffsetForSyncabilityTraining(TemporalCropAndOffset):
     ):
         seq_len_in_segs = n_segments - (1 - step_size_seg) * (n_segments - 1)
         crop_len_sec = round(seq_len_in_segs * segment_size_vframes / vfps, 2)
-        super().__init__(crop_len_sec, max_off_sec, "grid", do_offset, grid_size, max_wiggle_sec)
+        super().__init__(crop_len_sec, max_off_sec, "grid", do_offset, grid_size, max_wiggle_sec, vfps=vfps)
 
     def sample_offset(self) -> tuple[float, bool | None]:
         if random.random() < self.prob_syncable:
@@ -452,19 +457,52 @@ class GenerateMultipleSegments(torch.nn.Module):
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = _fps(item)
         v_ranges, a_ranges = self.segment_ranges(item["video"].shape[0], item["audio"].shape[0], v_fps, a_fps)
-        # overlapping segments as strided views, one copy by stack
-        item["video"] = torch.stack([item["video"][s:e] for s, e in v_ranges.tolist()])  # (S, T, C, H, W)
-        item["audio"] = torch.stack([item["audio"][s:e] for s, e in a_ranges.tolist()])  # (S, Ta)
+        item["video"] = _segments(item["video"], v_ranges)  # (S, T, C, H, W)
+        item["audio"] = _segments(item["audio"], a_ranges)  # (S, Ta)
         return item
 
 
+def _segments(x: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """Stacks `x[start:end]` for each range along a new first dim. Evenly spaced equal-length ranges
+    become a strided *view* (no copy; the next op materialises it); do not modify it in place."""
+    starts, length = ranges[:, 0], int(ranges[0, 1] - ranges[0, 0])
+    step = int(starts[1] - starts[0]) if len(starts) > 1 else 1
+    if step > 0 and torch.equal(starts, starts[0] + step * torch.arange(len(starts))):
+        # (S, *, length) -> (S, length, *)
+        return x[int(starts[0]) :].unfold(0, length, step)[: len(starts)].movedim(-1, 1)
+    return torch.stack([x[s:e] for s, e in ranges.tolist()])
+
+
+def hoist_pixelwise(transforms: list) -> list:
+    """Moves the deterministic pixel-wise video transforms (`pixelwise = True`: dtype conversion,
+    normalisation) that follow `GenerateMultipleSegments` in front of it when only other pixel-wise or
+    audio-only transforms lie in between. Same values, computed once per frame rather than once per
+    frame of every (half-overlapping) segment."""
+    reordered, seg_i = [], None
+    for t in transforms:
+        between = reordered[seg_i + 1 :] if seg_i is not None else []
+        commutes = all(getattr(u, "pixelwise", False) or getattr(u, "audio_only", False) for u in between)
+        if seg_i is not None and getattr(t, "pixelwise", False) and commutes:
+            reordered.insert(seg_i, t)
+            seg_i += 1
+            continue
+        if isinstance(t, GenerateMultipleSegments):
+            seg_i = len(reordered)
+        reordered.append(t)
+    return reordered
+
+
 class RGBToFloatToZeroOne(torch.nn.Module):
+    pixelwise = True
+
     def forward(self, item: dict) -> dict:
         item["video"] = item["video"].to(torch.float32).div(255.0)
         return item
 
 
 class RGBToHalfToZeroOne(torch.nn.Module):
+    pixelwise = True
+
     def forward(self, item: dict) -> dict:
         item["video"] = item["video"].half().div(255.0)
         return item
@@ -472,6 +510,8 @@ class RGBToHalfToZeroOne(torch.nn.Module):
 
 class RGBNormalize(torchvision.transforms.Normalize):
     """torchvision's Normalize on (..., C, H, W); records the stats in `meta['video']['norm_stats']`."""
+
+    pixelwise = True
 
     def forward(self, item: dict) -> dict:
         item["video"] = super().forward(item["video"])
@@ -515,15 +555,25 @@ class AudioRandomLowpassFilter(_RandomAudioEffect):
 
 class AudioRandomPitchShift(_RandomAudioEffect):
     """Shifts the pitch by `shift` cents keeping the duration (the original used sox `pitch` + `rate`;
-    sox is gone from torchaudio). Phase-vocoder time stretch + resampling (torchaudio's `pitch_shift`
-    with 1200 bins per octave): statistics close to sox, not bit-exact."""
+    sox is gone from torchaudio): a phase-vocoder time stretch by 2^(shift/1200) followed by linear
+    resampling back to the original length. Statistics close to sox, not bit-exact (training only)."""
+
+    n_fft, hop_length = 512, 128
 
     def __init__(self, p: float, shift: int):
         super().__init__(p)
         self.shift = shift
 
     def effect(self, wave, sr):
-        return torchaudio.functional.pitch_shift(wave, sr, n_steps=self.shift, bins_per_octave=1200)
+        ratio = 2 ** (self.shift / 1200)
+        (Ta,) = wave.shape
+        window = torch.hann_window(self.n_fft, dtype=wave.dtype)
+        spec = torch.stft(wave, self.n_fft, self.hop_length, window=window, return_complex=True)  # (F, t)
+        phase_advance = torch.linspace(0, math.pi * self.hop_length, spec.shape[0])[:, None]
+        stretched = torchaudio.functional.phase_vocoder(spec, 1 / ratio, phase_advance)  # (F, t*ratio)
+        longer = torch.istft(stretched, self.n_fft, self.hop_length, window=window, length=round(Ta * ratio))
+        # (1, 1, Ta*ratio) -> (1, 1, Ta): playing it faster raises the pitch by `ratio`
+        return torch.nn.functional.interpolate(longer[None, None], size=Ta, mode="linear")[0, 0]
 
 
 class AudioRandomReverb(_RandomAudioEffect):
@@ -551,16 +601,23 @@ class AudioRandomGaussNoise(_RandomAudioEffect):
 
 
 class AudioMelSpectrogram(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, **kwargs):
         super().__init__()
         self.spec = torchaudio.transforms.MelSpectrogram(**kwargs)
 
     def forward(self, item: dict) -> dict:
+        sr = int(item["meta"]["audio"]["framerate"][0])
+        if sr != self.spec.sample_rate:
+            raise BadVideoError(item["path"], f"audio at {sr} Hz, expected {self.spec.sample_rate}", "resample it")
         item["audio"] = self.spec(item["audio"])  # (..., Ta) -> (..., F, T)
         return item
 
 
 class AudioLog(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -572,6 +629,8 @@ class AudioLog(torch.nn.Module):
 
 class PadOrTruncate(torch.nn.Module):
     """Pads (with `pad_value`) or truncates the last (time) dim of the audio to `max_spec_t`."""
+
+    audio_only = True
 
     def __init__(self, max_spec_t: int, pad_mode: str = "constant", pad_value: float = 0.0):
         super().__init__()
@@ -591,6 +650,8 @@ class PadOrTruncate(torch.nn.Module):
 
 class AudioNormalizeAST(torch.nn.Module):
     """AST's normalisation: (x - mean) / (2 * std)."""
+
+    audio_only = True
 
     def __init__(self, mean: float, std: float):
         super().__init__()
@@ -618,6 +679,8 @@ class PermuteStreams(torch.nn.Module):
 
 
 class ResampleAudio(torch.nn.Module):
+    audio_only = True
+
     def __init__(self, new_fps: int):
         super().__init__()
         self.new_fps = new_fps
@@ -662,12 +725,12 @@ class ResizeAndLetterboxPad(torch.nn.Module):
         aspect, target_aspect = width / height, self.new_w / self.new_h
         if aspect > target_aspect:
             h = round(self.new_w / aspect)
-            rgb = TF.resize(rgb, [h, self.new_w], antialias=None)
+            rgb = TF.resize(rgb, [h, self.new_w], antialias=False)
             top = (self.new_h - h) // 2
             rgb = torch.nn.functional.pad(rgb, (0, 0, top, self.new_h - h - top))
         elif aspect < target_aspect:
             w = round(self.new_h * aspect)
-            rgb = TF.resize(rgb, [self.new_h, w], antialias=None)
+            rgb = TF.resize(rgb, [self.new_h, w], antialias=False)
             left = (self.new_w - w) // 2
             rgb = torch.nn.functional.pad(rgb, (left, self.new_w - w - left, 0, 0))
         item["video"] = rgb

@@ -74,7 +74,8 @@ class VGGSoundSparse(VGGSound):
                  meta_path=None, sparse_meta_path=None, seed=1337, load_fixed_offsets_on=("valid", "test"),
                  vis_load_backend="read_video", size_ratio=None, attr_annot_path=None, max_attr_per_vid=None,
                  **kwargs):  # fmt: skip
-        """`sparse_meta_path` defaults to `<splits_path>/picked_sparse_classes.csv`."""
+        """`sparse_meta_path` defaults to `<splits_path>/picked_sparse_classes.csv` (the original's default,
+        `sparse_classes.csv`, was never published; its subclasses all used the picked list)."""
         default = Path(splits_path) / "picked_sparse_classes.csv"
         self.sparse_meta_path = default if sparse_meta_path is None else Path(sparse_meta_path)
         super().__init__(

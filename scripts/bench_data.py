@@ -1,0 +1,97 @@
+"""Throughput of the test-time data pipeline (decode + `transform_sequence_test` of configs/sync.yaml)
+on the real sample clips, ours vs a baseline, in one run, with a check that both give identical items.
+
+- ours: `dataset.dataset_utils.load_item` with windowed decoding (only the frames the fixed-offset crop
+  needs, threaded H.264 decoding) and the transforms as `get_transforms` builds them (pixel-wise ops
+  moved before the segmentation, segments as views);
+- baseline: a plain full PyAV decode (every frame, one decoding thread) followed by the transforms in
+  the config's order, i.e. what a straightforward reader (like the original's `read_video`) does.
+
+    python -m scripts.bench_data            # all sample clips x 3 fixed offsets, 3 repeats
+    python -m scripts.bench_data --quick    # one clip, one offset, one repeat (CI)
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from dataset.dataset_utils import get_transforms, load_item
+from dataset.io import decode_audio
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO.parent / "shared" / "data"
+# (offset_sec, v_start_i_sec) pairs; the first is the reference case of shared/reference/pipeline.json
+CASES = [(1.6, 0.0), (-1.0, 3.0), (0.4, 2.52)]
+
+
+def baseline_item(path, targets: dict, transforms) -> dict:
+    """Full single-threaded decode of every frame, then the transforms."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream) if f.pts >= 0]
+    rgb = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (Tv, 3, H, W)
+    audio, sr = decode_audio(path)
+    meta = {"video": {"fps": [fps]}, "audio": {"framerate": [sr]}}
+    item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": dict(targets), "split": "test"}
+    return transforms(item)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
+    transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", reorder_for_speed=False)
+    clips = sorted(SAMPLES.glob("vggsound/*/*.mp4")) + sorted(SAMPLES.glob("lrs3/**/*.mp4"))
+    cases = CASES
+    if args.quick:
+        clips, cases, args.repeats = clips[:1], cases[:1], 1
+    jobs = [(clip, {"offset_sec": o, "v_start_i_sec": v}) for clip in clips for o, v in cases]
+
+    def run(load) -> tuple[float, list[dict]]:
+        start = time.perf_counter()
+        items = [load(clip, targets) for _ in range(args.repeats) for clip, targets in jobs]
+        return time.perf_counter() - start, items
+
+    load_item(jobs[0][0], "test", jobs[0][1], transforms)  # warm-up (imports, mel filterbank)
+    base_sec, base_items = run(lambda clip, targets: baseline_item(clip, targets, plain_transforms))
+    ours_sec, our_items = run(lambda clip, targets: load_item(clip, "test", targets, transforms))
+    identical = all(
+        torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+        for a, b in zip(our_items, base_items)
+    )
+    n = len(jobs) * args.repeats
+    result = {
+        "clips": n,
+        "ours_sec_per_clip": ours_sec / n,
+        "baseline_sec_per_clip": base_sec / n,
+        "ours_clips_per_sec": n / ours_sec,
+        "baseline_clips_per_sec": n / base_sec,
+        "speedup": base_sec / ours_sec,
+        "identical_outputs": identical,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(
+        f"data pipeline: ours {result['ours_clips_per_sec']:.2f} clips/s ({result['ours_sec_per_clip']:.3f} s/clip), "
+        f"baseline {result['baseline_clips_per_sec']:.2f} clips/s, speedup x{result['speedup']:.2f}, "
+        f"identical outputs: {identical}"
+    )
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if not identical:
+        raise SystemExit("ours and the baseline disagree")
+
+
+if __name__ == "__main__":
+    main()
