@@ -15,7 +15,6 @@ extractors from `epoch_best.pt`.
 import logging
 from pathlib import Path
 
-import matplotlib
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -41,10 +40,8 @@ from scripts.train_utils import (
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.logger import save_similarity_matrices
 from utils.metrics import shifted_window_accuracy
-
-matplotlib.use("Agg")  # files only, no display
-from matplotlib import pyplot as plt  # noqa: E402
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -58,21 +55,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
     ]
-
-
-def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:
-    """Saves segment similarity matrices (B*S, B*S) side by side as a PNG, each row min-max scaled
-    (some rows have far lower values than others)."""
-    fig, axes = plt.subplots(1, len(sims), figsize=(5 * len(sims), 5))
-    for ax, (name, sim) in zip(axes, sims.items()):
-        sim = sim.float().cpu()
-        lo, hi = sim.min(dim=1, keepdim=True).values, sim.max(dim=1, keepdim=True).values
-        ax.imshow(((sim - lo) / (hi - lo).clamp_min(1e-12)).numpy())
-        ax.set_title(name)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
 
 
 class AVCLIPTrainer:

@@ -43,14 +43,15 @@ from scripts.train_utils import (
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.logger import save_similarity_matrices
 from utils.metrics import classification_metrics
 
 
 class Trainer:
     """The state of a stage-2 run and the loop over one phase's data."""
 
-    def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module):
-        self.cfg, self.env, self.loaders, self.model = cfg, env, loaders, model
+    def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
+        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
         self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
         self.params = [p for p in model.parameters() if p.requires_grad]
         use_half = cfg.training.use_half_precision
@@ -89,6 +90,19 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.stopper.load_state_dict(ckpt["early_stopper"])
 
+    @torch.no_grad()
+    def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
+        """How similar the (frozen) extractors find the segments of the batch: each segment's features
+        averaged over its tokens and L2-normalised, (B*S, B*S) cross- and self-similarities."""
+        was_training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
+        self.model.train(was_training)
+        v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        save_similarity_matrices({"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}, path)
+
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
         cfg, env, loader = self.cfg, self.env, self.loaders[phase]
@@ -114,6 +128,10 @@ class Trainer:
             vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
             aud = batch["audio"].to(env.device, non_blocking=True).float()
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
+            if i == 0 and phase != "test" and env.is_main and cfg_get(cfg, "logging.vis_segment_sim"):
+                self.save_segment_similarity(
+                    vis, aud, self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
+                )
             with self.autocast(), torch.set_grad_enabled(is_train):
                 loss, logits = net(vis, aud, targets=targets)
             if is_train:
@@ -161,7 +179,7 @@ def train(cfg: DictConfig) -> None:
     phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
     datasets = get_datasets(cfg, phases)
     loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
-    trainer = Trainer(cfg, env, loaders, model)
+    trainer = Trainer(cfg, env, loaders, model, run_dir)
 
     best_path = run_dir / f"{cfg.start_time}_best.pt"
     start_epoch = 0

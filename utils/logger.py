@@ -10,9 +10,14 @@ import sys
 import tarfile
 from pathlib import Path
 
+import matplotlib
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.config import cfg_get, curr_time_with_random_shift
+
+matplotlib.use("Agg")  # files only, no display
+from matplotlib import pyplot as plt  # noqa: E402
 
 LOG_FORMAT = "%(asctime)s @ {rank} | %(levelname)s | %(message)s"
 
@@ -108,3 +113,18 @@ def read_metrics(run_dir: str | Path, phase: str | None = None) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line]
     return [r for r in records if phase is None or r["phase"] == phase]
+
+
+def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:
+    """Saves segment similarity matrices (B*S, B*S) side by side as a PNG, each row min-max scaled
+    (some rows have far lower values than others)."""
+    fig, axes = plt.subplots(1, len(sims), figsize=(5 * len(sims), 5))
+    for ax, (name, sim) in zip(axes, sims.items()):
+        sim = sim.float().cpu()
+        lo, hi = sim.min(dim=1, keepdim=True).values, sim.max(dim=1, keepdim=True).values
+        ax.imshow(((sim - lo) / (hi - lo).clamp_min(1e-12)).numpy())
+        ax.set_title(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
