@@ -1,0 +1,221 @@
+"""Stage 2 (`train_avsync_model`): the offset classifier on top of frozen stage-1 feature extractors, and
+its fine-tuning for synchronizability (`ft_avsync_model_for_syncability`, a 2-class head).
+
+    python main.py config=configs/sync.yaml data.vids_path=... data.dataset.target=...
+    torchrun --nproc_per_node=8 main.py config=...                       # DDP
+    python main.py config=logs/sync_models/<id>/cfg-<id>.yaml training.resume=True
+    python main.py config=configs/ft_synchability.yaml training.finetune=True ckpt_path=<stage-2 .pt>
+    python main.py config=<run cfg> training.run_test_only=True ckpt_path=<.pt> data.iter_times=25 \\
+        data.dataset.params.load_fixed_offsets_on=[]
+
+Each epoch trains, validates, saves `<run>/<start_time>_latest.pt` and, if the validation metric improved,
+`<start_time>.pt` and `<start_time>_best.pt`. Early stopping after `patience` epochs without improvement;
+the best checkpoint is tested at the end unless `training.skip_test`.
+"""
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from dataset.dataset_utils import get_datasets
+from scripts.train_utils import (
+    BadLossGuard,
+    EarlyStopper,
+    build_loader,
+    build_model,
+    build_optimizer,
+    checkpoint_to_resume,
+    count_params,
+    derive_seed,
+    load_weights,
+    lr_factor_fn,
+    mixed_precision,
+    optimizer_step,
+    seed_everything,
+    set_loader_epoch,
+    setup_run,
+    wrap_ddp,
+)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import cfg_get
+from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.logger import save_similarity_matrices
+from utils.metrics import classification_metrics
+
+
+class Trainer:
+    """The state of a stage-2 run and the loop over one phase's data."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
+        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        use_half = cfg.training.use_half_precision
+        # lr scales with the number of processes (the global batch grows with it)
+        lr = cfg.training.base_learning_rate * env.world_size
+        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=1e-7 if use_half else 1e-8)
+        sched = cfg.training.lr_scheduler
+        factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.autocast, self.scaler = mixed_precision(cfg, use_half, env.device)
+        self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
+        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
+        self.net = wrap_ddp(model, env)
+        if cfg.training.get("compile", False):
+            self.net = torch.compile(self.net)
+
+    def state_dict(self, epoch: int, metrics: dict, loss: float) -> dict:
+        """The checkpoint in the published format plus the early-stopping state."""
+        return {
+            "model": self.model.state_dict(),
+            "args": self.cfg,
+            "epoch": epoch,
+            "metrics": metrics,
+            "loss": loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "early_stopper": self.stopper.state_dict(),
+            "model_type": type(self.model).__name__,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.stopper.load_state_dict(ckpt["early_stopper"])
+
+    @torch.no_grad()
+    def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
+        """How similar the (frozen) extractors find the segments of the batch: each segment's features
+        averaged over its tokens and L2-normalised, (B*S, B*S) cross- and self-similarities."""
+        was_training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
+        self.model.train(was_training)
+        v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        save_similarity_matrices({"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}, path)
+
+    def run_phase(self, phase: str, epoch: int) -> dict:
+        """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
+        cfg, env, loader = self.cfg, self.env, self.loaders[phase]
+        is_train = phase == "train"
+        self.model.train(is_train)  # frozen extractors stay in eval mode
+        # evaluation runs without DDP: ranks may hold different numbers of batches
+        net = self.net if is_train else self.model
+        max_iters = cfg_get(cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
+        # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
+        stride = max(1, math.ceil(len(loader.dataset) / cfg_get(cfg, "logging.log_max_items")))
+        set_loader_epoch(loader, epoch)
+        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
+        kept, loss_sum, n_items, n_bad = [], 0.0, 0, 0
+        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
+        for i, batch in enumerate(progress):
+            if max_iters is not None and i >= max_iters:
+                break
+            if is_train and not all_ranks_agree(batch is not None, env.device):
+                continue  # only bad samples in this batch on some rank: every rank skips the step
+            if batch is None:
+                continue
+            n_bad += int(batch["n_bad_samples"])
+            vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
+            aud = batch["audio"].to(env.device, non_blocking=True).float()
+            targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
+            if i == 0 and phase != "test" and env.is_main and cfg_get(cfg, "logging.vis_segment_sim"):
+                self.save_segment_similarity(
+                    vis, aud, self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
+                )
+            with self.autocast(), torch.set_grad_enabled(is_train):
+                loss, logits = net(vis, aud, targets=targets)
+            if is_train:
+                self.optimizer.zero_grad(set_to_none=True)
+                is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
+                if not self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
+                    continue
+                optimizer_step(
+                    loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
+                )
+            loss_sum += loss.item() * len(targets)
+            n_items += len(targets)
+            if i % stride == 0:
+                kept.append((batch["index"], logits.detach().float().cpu(), targets.cpu()))
+            if env.is_main and i % cfg.logging.log_frequency == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if n_bad:
+            logging.warning(f"{phase} ({epoch}): skipped {n_bad} bad samples on rank {env.rank}")
+        return gather_metrics(kept, loss_sum, n_items, n_bad)
+
+
+def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dict:
+    """Metrics over the items of all ranks; every rank computes the same numbers.
+
+    `kept`: this rank's `(indices, logits, targets)` per batch; items are put in dataset order, so the
+    result does not depend on the number of ranks.
+    """
+    local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
+    shards = all_gather_objects((local, loss_sum, n_items, n_bad))
+    order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
+    sort = order.argsort(stable=True)
+    metrics = classification_metrics(targets[sort], logits[sort])
+    metrics["loss"] = sum(s[1] for s in shards) / max(1, sum(s[2] for s in shards))
+    metrics["n_bad_samples"] = sum(s[3] for s in shards)
+    return metrics
+
+
+def train(cfg: DictConfig) -> None:
+    env, run_dir, logger = setup_run(cfg)
+    training = cfg.training
+    seed_everything(training.seed)  # the same initial weights on every rank
+    model = build_model(cfg).to(env.device)
+    logging.info(count_params(model))
+
+    phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
+    datasets = get_datasets(cfg, phases)
+    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
+    trainer = Trainer(cfg, env, loaders, model, run_dir)
+
+    best_path = run_dir / f"{cfg.start_time}_best.pt"
+    start_epoch = 0
+    if training.resume:
+        latest = checkpoint_to_resume(run_dir / f"{cfg.start_time}_latest.pt")
+        ckpt = load_checkpoint(latest, map_location=env.device)
+        trainer.load_state_dict(ckpt)
+        start_epoch = ckpt["epoch"] + 1
+        logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
+    elif training.finetune:
+        load_weights(model, cfg.ckpt_path, strict=False)
+        logging.info(f"Fine-tuning from the weights of {cfg.ckpt_path}")
+
+    num_epochs = 0 if training.run_test_only else training.num_epochs
+    for epoch in range(start_epoch, num_epochs):
+        if trainer.stopper.triggered:
+            break
+        metrics = {phase: trainer.run_phase(phase, epoch) for phase in ("train", "valid")}
+        for phase, phase_metrics in metrics.items():
+            logger.log_metrics(phase, epoch, phase_metrics)
+        improved = trainer.stopper.update(metrics[training.early_stop_phase])
+        if env.is_main:
+            ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
+            save_checkpoint(ckpt, run_dir / f"{cfg.start_time}_latest.pt")
+            if improved:
+                save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
+                save_checkpoint(ckpt, best_path)
+        barrier()
+    if trainer.stopper.triggered:
+        logging.info(f"Early stopping: no improvement for {training.patience} epochs")
+
+    if training.run_test_only or not training.skip_test:
+        ckpt_path = Path(cfg.ckpt_path) if training.run_test_only else best_path
+        ckpt = load_weights(model, ckpt_path, strict=True)
+        logging.info(f"Testing {ckpt_path} (epoch {ckpt.get('epoch')})")
+        metrics = trainer.run_phase("test", epoch=0)
+        logger.log_metrics("test", ckpt.get("epoch", -1), metrics)
+    logger.finish()
+    cleanup()

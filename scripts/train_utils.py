@@ -1,0 +1,324 @@
+"""Pieces shared by the trainers: seeding, data loading, optimisation, mixed precision, early stopping and
+checkpoint state.
+
+Reproducibility: all randomness of an epoch is derived from (seed, epoch): the sampler's shuffle, the
+model's dropout (torch's generator is reseeded per epoch and rank), and the data augmentation, which is
+seeded per item from (seed, epoch, item index). A run resumed from the checkpoint of epoch e therefore
+draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks.
+"""
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from dataset.dataset_utils import collate_drop_bad
+from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError, cfg_get
+from utils.dist import DistEnv, broadcast_object, init_distributed
+from utils.logger import RunLogger, setup_logging
+from utils.utils import instantiate_from_config
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed from a tuple of integers (e.g. seed, epoch, item), well mixed."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that the random augmentation of item i in epoch e depends only on (seed, e, i).
+
+    Adds the item's index to the item (to put gathered predictions back in dataset order).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        # the global generators are borrowed for the item and restored afterwards, so that a loader
+        # without workers leaves the training randomness (dropout) untouched
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(derive_seed(self.seed, self.epoch, index))
+            try:
+                item = self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        if item is not None:  # None: a bad sample, skipped by the collate function
+            item["index"] = index
+        return item
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes items r, r + world, ... in order, without padding, so that the
+    gathered predictions of all ranks are exactly the dataset."""
+
+    def __init__(self, n_items: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n_items, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) -> DataLoader:
+    """A loader of `dataset` seeded per item (see `SeededItems`); bad samples are dropped by the collate."""
+    dataset = SeededItems(dataset, cfg.training.seed)
+    if phase == "train":
+        # shuffled by (seed, epoch) through `set_epoch`; every rank gets the same number of batches
+        sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=cfg.training.seed)
+    else:
+        sampler = ShardSampler(len(dataset), env.rank, env.world_size)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.training.base_batch_size,
+        sampler=sampler,
+        num_workers=cfg.training.num_workers,
+        collate_fn=collate_drop_bad,
+        pin_memory=env.device.type == "cuda",
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Sets the randomness of the next pass over `loader`: shuffling (train) and per-item augmentation."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    if env.world_size == 1:
+        return model
+    device_ids = None if env.device.type == "cpu" else [env.device.index]
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def build_optimizer(params, opt_cfg: DictConfig, lr: float, eps: float) -> torch.optim.Optimizer:
+    name = opt_cfg.name
+    if name == "adam":
+        return torch.optim.Adam(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    raise ValueError(f"Unknown optimizer '{name}' (training.optimizer.name): expected adam, adamw or sgd.")
+
+
+def lr_factor_fn(
+    name: str,
+    warmup: int,
+    total_steps: int,
+    cooldown_steps: int = 0,
+    cooldown_power: float = 1.0,
+    cooldown_end: float = 0.0,
+) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimisation step `step` for each schedule of the original.
+
+    - constant_with_warmup (stage 2): linear from 1/100 to 1 over `warmup` steps, then 1;
+    - constant: 1;
+    - cosine / const / const-cooldown (stage 1): linear warm-up (step+1)/warmup, then a half cosine to 0
+      over the remaining steps / 1 / 1 until the last `cooldown_steps`, which decay polynomially to
+      `cooldown_end` (a multiplier of the base rate here).
+    """
+
+    def warmup_factor(step: int) -> float:
+        return (step + 1) / warmup
+
+    def factor(step: int) -> float:
+        if name == "constant_with_warmup":
+            return 1 / 100 + (1 - 1 / 100) * min(step, warmup) / warmup if warmup > 0 else 1.0
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return warmup_factor(step)
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        if name == "const":
+            return 1.0
+        if name == "const-cooldown":
+            start = total_steps - cooldown_steps
+            if step < start:
+                return 1.0
+            decay = (1 - (step - start) / max(1, total_steps - start)) ** cooldown_power
+            return decay * (1 - cooldown_end) + cooldown_end
+        raise ValueError(
+            f"Unknown lr schedule '{name}': expected constant_with_warmup, constant, cosine, const, const-cooldown."
+        )
+
+    factor(0)  # fail early on an unknown name
+    return factor
+
+
+def mixed_precision(cfg: DictConfig, enabled: bool, device: torch.device):
+    """(autocast context factory, GradScaler). On accelerators: bf16 where supported, else fp16 (with a
+    loss scaler); on the CPU: off unless `training.autocast_dtype=bfloat16`."""
+    dtype_name = cfg_get(cfg, "training.autocast_dtype")
+    if dtype_name is not None:
+        dtype = getattr(torch, dtype_name)
+    elif device.type == "cpu":
+        enabled = False
+        dtype = torch.bfloat16
+    elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+    return autocast, scaler
+
+
+def optimizer_step(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], optimizer, scaler, scheduler, max_clip_norm: float | None
+) -> None:
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if max_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+
+
+class BadLossGuard:
+    """Counts consecutive non-finite losses; stops the run after `max_steps` of them in a row."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+        self.n_in_a_row = 0
+
+    def check(self, is_finite: bool, where: str) -> bool:
+        """Returns whether to take the optimisation step."""
+        if is_finite:
+            self.n_in_a_row = 0
+            return True
+        self.n_in_a_row += 1
+        logging.warning(f"Non-finite loss at {where} ({self.n_in_a_row} in a row): step skipped")
+        if self.n_in_a_row >= self.max_steps:
+            raise FloatingPointError(
+                f"The loss was NaN/inf for {self.n_in_a_row} steps in a row (last at {where}). Lower the "
+                "learning rate, check the inputs, or switch off half precision (training.use_half_precision=False)."
+            )
+        return False
+
+
+class EarlyStopper:
+    """Tracks the best value of a metric and how many evaluations passed without improving it."""
+
+    def __init__(self, patience: int, to_max: bool, metric_name: str):
+        self.patience = patience
+        self.to_max = to_max
+        self.metric_name = metric_name
+        self.best_metrics = {metric_name: -math.inf if to_max else math.inf}
+        self.n_without_improvement = 0
+
+    @property
+    def best(self) -> float:
+        return self.best_metrics[self.metric_name]
+
+    @property
+    def triggered(self) -> bool:
+        return self.n_without_improvement >= self.patience
+
+    def update(self, metrics: dict) -> bool:
+        """Records an evaluation; returns True if it is the best so far."""
+        value = metrics[self.metric_name]
+        improved = value > self.best if self.to_max else value < self.best
+        if improved:
+            self.best_metrics = dict(metrics)
+            self.n_without_improvement = 0
+            logging.info(f"New best {self.metric_name}: {value:.5f}")
+        else:
+            self.n_without_improvement += 1
+            logging.info(
+                f"{self.metric_name} has not improved on {self.best:.5f} for {self.n_without_improvement} "
+                f"evaluations (patience {self.patience})"
+            )
+        return improved
+
+    def state_dict(self) -> dict:
+        return {"best_metrics": self.best_metrics, "n_without_improvement": self.n_without_improvement}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_metrics = dict(state["best_metrics"])
+        self.n_without_improvement = state["n_without_improvement"]
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict:
+    """Loads a checkpoint's weights into `model`; reports mismatching keys when not `strict`."""
+    ckpt = load_checkpoint(path)
+    status = model.load_state_dict(ckpt["model"], strict=strict)
+    if not strict and (status.missing_keys or status.unexpected_keys):
+        logging.warning(
+            f"Loaded {path} with missing keys {status.missing_keys} and unexpected keys {status.unexpected_keys}: "
+            "expected when only the heads differ (e.g. fine-tuning); otherwise check the checkpoint."
+        )
+    return ckpt
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate_from_config(cfg.model)
+
+
+def count_params(model: torch.nn.Module) -> str:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return f"{n_train / 1e6:.3f}M trainable of {n_all / 1e6:.3f}M parameters"
+
+
+def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
+    """Checks the run mode, joins the process group, and sets up logging in `<logdir>/<start_time>/`."""
+    training = cfg.training
+    modes = [m for m in ("resume", "finetune", "run_test_only") if training.get(m)]
+    if len(modes) > 1:
+        raise ConfigError(f"training.{' and training.'.join(modes)} are set: a run does only one of them.")
+    if modes and modes[0] in ("finetune", "run_test_only") and not cfg.get("ckpt_path"):
+        raise ConfigError(f"training.{modes[0]}=True needs the checkpoint to start from: add ckpt_path=<file.pt>.")
+    if modes and modes[0] in ("resume", "run_test_only"):
+        # the feature extractors' weights come with the checkpoint
+        for name in ("afeat_extractor", "vfeat_extractor"):
+            if "ckpt_path" in cfg.model.params[name].get("params", {}):
+                cfg.model.params[name].params.ckpt_path = None
+    env = init_distributed(training.get("dist_backend"), cfg_get(cfg, "training.device"))
+    cfg.start_time = broadcast_object(cfg.start_time)  # each process drew its own
+    run_dir = Path(cfg.logging.logdir) / cfg.start_time
+    setup_logging(run_dir, env.rank)
+    logger = RunLogger(cfg, run_dir, env.is_main, resume=bool(training.get("resume")))
+    logging.info(f"Config:\n{OmegaConf.to_yaml(cfg)}")
+    logging.info(f"Rank {env.rank} of {env.world_size} on {env.device}; logging to {run_dir}")
+    return env, run_dir, logger
+
+
+def checkpoint_to_resume(path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(
+            f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
+            "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
+        )
+    return path

@@ -1,0 +1,167 @@
+"""End-to-end training on tiny configs and synthetic clips (CPU): every stage runs and writes what it
+should, test-only reproduces a run's own test, 2 DDP processes match 1, a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from dataset.synthetic import make_vggsound_like
+from scripts import test_syncability
+from utils.checkpoint import load_checkpoint
+from utils.logger import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+OFFSET_METRICS = {"accuracy_1", "accuracy_5", "accuracy_1_tol1", "accuracy_5_tol1", "mAP", "mROCAUC", "dprime", "loss"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+    """Overrides pointing the tiny configs at a fresh synthetic dataset (16 train, 2 valid, 2 test clips)."""
+    vids_dir, splits_path = make_vggsound_like(tmp_path_factory.mktemp("synthetic"), n_clips=20, duration_sec=10.0,
+                                               side=32)  # fmt: skip
+    return [f"data.vids_path={vids_dir}", f"data.dataset.params.splits_path={splits_path}"]
+
+
+def tiny_args(config: str, logdir: Path, name: str, data: list[str], *extra: str) -> list[str]:
+    """A short run: 2 epochs of 2 batches of 2."""
+    return [
+        f"config={REPO / 'configs' / 'tiny' / config}", f"logging.logdir={logdir}", f"start_time={name}", *data,
+        "training.base_batch_size=2", "training.num_epochs=2", "training.max_train_iters=2", *extra,
+    ]  # fmt: skip
+
+
+def run(args: list[str], launcher: tuple[str, ...] = (sys.executable,), **popen) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, str(REPO / "main.py"), *args], cwd=REPO, env=env, **popen)
+
+
+def run_to_end(args: list[str], launcher: tuple[str, ...] = (sys.executable,)) -> None:
+    proc = run(args, launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def stage2_run(tmp_path_factory, data) -> Path:
+    """A finished tiny stage-2 run (trained in this process), with its test at the end."""
+    logdir = tmp_path_factory.mktemp("sync_runs")
+    main.main(tiny_args("sync.yaml", logdir, "s2", data))
+    return logdir / "s2"
+
+
+def test_stage2_writes_checkpoints_and_metrics(stage2_run):
+    names = {p.name for p in stage2_run.iterdir()}
+    assert {"cfg-s2.yaml", "train.log", "metrics.jsonl", "s2.pt", "s2_best.pt", "s2_latest.pt"} <= names
+    assert {p.name for p in (stage2_run / "viz" / "sim_matrices").iterdir()} == {
+        f"{phase}_e000{epoch}.png" for phase in ("train", "valid") for epoch in (0, 1)
+    }
+    for phase in ("train", "valid"):
+        records = read_metrics(stage2_run, phase)
+        assert [r["epoch"] for r in records] == [0, 1] and OFFSET_METRICS <= set(records[0])
+    (test,) = read_metrics(stage2_run, "test")
+    assert OFFSET_METRICS <= set(test) and 0.0 <= test["accuracy_1"] <= 1.0
+    latest = load_checkpoint(stage2_run / "s2_latest.pt")
+    assert latest["epoch"] == 1 and latest["args"].start_time == "s2"
+    assert {"optimizer", "scaler", "lr_scheduler", "metrics", "early_stopper"} <= set(latest)
+    assert latest["lr_scheduler"]["last_epoch"] == 4  # 2 epochs x 2 optimisation steps
+    best = load_checkpoint(stage2_run / "s2_best.pt")
+    assert best["metrics"]["accuracy_1"] == max(r["accuracy_1"] for r in read_metrics(stage2_run, "valid"))
+
+
+def test_test_only_reproduces_the_run_test_in_one_and_two_processes(stage2_run, data, tmp_path):
+    (expected,) = read_metrics(stage2_run, "test")
+    test_only = [f"config={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path={stage2_run / 's2_best.pt'}",
+                 "training.run_test_only=True", f"logging.logdir={tmp_path}"]  # fmt: skip
+    main.main([*test_only, "start_time=one"])
+    run_to_end([*test_only, "start_time=two"], TORCHRUN)
+    for name in ("one", "two"):
+        (got,) = read_metrics(tmp_path / name, "test")
+        assert got == pytest.approx(expected, abs=1e-5), name
+
+
+def test_ddp_training_two_processes(data, tmp_path):
+    run_to_end(tiny_args("sync.yaml", tmp_path, "ddp", data, "training.num_epochs=1", "training.skip_test=True"),
+               TORCHRUN)  # fmt: skip
+    ckpt = load_checkpoint(tmp_path / "ddp" / "ddp_latest.pt")
+    assert ckpt["lr_scheduler"]["last_epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] > 0
+    (train,) = read_metrics(tmp_path / "ddp", "train")
+    assert train["n_bad_samples"] == 0 and torch.isfinite(torch.tensor(train["loss"]))
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(stage2_run, data, tmp_path):
+    # the same run as `stage2_run` but with a loader worker: killed after epoch 0, then resumed
+    proc = run(tiny_args("sync.yaml", tmp_path, "killed", data, "training.skip_test=True", "training.num_workers=1"),
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = tmp_path / "killed" / "killed_latest.pt"
+    deadline = time.time() + 300
+    while not latest.exists():  # the end of epoch 0
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(latest)["epoch"] == 0, "the run finished epoch 1 before it could be killed"
+    run_to_end([f"config={tmp_path / 'killed' / 'cfg-killed.yaml'}", "training.resume=True"])
+    straight, resumed = load_checkpoint(stage2_run / "s2_latest.pt"), load_checkpoint(latest)
+    assert resumed["epoch"] == straight["epoch"] == 1
+    for key, w in straight["model"].items():
+        assert (w.float() - resumed["model"][key].float()).abs().max() <= 1e-6, key
+    assert read_metrics(tmp_path / "killed", "valid") == pytest.approx(read_metrics(stage2_run, "valid"))
+
+
+def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
+    main.main(tiny_args("ft_synchability.yaml", tmp_path, "ft", data, "training.finetune=True", "training.num_epochs=1",
+                        f"ckpt_path={stage2_run / 's2_best.pt'}"))  # fmt: skip
+    (test,) = read_metrics(tmp_path / "ft", "test")
+    assert {"accuracy_1", "mROCAUC", "loss"} <= set(test) and "accuracy_5" not in test
+    ft = load_checkpoint(tmp_path / "ft" / "ft_best.pt")["model"]
+    s2 = load_checkpoint(stage2_run / "s2_best.pt")["model"]
+    assert "transformer.sync_head.weight" in ft and "transformer.off_head.weight" not in ft
+    assert torch.equal(ft["vfeat_extractor.patch_embed.proj.weight"], s2["vfeat_extractor.patch_embed.proj.weight"])
+
+    ft_run = tmp_path / "ft"
+    test_syncability.main([f"config_sync={ft_run / 'cfg-ft.yaml'}", f"ckpt_path_sync={ft_run / 'ft_best.pt'}",
+                      f"config_off={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path_off={stage2_run / 's2_best.pt'}",
+                      f"logging.logdir={tmp_path}", "start_time=sync_test"])  # fmt: skip
+    report = json.loads((tmp_path / "sync_test" / "syncability_test.json").read_text())
+    assert set(report) == {"sync", "roc_curve", "offset_by_threshold"} and "mROCAUC" in report["sync"]
+    assert set(report["offset_by_threshold"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"}
+
+
+def test_avclip_trains_validates_resumes_and_initialises_stage2(data, tmp_path):
+    main.main(tiny_args("segment_avclip.yaml", tmp_path, "s1", data))
+    run_dir = tmp_path / "s1"
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert {"epoch_latest.pt", "epoch_best.pt", "epoch_2.pt"} <= ckpts
+    valid = read_metrics(run_dir, "valid")
+    assert [r["epoch"] for r in valid] == [0, 1] and all(0 <= r["precision"] <= 1 for r in valid)
+    assert list((run_dir / "viz" / "sim_matrices").glob("valid_e0000.png"))
+    latest = load_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")
+    assert latest["epoch"] == 2 and any(k.startswith("v_encoder.") for k in latest["state_dict"])
+    # resume for one more epoch
+    main.main([f"config={run_dir / 'cfg-s1.yaml'}", "training.resume=latest", "training.num_epochs=3"])
+    assert [r["epoch"] for r in read_metrics(run_dir, "train")] == [0, 1, 2]
+    assert load_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")["epoch"] == 3
+    # test-only: the validation of the best checkpoint again
+    s1_best = run_dir / "checkpoints" / "epoch_best.pt"
+    best_valid = max(read_metrics(run_dir, "valid"), key=lambda r: r["precision"])
+    main.main([f"config={run_dir / 'cfg-s1.yaml'}", "training.run_test_only=True", f"ckpt_path={s1_best}"])
+    assert read_metrics(run_dir, "valid")[-1] == pytest.approx(best_valid | {"epoch": -1})
+    # stage 2 starts from the stage-1 extractors
+    main.main(tiny_args("sync.yaml", tmp_path, "s2", data, "training.num_epochs=1", "training.skip_test=True",
+                        f"model.params.vfeat_extractor.params.ckpt_path={s1_best}",
+                        f"model.params.afeat_extractor.params.ckpt_path={s1_best}"))  # fmt: skip
+    s1, s2 = load_checkpoint(s1_best)["model"], load_checkpoint(tmp_path / "s2" / "s2_latest.pt")["model"]
+    for s1_key, s2_key in [("v_encoder.patch_embed_3d.proj.weight", "vfeat_extractor.patch_embed_3d.proj.weight"),
+                           ("a_encoder.ast.encoder.layer.0.attention.attention.query.weight",
+                            "afeat_extractor.ast.encoder.layer.0.attention.attention.query.weight")]:  # fmt: skip
+        assert torch.equal(s1[s1_key], s2[s2_key]) and s1[s1_key].abs().sum() > 0, s1_key

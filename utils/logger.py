@@ -1,0 +1,130 @@
+"""Run logging: Python logging to the console and `<run_dir>/train.log`, per-epoch metrics to
+`<run_dir>/metrics.jsonl` (and to Weights & Biases when `logging.use_wandb`), a copy of the resolved
+config and, optionally, a snapshot of the code. Only rank 0 writes files; other ranks log warnings only."""
+
+import fnmatch
+import json
+import logging
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import matplotlib
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from utils.config import cfg_get, curr_time_with_random_shift
+
+matplotlib.use("Agg")  # files only, no display
+from matplotlib import pyplot as plt  # noqa: E402
+
+LOG_FORMAT = "%(asctime)s @ {rank} | %(levelname)s | %(message)s"
+
+
+def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
+    """Console logging on every rank (rank > 0: warnings only) and, on rank 0, appending to train.log."""
+    formatter = logging.Formatter(LOG_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log", mode="a"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    logging.getLogger("transformers").setLevel(logging.WARNING)  # too chatty at INFO
+
+
+def snapshot_code(src: Path, dst: Path, patterns_to_ignore: list[str]) -> None:
+    """Writes a tarball of the code in `src` (minus the ignored patterns) to `dst`, once per run."""
+    if dst.exists():
+        return
+
+    def keep(info: tarfile.TarInfo):
+        name = Path(info.name).name
+        return None if any(fnmatch.fnmatch(name, p) for p in patterns_to_ignore) else info
+
+    tmp = dst.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(src, arcname=src.name, filter=keep)
+    os.replace(tmp, dst)
+
+
+class RunLogger:
+    """Writes what a run reports; a silent stand-in on ranks other than 0."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, is_main: bool, resume: bool):
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.wandb_run = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # a resumed (or tested) run keeps its first config and adds one named by the current time
+        cfg_path = run_dir / f"cfg-{cfg.start_time}.yaml"
+        if cfg_path.exists():
+            cfg_path = run_dir / f"cfg-{cfg.start_time}-{curr_time_with_random_shift()}.yaml"
+        OmegaConf.save(cfg, cfg_path)
+        if cfg_get(cfg, "logging.log_code_state"):
+            patterns = list(cfg.logging.get("patterns_to_ignore", []))
+            snapshot_code(Path.cwd(), run_dir / f"code-{cfg.start_time}.tar.gz", patterns)
+        if cfg_get(cfg, "logging.use_wandb"):
+            import wandb
+
+            # never prompt for a login; offline unless the config asks for more. The run id is the start
+            # time, so a resumed run continues the same wandb run.
+            self.wandb_run = wandb.init(
+                project=f"avsync-{cfg.action}",
+                name=cfg.start_time,
+                id=cfg.start_time,
+                dir=str(run_dir),
+                mode=cfg_get(cfg, "logging.wandb_mode"),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                resume="allow" if resume else None,
+                settings=wandb.Settings(silent=True),
+            )
+
+    def log_metrics(self, phase: str, epoch: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        logging.info(f"{phase} ({epoch}): " + " ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"phase": phase, "epoch": epoch, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{phase}/{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+
+    def log_scalars(self, scalars: dict, step: int) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars | {"step": step})
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: str | Path, phase: str | None = None) -> list[dict]:
+    """The metrics a run logged (one dict per phase and epoch), optionally of one phase."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line]
+    return [r for r in records if phase is None or r["phase"] == phase]
+
+
+def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:
+    """Saves segment similarity matrices (B*S, B*S) side by side as a PNG, each row min-max scaled
+    (some rows have far lower values than others)."""
+    fig, axes = plt.subplots(1, len(sims), figsize=(5 * len(sims), 5))
+    for ax, (name, sim) in zip(axes, sims.items()):
+        sim = sim.float().cpu()
+        lo, hi = sim.min(dim=1, keepdim=True).values, sim.max(dim=1, keepdim=True).values
+        ax.imshow(((sim - lo) / (hi - lo).clamp_min(1e-12)).numpy())
+        ax.set_title(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
