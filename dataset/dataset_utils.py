@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import default_collate
 
 from dataset.io import BadVideoError, get_video_and_audio
-from dataset.transforms import TemporalCropAndOffset, hoist_pixelwise
+from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config
 
@@ -236,13 +236,13 @@ def collate_drop_bad(batch: list[dict | None]) -> dict | None:
     return collated
 
 
-def get_transforms(cfg, phase: str, reorder_for_speed: bool = True) -> torchvision.transforms.Compose:
+def get_transforms(cfg, phase: str, fuse: bool = True) -> torchvision.transforms.Compose:
     """The `transform_sequence_train` (phase 'train') or `transform_sequence_test` (else) of the config;
-    `reorder_for_speed` moves pixel-wise ops before the segmentation (identical output, see
-    `dataset.transforms.hoist_pixelwise`)."""
+    `fuse` runs consecutive pixel-wise ops as one table lookup (identical output, see
+    `dataset.transforms.PixelwiseLookup`)."""
     seq = cfg.get("transform_sequence_train" if phase == "train" else "transform_sequence_test")
     transforms = [instantiate_from_config(c) for c in seq] if seq else []
-    return torchvision.transforms.Compose(hoist_pixelwise(transforms) if reorder_for_speed else transforms)
+    return torchvision.transforms.Compose(fuse_pixelwise(transforms) if fuse else transforms)
 
 
 def get_datasets(cfg, phases=("train", "valid", "test")) -> dict[str, AudioVisualDataset]:

@@ -91,7 +91,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
             container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
         frames, keyframe_t = [], None if seek_sec > 0 else 0.0
         try:
-            for frame in container.decode(stream):
+            for frame in _decode_skipping_nonref_before(container, stream, start_sec - _EPS_SEC):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * time_base)
@@ -106,6 +106,17 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
         except av.FFmpegError as e:
             raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
         return frames, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
+
+
+def _decode_skipping_nonref_before(container, stream, start_sec: float):
+    """`container.decode(stream)`, but frames that no other frame references (e.g. most B-frames) are not
+    decoded while their packet lies before `start_sec`: they cannot change any later frame. The decoder
+    setting travels with each packet (also to frame-threading workers), so it switches exactly there."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        before = packet.pts is not None and float(packet.pts * stream.time_base) < start_sec
+        codec.skip_frame = "NONREF" if before else "DEFAULT"
+        yield from packet.decode()
 
 
 def audio_priming_drop(path) -> int:

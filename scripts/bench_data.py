@@ -2,13 +2,16 @@
 on the real sample clips, ours vs a baseline, in one run, with a check that both give identical items.
 
 - ours: `dataset.dataset_utils.load_item` with windowed decoding (only the frames the fixed-offset crop
-  needs, threaded H.264 decoding) and the transforms as `get_transforms` builds them (pixel-wise ops
-  moved before the segmentation, segments as views);
+  needs, threaded H.264 decoding, frames nobody references skipped before the window) and the transforms
+  as `get_transforms` builds them (segments as views, the pixel-wise ops as one table lookup);
 - baseline: a plain full PyAV decode (every frame, one decoding thread) followed by the transforms in
   the config's order, i.e. what a straightforward reader (like the original's `read_video`) does.
 
     python -m scripts.bench_data            # all sample clips x 3 fixed offsets, 3 repeats
     python -m scripts.bench_data --quick    # one clip, one offset, one repeat (CI)
+
+Both run with `--threads` torch threads (1 by default, as in a DataLoader worker; more threads only
+contend on a small shared machine); the video decoder's own threads are part of "ours".
 """
 
 import argparse
@@ -48,10 +51,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers use 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
-    transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", reorder_for_speed=False)
+    transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", fuse=False)
     clips = sorted(SAMPLES.glob("vggsound/*/*.mp4")) + sorted(SAMPLES.glob("lrs3/**/*.mp4"))
     cases = CASES
     if args.quick:

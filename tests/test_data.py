@@ -3,11 +3,14 @@ synthetic clips and bad inputs. Synthetic clips are written to tmp dirs; real sa
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from omegaconf import OmegaConf
 
 from dataset import transforms as T
@@ -441,17 +444,34 @@ def test_download_metadata_skips_present_files_and_fails_clearly_offline(tmp_pat
     assert code == 1 and "Could not download" in capsys.readouterr().err
 
 
-def test_pixelwise_ops_move_before_segmentation_only_past_commuting_ops():
-    def names(cfg_name, phase, reorder=True):
-        cfg = OmegaConf.load(REPO / "configs" / cfg_name)
-        return [type(t).__name__ for t in get_transforms(cfg, phase, reorder_for_speed=reorder).transforms]
+def test_consecutive_pixelwise_ops_fuse_into_one_lookup():
+    fused = get_transforms(CFG, "test").transforms
+    plain = get_transforms(CFG, "test", fuse=False).transforms
+    lookups = [t for t in fused if isinstance(t, T.PixelwiseLookup)]
+    assert len(lookups) == 1 and len(fused) == len(plain) - 1
+    assert [type(t).__name__ for t in lookups[0].chain.transforms] == ["RGBToHalfToZeroOne", "RGBNormalize"]
 
-    test_order = names("sync.yaml", "test")
-    assert test_order.index("RGBNormalize") < test_order.index("GenerateMultipleSegments")
-    assert sorted(test_order) == sorted(names("sync.yaml", "test", reorder=False))
-    # random clip-wise augmentations after the segmentation keep everything behind them in place
-    avclip = names("segment_avclip.yaml", "train")
-    assert avclip == names("segment_avclip.yaml", "train", reorder=False)
+
+@pytest.mark.parametrize("to_float", [T.RGBToHalfToZeroOne, T.RGBToFloatToZeroOne])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_pixelwise_lookup_equals_running_the_ops(to_float, dtype):
+    video = torch.randint(0, 256, (6, 3, 9, 10), dtype=torch.uint8)[::2, :, 1:8, 2:9].to(dtype)  # strided (3, 3, 7, 7)
+
+    def run(transform):
+        item = {"video": video, "meta": {"video": {}}}
+        return transform(item)
+
+    ops = [to_float(), T.RGBNormalize(mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])]
+    fused, plain = run(T.PixelwiseLookup(ops)), run(torchvision.transforms.Compose(ops))
+    assert fused["video"].dtype == plain["video"].dtype and torch.equal(fused["video"], plain["video"])
+    assert fused["meta"]["video"]["norm_stats"]["std"].tolist() == pytest.approx([0.2, 0.3, 0.25])
+
+
+def test_bench_data_quick_runs_and_outputs_match(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "scripts.bench_data", "--quick", "--json", str(out)], cwd=REPO, check=True)
+    result = json.loads(out.read_text())
+    assert result["identical_outputs"] and result["clips"] == 1 and result["ours_sec_per_clip"] > 0
 
 
 def test_size_ratio_and_local_scratch_cache(vgg_like, tmp_path, monkeypatch):
