@@ -170,12 +170,15 @@ def decode_audio(
 
 
 def get_video_and_audio(
-    path, get_meta: bool = False, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat=True
-):
+    path, get_meta: bool = False, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat=True,
+    audio_start_sec: float | None = None,
+):  # fmt: skip
     """`(rgb (Tv, 3, H, W) uint8, audio (Ta,) float32, meta)` with the original's legacy meta layout
-    `{'video': {'fps': [fps]}, 'audio': {'framerate': [sr]}}` (returned regardless of `get_meta`)."""
+    `{'video': {'fps': [fps]}, 'audio': {'framerate': [sr]}}` (returned regardless of `get_meta`). The audio
+    window starts at `audio_start_sec` if given (a later video start skips more video decoding)."""
+    audio_start_sec = start_sec if audio_start_sec is None else audio_start_sec
     rgb, fps = decode_video(path, start_sec, end_sec)
-    audio, sr = decode_audio(path, start_sec, end_sec, audio_priming_compat)
+    audio, sr = decode_audio(path, audio_start_sec, end_sec, audio_priming_compat)
     meta = {"video": {"fps": [fps]}, "audio": {"framerate": [sr]}}
     return rgb, audio, meta
 
