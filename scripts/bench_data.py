@@ -16,6 +16,7 @@ contend on a small shared machine); the video decoder's own threads are part of 
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -63,18 +64,24 @@ def main() -> None:
         clips, cases, args.repeats = clips[:1], cases[:1], 1
     jobs = [(clip, {"offset_sec": o, "v_start_i_sec": v}) for clip in clips for o, v in cases]
 
-    def run(load) -> tuple[float, list[dict]]:
-        start = time.perf_counter()
-        items = [load(clip, targets) for _ in range(args.repeats) for clip, targets in jobs]
-        return time.perf_counter() - start, items
-
+    loaders = {
+        "baseline": lambda clip, targets: baseline_item(clip, targets, plain_transforms),
+        "ours": lambda clip, targets: load_item(clip, "test", targets, transforms),
+    }
+    wall, cpu, identical = {k: 0.0 for k in loaders}, {k: 0.0 for k in loaders}, True
     load_item(jobs[0][0], "test", jobs[0][1], transforms)  # warm-up (imports, mel filterbank)
-    base_sec, base_items = run(lambda clip, targets: baseline_item(clip, targets, plain_transforms))
-    ours_sec, our_items = run(lambda clip, targets: load_item(clip, "test", targets, transforms))
-    identical = all(
-        torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
-        for a, b in zip(our_items, base_items)
-    )
+    # alternate per clip, so that both see the same load of a shared machine
+    for _ in range(args.repeats):
+        for clip, targets in jobs:
+            items = {}
+            for name, load in loaders.items():
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                items[name] = load(clip, targets)
+                wall[name] += time.perf_counter() - start_wall
+                cpu[name] += time.process_time() - start_cpu
+            ours, base = items["ours"], items["baseline"]
+            identical &= torch.equal(ours["video"], base["video"]) and torch.equal(ours["audio"], base["audio"])
+    base_sec, ours_sec = wall["baseline"], wall["ours"]
     n = len(jobs) * args.repeats
     result = {
         "clips": n,
@@ -83,13 +90,17 @@ def main() -> None:
         "ours_clips_per_sec": n / ours_sec,
         "baseline_clips_per_sec": n / base_sec,
         "speedup": base_sec / ours_sec,
+        "ours_cpu_sec_per_clip": cpu["ours"] / n,  # all threads of the process (the decoder's included)
+        "baseline_cpu_sec_per_clip": cpu["baseline"] / n,
+        "load_average_1min": os.getloadavg()[0],
         "identical_outputs": identical,
         "torch_threads": torch.get_num_threads(),
     }
     print(
         f"data pipeline: ours {result['ours_clips_per_sec']:.2f} clips/s ({result['ours_sec_per_clip']:.3f} s/clip), "
         f"baseline {result['baseline_clips_per_sec']:.2f} clips/s, speedup x{result['speedup']:.2f}, "
-        f"identical outputs: {identical}"
+        f"identical outputs: {identical} (cpu s/clip ours {result['ours_cpu_sec_per_clip']:.3f}, baseline "
+        f"{result['baseline_cpu_sec_per_clip']:.3f}; load average {result['load_average_1min']:.2f})"
     )
     print(json.dumps(result))
     if args.json:
