@@ -28,6 +28,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 # a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
 _EPS_SEC = 1e-6
@@ -74,8 +75,22 @@ def decode_video(path, start_sec: float = 0.0, end_sec: float | None = None) -> 
         raise BadVideoError(path, f"no video frames in [{start_sec}, {end_sec}) s", "the clip is too short")
     # equal pts: the later-decoded frame wins (as in torchvision's dict of frames)
     by_pts = dict(frames)
-    rgb = np.stack([by_pts[pts].to_ndarray(format="rgb24") for pts in sorted(by_pts)])  # (Tv, H, W, 3)
+    rgb = _to_rgb24([by_pts[pts] for pts in sorted(by_pts)])  # (Tv, H, W, 3)
     return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps  # (Tv, 3, H, W)
+
+
+def _to_rgb24(frames: list) -> np.ndarray:
+    """(T, H, W, 3) uint8, what `frame.to_ndarray(format='rgb24')` gives for each frame (the same swscale
+    conversion), at a third of its cost: one single-threaded converter is reused and each frame is copied
+    once, straight into the stacked array."""
+    H, W = frames[0].height, frames[0].width
+    rgb = np.empty((len(frames), H, W, 3), dtype=np.uint8)
+    reformatter = VideoReformatter()
+    for i, frame in enumerate(frames):
+        plane = reformatter.reformat(frame, format="rgb24", threads=1).planes[0]
+        rows = np.frombuffer(plane, dtype=np.uint8).reshape(H, plane.line_size)  # rows may be padded
+        rgb[i] = rows[:, : W * 3].reshape(H, W, 3)
+    return rgb
 
 
 def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float):
