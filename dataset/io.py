@@ -16,7 +16,8 @@ environment the published checkpoints were trained in, on any PyAV version:
 
 Windows (`start_sec`, `end_sec`) select video frames with `start <= t < end` and audio samples with
 `round(start*sr) <= i < round(end*sr)`; a windowed read equals the full read cropped the same way. The
-video is decoded from the last keyframe before the window, the audio (cheap) from the file start.
+video is decoded from the last keyframe before the window (frames no other frame references are not
+decoded before the window), the audio (cheap) from the file start.
 (`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
 to 10 s by `EqualifyFromRight` anyway.)
 """
@@ -106,7 +107,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
             container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
         frames, keyframe_t = [], None if seek_sec > 0 else 0.0
         try:
-            for frame in _decode_skipping_nonref_before(container, stream, start_sec - _EPS_SEC):
+            for frame in decode_skipping_nonref_before(container, stream, start_sec - _EPS_SEC):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * time_base)
@@ -123,7 +124,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
         return frames, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
 
 
-def _decode_skipping_nonref_before(container, stream, start_sec: float):
+def decode_skipping_nonref_before(container, stream, start_sec: float):
     """`container.decode(stream)`, but frames that no other frame references (e.g. most B-frames) are not
     decoded while their packet lies before `start_sec`: they cannot change any later frame. The decoder
     setting travels with each packet (also to frame-threading workers), so it switches exactly there."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,14 @@ from omegaconf import OmegaConf
 from dataset import transforms as T
 from dataset.audioset import AudioSet
 from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms
-from dataset.io import BadVideoError, audio_priming_drop, decode_audio, get_video_and_audio, reencode_video
+from dataset.io import (
+    BadVideoError,
+    audio_priming_drop,
+    decode_audio,
+    decode_skipping_nonref_before,
+    get_video_and_audio,
+    reencode_video,
+)
 from dataset.lrs import LRS3
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, write_mp4
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
@@ -100,6 +108,20 @@ def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end):
         v1 = None if end is None else int(np.ceil(end * fps - 1e-6))
         a1 = None if end is None else round(end * sr)
         assert torch.equal(w_rgb, rgb[v0:v1]) and torch.equal(w_audio, audio[a0:a1])
+
+
+def test_unreferenced_frames_before_the_window_are_not_decoded():
+    def decoded_times(start_sec):
+        with av.open(str(REF_CLIP)) as container:
+            stream = container.streams.video[0]
+            frames = decode_skipping_nonref_before(container, stream, start_sec)
+            return [float(f.pts * stream.time_base) for f in frames]
+
+    every, skipping = decoded_times(0.0), decoded_times(2.0)
+    assert len(every) == 250
+    # the B-frames nobody references (about half of them) are skipped before 2 s, nothing after
+    assert 0.3 * 50 < len([t for t in skipping if t < 2.0]) < 0.7 * 50
+    assert [t for t in skipping if t >= 2.0] == [t for t in every if t >= 2.0]
 
 
 def test_synthetic_clip_decodes_with_expected_format_and_event_times(drift_clip):
