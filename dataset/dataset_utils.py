@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import default_collate
 
 from dataset.io import BadVideoError, get_video_and_audio
-from dataset.transforms import TemporalCropAndOffset, hoist_pixelwise
+from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config
 
@@ -103,16 +103,17 @@ def maybe_cache_file(path) -> str:
     return str(cache_path)
 
 
-def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> tuple[float, float | None]:
-    """`(start_sec, end_sec)` to read: around the crop when `targets` fix it (offset and video start),
-    otherwise the whole clip (up to `max_clip_len_sec`)."""
+def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> tuple[float, float, float | None]:
+    """`(video_start_sec, audio_start_sec, end_sec)` to read: around each stream's crop when `targets` fix
+    it (offset and video start), otherwise the whole clip (up to `max_clip_len_sec`). Both streams read to
+    the same end so that `EqualifyFromRight` sees the same lengths as in a full read."""
     crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
     if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
-        return 0.0, max_clip_len_sec
+        return 0.0, 0.0, max_clip_len_sec
     v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
-    start = max(0.0, min(v_start, a_start) - WINDOW_MARGIN_SEC)
     stop = max(v_start, a_start) + crop.crop_len_sec + WINDOW_MARGIN_SEC
-    return start, stop if max_clip_len_sec is None else min(max_clip_len_sec, stop)
+    stop = stop if max_clip_len_sec is None else min(max_clip_len_sec, stop)
+    return max(0.0, v_start - WINDOW_MARGIN_SEC), max(0.0, a_start - WINDOW_MARGIN_SEC), stop
 
 
 def load_item(
@@ -122,13 +123,16 @@ def load_item(
     """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
     fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
     `start_sample` in the meta, so the output is identical to a full read."""
-    whole = (0.0, max_clip_len_sec)
-    start_sec, end_sec = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else whole
-    rgb, audio, meta = get_video_and_audio(maybe_cache_file(path), True, start_sec, end_sec, audio_priming_compat)
-    if start_sec > 0:
-        # where the window starts, in file indices (assumes a constant frame rate, as in these datasets)
-        meta["video"]["start_frame"] = math.ceil(start_sec * meta["video"]["fps"][0] - 1e-6)
-        meta["audio"]["start_sample"] = round(start_sec * meta["audio"]["framerate"][0])
+    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else (0, 0, max_clip_len_sec)
+    v_start_sec, a_start_sec, end_sec = window
+    rgb, audio, meta = get_video_and_audio(
+        maybe_cache_file(path), True, v_start_sec, end_sec, audio_priming_compat, audio_start_sec=a_start_sec
+    )
+    # where the windows start, in file indices (assumes a constant frame rate, as in these datasets)
+    if v_start_sec > 0:
+        meta["video"]["start_frame"] = math.ceil(v_start_sec * meta["video"]["fps"][0] - 1e-6)
+    if a_start_sec > 0:
+        meta["audio"]["start_sample"] = round(a_start_sec * meta["audio"]["framerate"][0])
     item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": dict(targets), "split": split}
     return item if transforms is None else transforms(item)
 
@@ -236,13 +240,13 @@ def collate_drop_bad(batch: list[dict | None]) -> dict | None:
     return collated
 
 
-def get_transforms(cfg, phase: str, reorder_for_speed: bool = True) -> torchvision.transforms.Compose:
+def get_transforms(cfg, phase: str, fuse: bool = True) -> torchvision.transforms.Compose:
     """The `transform_sequence_train` (phase 'train') or `transform_sequence_test` (else) of the config;
-    `reorder_for_speed` moves pixel-wise ops before the segmentation (identical output, see
-    `dataset.transforms.hoist_pixelwise`)."""
+    `fuse` runs consecutive pixel-wise ops as one table lookup (identical output, see
+    `dataset.transforms.PixelwiseLookup`)."""
     seq = cfg.get("transform_sequence_train" if phase == "train" else "transform_sequence_test")
     transforms = [instantiate_from_config(c) for c in seq] if seq else []
-    return torchvision.transforms.Compose(hoist_pixelwise(transforms) if reorder_for_speed else transforms)
+    return torchvision.transforms.Compose(fuse_pixelwise(transforms) if fuse else transforms)
 
 
 def get_datasets(cfg, phases=("train", "valid", "test")) -> dict[str, AudioVisualDataset]:

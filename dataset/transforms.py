@@ -473,23 +473,51 @@ def _segments(x: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     return torch.stack([x[s:e] for s, e in ranges.tolist()])
 
 
-def hoist_pixelwise(transforms: list) -> list:
-    """Moves the deterministic pixel-wise video transforms (`pixelwise = True`: dtype conversion,
-    normalisation) that follow `GenerateMultipleSegments` in front of it when only other pixel-wise or
-    audio-only transforms lie in between. Same values, computed once per frame rather than once per
-    frame of every (half-overlapping) segment."""
-    reordered, seg_i = [], None
+class PixelwiseLookup(torch.nn.Module):
+    """Runs a chain of deterministic pixel-wise transforms (`pixelwise = True`: each output value depends
+    only on its input value and channel) on uint8 video as a table lookup: the chain runs once on the 256
+    values of each channel, then every pixel reads its result. The same ops on the same values give
+    bit-identical outputs, in one pass that also materialises a strided input (the segments' view) instead
+    of one pass per op. Video of another dtype (e.g. after a colour augmentation) runs the chain as is."""
+
+    pixelwise = True
+    # numpy has no bfloat16: look up the tables' bits as integers of the same width
+    _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+    def __init__(self, transforms: list):
+        super().__init__()
+        self.chain = torchvision.transforms.Compose(transforms)
+
+    def forward(self, item: dict) -> dict:
+        video = item["video"]
+        if video.dtype != torch.uint8:
+            return self.chain(item)
+        C = video.shape[-3]
+        values = torch.arange(256, dtype=torch.uint8).expand(C, 1, 256)  # one (C, H=1, W=256) frame
+        # a shallow copy of the item: bookkeeping the chain writes into 'meta' (norm stats) lands in the item
+        tables = self.chain({**item, "video": values})["video"].reshape(C, 256)  # (C, 256)
+        tables_bits = tables.contiguous().view(self._BITS[tables.element_size()]).numpy()
+        pixels = video.numpy()  # (..., C, H, W), possibly a strided view
+        out = np.empty(pixels.shape, dtype=tables_bits.dtype)
+        # frame by frame and channel by channel: small contiguous lookups are the fastest numpy path
+        for frame_i in np.ndindex(pixels.shape[:-3]):
+            for c in range(C):
+                np.take(tables_bits[c], pixels[frame_i][c], out=out[frame_i][c], mode="wrap")
+        item["video"] = torch.from_numpy(out).view(tables.dtype)  # (..., C, H, W)
+        return item
+
+
+def fuse_pixelwise(transforms: list) -> list:
+    """Replaces each run of consecutive pixel-wise video transforms by one `PixelwiseLookup`."""
+    fused = []
     for t in transforms:
-        between = reordered[seg_i + 1 :] if seg_i is not None else []
-        commutes = all(getattr(u, "pixelwise", False) or getattr(u, "audio_only", False) for u in between)
-        if seg_i is not None and getattr(t, "pixelwise", False) and commutes:
-            reordered.insert(seg_i, t)
-            seg_i += 1
-            continue
-        if isinstance(t, GenerateMultipleSegments):
-            seg_i = len(reordered)
-        reordered.append(t)
-    return reordered
+        if getattr(t, "pixelwise", False) and fused and isinstance(fused[-1], PixelwiseLookup):
+            fused[-1].chain.transforms.append(t)
+        elif getattr(t, "pixelwise", False):
+            fused.append(PixelwiseLookup([t]))
+        else:
+            fused.append(t)
+    return fused
 
 
 class RGBToFloatToZeroOne(torch.nn.Module):

@@ -2,17 +2,21 @@
 on the real sample clips, ours vs a baseline, in one run, with a check that both give identical items.
 
 - ours: `dataset.dataset_utils.load_item` with windowed decoding (only the frames the fixed-offset crop
-  needs, threaded H.264 decoding) and the transforms as `get_transforms` builds them (pixel-wise ops
-  moved before the segmentation, segments as views);
+  needs, threaded H.264 decoding, frames nobody references skipped before the window) and the transforms
+  as `get_transforms` builds them (segments as views, the pixel-wise ops as one table lookup);
 - baseline: a plain full PyAV decode (every frame, one decoding thread) followed by the transforms in
   the config's order, i.e. what a straightforward reader (like the original's `read_video`) does.
 
     python -m scripts.bench_data            # all sample clips x 3 fixed offsets, 3 repeats
     python -m scripts.bench_data --quick    # one clip, one offset, one repeat (CI)
+
+Both run with `--threads` torch threads (1 by default, as in a DataLoader worker; more threads only
+contend on a small shared machine); the video decoder's own threads are part of "ours".
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -48,28 +52,36 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers use 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
-    transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", reorder_for_speed=False)
+    transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", fuse=False)
     clips = sorted(SAMPLES.glob("vggsound/*/*.mp4")) + sorted(SAMPLES.glob("lrs3/**/*.mp4"))
     cases = CASES
     if args.quick:
         clips, cases, args.repeats = clips[:1], cases[:1], 1
     jobs = [(clip, {"offset_sec": o, "v_start_i_sec": v}) for clip in clips for o, v in cases]
 
-    def run(load) -> tuple[float, list[dict]]:
-        start = time.perf_counter()
-        items = [load(clip, targets) for _ in range(args.repeats) for clip, targets in jobs]
-        return time.perf_counter() - start, items
-
+    loaders = {
+        "baseline": lambda clip, targets: baseline_item(clip, targets, plain_transforms),
+        "ours": lambda clip, targets: load_item(clip, "test", targets, transforms),
+    }
+    wall, cpu, identical = {k: 0.0 for k in loaders}, {k: 0.0 for k in loaders}, True
     load_item(jobs[0][0], "test", jobs[0][1], transforms)  # warm-up (imports, mel filterbank)
-    base_sec, base_items = run(lambda clip, targets: baseline_item(clip, targets, plain_transforms))
-    ours_sec, our_items = run(lambda clip, targets: load_item(clip, "test", targets, transforms))
-    identical = all(
-        torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
-        for a, b in zip(our_items, base_items)
-    )
+    # alternate per clip, so that both see the same load of a shared machine
+    for _ in range(args.repeats):
+        for clip, targets in jobs:
+            items = {}
+            for name, load in loaders.items():
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                items[name] = load(clip, targets)
+                wall[name] += time.perf_counter() - start_wall
+                cpu[name] += time.process_time() - start_cpu
+            ours, base = items["ours"], items["baseline"]
+            identical &= torch.equal(ours["video"], base["video"]) and torch.equal(ours["audio"], base["audio"])
+    base_sec, ours_sec = wall["baseline"], wall["ours"]
     n = len(jobs) * args.repeats
     result = {
         "clips": n,
@@ -78,13 +90,17 @@ def main() -> None:
         "ours_clips_per_sec": n / ours_sec,
         "baseline_clips_per_sec": n / base_sec,
         "speedup": base_sec / ours_sec,
+        "ours_cpu_sec_per_clip": cpu["ours"] / n,  # all threads of the process (the decoder's included)
+        "baseline_cpu_sec_per_clip": cpu["baseline"] / n,
+        "load_average_1min": os.getloadavg()[0],
         "identical_outputs": identical,
         "torch_threads": torch.get_num_threads(),
     }
     print(
         f"data pipeline: ours {result['ours_clips_per_sec']:.2f} clips/s ({result['ours_sec_per_clip']:.3f} s/clip), "
         f"baseline {result['baseline_clips_per_sec']:.2f} clips/s, speedup x{result['speedup']:.2f}, "
-        f"identical outputs: {identical}"
+        f"identical outputs: {identical} (cpu s/clip ours {result['ours_cpu_sec_per_clip']:.3f}, baseline "
+        f"{result['baseline_cpu_sec_per_clip']:.3f}; load average {result['load_average_1min']:.2f})"
     )
     print(json.dumps(result))
     if args.json:

@@ -3,21 +3,31 @@ synthetic clips and bad inputs. Synthetic clips are written to tmp dirs; real sa
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
+import torchvision
 from omegaconf import OmegaConf
 
 from dataset import transforms as T
 from dataset.audioset import AudioSet
 from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms
-from dataset.io import BadVideoError, audio_priming_drop, decode_audio, get_video_and_audio, reencode_video
+from dataset.io import (
+    BadVideoError,
+    audio_priming_drop,
+    decode_audio,
+    decode_skipping_nonref_before,
+    get_video_and_audio,
+    reencode_video,
+)
 from dataset.lrs import LRS3
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, write_mp4
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
-from scripts import download_metadata
+from scripts import bench_data, download_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -97,6 +107,20 @@ def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end):
         v1 = None if end is None else int(np.ceil(end * fps - 1e-6))
         a1 = None if end is None else round(end * sr)
         assert torch.equal(w_rgb, rgb[v0:v1]) and torch.equal(w_audio, audio[a0:a1])
+
+
+def test_unreferenced_frames_before_the_window_are_not_decoded():
+    def decoded_times(start_sec):
+        with av.open(str(REF_CLIP)) as container:
+            stream = container.streams.video[0]
+            frames = decode_skipping_nonref_before(container, stream, start_sec)
+            return [float(f.pts * stream.time_base) for f in frames]
+
+    every, skipping = decoded_times(0.0), decoded_times(2.0)
+    assert len(every) == 250
+    # the B-frames nobody references (about half of them) are skipped before 2 s, nothing after
+    assert 0.3 * 50 < len([t for t in skipping if t < 2.0]) < 0.7 * 50
+    assert [t for t in skipping if t >= 2.0] == [t for t in every if t >= 2.0]
 
 
 def test_synthetic_clip_decodes_with_expected_format_and_event_times(drift_clip):
@@ -441,17 +465,39 @@ def test_download_metadata_skips_present_files_and_fails_clearly_offline(tmp_pat
     assert code == 1 and "Could not download" in capsys.readouterr().err
 
 
-def test_pixelwise_ops_move_before_segmentation_only_past_commuting_ops():
-    def names(cfg_name, phase, reorder=True):
-        cfg = OmegaConf.load(REPO / "configs" / cfg_name)
-        return [type(t).__name__ for t in get_transforms(cfg, phase, reorder_for_speed=reorder).transforms]
+def test_consecutive_pixelwise_ops_fuse_into_one_lookup():
+    fused = get_transforms(CFG, "test").transforms
+    plain = get_transforms(CFG, "test", fuse=False).transforms
+    lookups = [t for t in fused if isinstance(t, T.PixelwiseLookup)]
+    assert len(lookups) == 1 and len(fused) == len(plain) - 1
+    assert [type(t).__name__ for t in lookups[0].chain.transforms] == ["RGBToHalfToZeroOne", "RGBNormalize"]
 
-    test_order = names("sync.yaml", "test")
-    assert test_order.index("RGBNormalize") < test_order.index("GenerateMultipleSegments")
-    assert sorted(test_order) == sorted(names("sync.yaml", "test", reorder=False))
-    # random clip-wise augmentations after the segmentation keep everything behind them in place
-    avclip = names("segment_avclip.yaml", "train")
-    assert avclip == names("segment_avclip.yaml", "train", reorder=False)
+
+@pytest.mark.parametrize("to_float", [T.RGBToHalfToZeroOne, T.RGBToFloatToZeroOne])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_pixelwise_lookup_equals_running_the_ops(to_float, dtype):
+    video = torch.randint(0, 256, (6, 3, 9, 10), dtype=torch.uint8)[::2, :, 1:8, 2:9].to(dtype)  # strided (3, 3, 7, 7)
+
+    def run(transform):
+        item = {"video": video, "meta": {"video": {}}}
+        return transform(item)
+
+    ops = [to_float(), T.RGBNormalize(mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])]
+    fused, plain = run(T.PixelwiseLookup(ops)), run(torchvision.transforms.Compose(ops))
+    assert fused["video"].dtype == plain["video"].dtype and torch.equal(fused["video"], plain["video"])
+    assert fused["meta"]["video"]["norm_stats"]["std"].tolist() == pytest.approx([0.2, 0.3, 0.25])
+
+
+def test_bench_data_quick_runs_and_outputs_match(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench_data", "--quick", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        bench_data.main()
+    finally:
+        torch.set_num_threads(threads)  # the bench sets its own
+    result = json.loads(out.read_text())
+    assert result["identical_outputs"] and result["clips"] == 1 and result["ours_sec_per_clip"] > 0
 
 
 def test_size_ratio_and_local_scratch_cache(vgg_like, tmp_path, monkeypatch):
