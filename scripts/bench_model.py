@@ -1,7 +1,12 @@
-"""Times the stage-2 forward pass (feature extractors + transformer) on random inputs.
+"""Times the stage-2 forward pass (feature extractors + transformer) on random inputs against the
+physical limit: the model's FLOPs (counted with `torch.utils.flop_counter`) over the seconds it takes,
+as a fraction of the dense GEMM throughput the same device reaches in the same run (a large float32
+matmul on CPU, bfloat16 on an accelerator). The GEMM is timed right before and after every forward, so
+a machine shared with other jobs is compared with itself at the same moment.
 
-    python -m scripts.bench_model                      # full size, 14 segments, B=1, float32, all cores
-    python -m scripts.bench_model --tiny --out b.json  # reduced model for CI
+    python -m scripts.bench_model                          # full size, 14 segments, B=1 and B=4, float32
+    python -m scripts.bench_model --batch-sizes 1 --int8   # also the opt-in int8 CPU mode, same run
+    python -m scripts.bench_model --tiny --out b.json      # reduced model, one repetition (CI)
 
 Prints one summary line and, with --out, writes the measurements as JSON.
 """
@@ -16,7 +21,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
+from utils.inference import quantize_for_cpu
 from utils.utils import instantiate_from_config
 
 # Small extractors and transformer (32 wide, one layer each) on small inputs: checks that the benchmark
@@ -47,48 +54,116 @@ def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
     return model
 
 
+def default_device() -> torch.device:
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return accelerator or torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def gemm_gflops(device: torch.device, n: int, repeats: int = 2) -> float:
+    """Best GFLOP/s of an (n x n) @ (n x n) matmul: float32 on CPU, bfloat16 on an accelerator."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / seconds / 1e9
+
+
+def count_flops(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) -> int:
+    """FLOPs of one forward (a multiply-add counts 2); it is also the warm-up run."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(vis, aud)
+    return counter.get_total_flops()
+
+
+def bench_forward(model, vis, aud, flops_per_clip: int, repeats: int, gemm_n: int, device) -> dict:
+    """Seconds per clip (median of `repeats` forwards) and achieved GFLOP/s, as a fraction of the GEMM
+    throughput measured around each forward."""
+    seconds, gemm = [], [gemm_gflops(device, gemm_n)]
+    with torch.inference_mode():
+        for _ in range(repeats):
+            seconds.append(timed(lambda: model(vis, aud), device))
+            gemm.append(gemm_gflops(device, gemm_n))
+    B = vis.shape[0]
+    per_clip = statistics.median(seconds) / B
+    gflops = flops_per_clip / per_clip / 1e9
+    # each forward against the mean of the GEMM runs right before and after it
+    fractions = [flops_per_clip * B / s / 1e9 / ((g0 + g1) / 2) for s, g0, g1 in zip(seconds, gemm, gemm[1:])]
+    return {
+        "batch_size": B,
+        "seconds_per_clip": per_clip,
+        "seconds_per_forward": seconds,
+        "gflops": gflops,
+        "gemm_gflops": gemm,
+        "fraction_of_gemm_peak": statistics.median(fractions),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sync.yaml")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--segments", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--tiny", action="store_true", help="reduced model and input size (CI smoke run)")
+    parser.add_argument("--device", type=torch.device, default=default_device())
+    parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 CPU mode (quantize_for_cpu)")
+    parser.add_argument("--tiny", action="store_true", help="reduced model and input size, one repetition (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.config, args.segments, args.tiny)
-    B, S = args.batch_size, args.segments
+    device, S = args.device, args.segments
+    repeats, gemm_n = (1, 512) if args.tiny else (args.repeats, 4096)
+    model = build_model(args.config, S, args.tiny).to(device)
     C, Tv, H, W = model.vfeat_extractor.segment_shape
     Ta, F = model.afeat_extractor.segment_shape
-    vis = torch.randn(B, S, Tv, C, H, W)
-    aud = torch.randn(B, S, 1, F, Ta)
-    times = []
-    with torch.inference_mode():
-        for _ in range(1 + args.repeats):
-            start = time.perf_counter()
-            _, logits = model(vis, aud)
-            times.append(time.perf_counter() - start)
-    assert torch.isfinite(logits).all(), "the forward pass produced NaN/inf"
-    per_clip = statistics.median(times[1:]) / B
+
+    def inputs(B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(B, S, Tv, C, H, W, device=device), torch.randn(B, S, 1, F, Ta, device=device)
+
+    flops_per_clip = count_flops(model, *inputs(1))
+    modes = {"float32": model}
+    if args.int8:
+        modes["int8"] = quantize_for_cpu(model)
+        modes["int8"](*inputs(1))  # warm-up of the quantised kernels
+    runs = [
+        {"mode": mode, **bench_forward(m, *inputs(B), flops_per_clip, repeats, gemm_n, device)}
+        for mode, m in modes.items()
+        for B in args.batch_sizes
+    ]
+    load = os.getloadavg()
     result = {
         "config": args.config,
         "tiny": args.tiny,
-        "batch_size": B,
         "segments": S,
-        "dtype": "float32",
-        "threads": args.threads,
-        "seconds_per_clip": per_clip,
-        "seconds_per_forward": times[1:],
-        "warmup_seconds": times[0],
-        "torch": torch.__version__,
+        "device": str(device),
         "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "gflop_per_clip": flops_per_clip / 1e9,
+        "load_average": load,
+        "runs": runs,
     }
-    print(f"bench_model: {per_clip:.3f} s/clip ({args.config}{' tiny' if args.tiny else ''}, B={B}, S={S}, "
-          f"float32, {args.threads} threads, median of {args.repeats})")  # fmt: skip
+    summary = " | ".join(
+        f"{r['mode']} B={r['batch_size']}: {r['seconds_per_clip']:.3f} s/clip, {r['gflops']:.1f} GFLOP/s, "
+        f"{r['fraction_of_gemm_peak']:.0%} of GEMM {statistics.mean(r['gemm_gflops']):.1f}"
+        for r in runs
+    )
+    print(f"bench_model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
+          f"{device}, {args.threads} threads, load {load[0]:.2f}): {summary}")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
