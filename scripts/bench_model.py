@@ -20,32 +20,43 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.inference import quantize_for_cpu
 from utils.utils import instantiate_from_config
 
-# Small extractors and transformer (32 wide, one layer each) on small inputs: checks that the benchmark
-# runs end to end, says nothing about real speed.
-TINY_SIZES = {
-    "model.params.vfeat_extractor.params": dict(img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2),
+# Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
+# says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
+TINY_WIDTHS = {
+    "model.params.vfeat_extractor.params": dict(embed_dim=32, depth=1, num_heads=2),
     "model.params.afeat_extractor.params": dict(
-        max_spec_t=26, num_mel_bins=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
     ),
     "model.params.vproj.params": dict(in_features=32),
     "model.params.aproj.params": dict(in_features=32),
     "model.params.transformer.params": dict(n_layer=1, n_head=2, n_embd=32),
 }
+TINY_INPUTS = {
+    "model.params.vfeat_extractor.params": dict(img_size=32, num_frames=4),
+    "model.params.afeat_extractor.params": dict(max_spec_t=26, num_mel_bins=32),
+}
+
+
+def bench_config(config: str, tiny: bool, tiny_inputs: bool = True) -> DictConfig:
+    """The config (resolved) with random extractor weights; `tiny`: TINY_WIDTHS (and TINY_INPUTS)."""
+    cfg = OmegaConf.load(config)
+    for sizes in (TINY_WIDTHS, TINY_INPUTS if tiny_inputs else {}) if tiny else ():
+        for path, values in sizes.items():
+            OmegaConf.select(cfg, path).update(values)
+    for extractor in ("afeat_extractor", "vfeat_extractor"):
+        cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
-    cfg = OmegaConf.load(config)
-    if tiny:
-        for path, sizes in TINY_SIZES.items():
-            OmegaConf.select(cfg, path).update(sizes)
-    for extractor in ("afeat_extractor", "vfeat_extractor"):
-        cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
+    """The stage-2 model of `config` with random weights and a transformer sized for `n_segments`."""
+    cfg = bench_config(config, tiny)
     model = instantiate_from_config(cfg.model).eval()
     # one position per token: OFF, the visual tokens of all segments, MOD, the audio ones
     tokens_per_segment = model.vfeat_extractor.grid[0] + model.afeat_extractor.grid[1]  # t of (t, h, w), (f, t)
