@@ -32,10 +32,13 @@ def load_model(
     cfg_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     logdir: str | Path = "./logs/sync_models",
+    quantize: bool = False,
 ) -> tuple[Synchformer, DictConfig]:
     """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
-    downloaded into `<logdir>/<exp_name>/` when missing."""
+    downloaded into `<logdir>/<exp_name>/` when missing. `quantize`: the int8 CPU model of `quantize_for_cpu`."""
+    if quantize and torch.device(device).type != "cpu":
+        raise ValueError(f"The int8 mode (--quantize) runs on the CPU only: pass --device cpu, not {device}.")
     if ckpt_path is None:
         if exp_name is None:
             raise ValueError("Pass a published experiment name or a local checkpoint path.")
@@ -44,7 +47,7 @@ def load_model(
         if not (cfg_path.is_file() and ckpt_path.is_file()):
             cfg_path, ckpt_path = get_published_model(exp_name, logdir)
     model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
-    return model.to(device), cfg
+    return (quantize_for_cpu(model) if quantize else model.to(device)), cfg
 
 
 def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
