@@ -24,10 +24,8 @@ def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]
 
 
 def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--int8", "--batch-sizes", "1", "2")
-    assert [(r["mode"], r["batch_size"]) for r in result["runs"]] == [
-        ("float32", 1), ("int8", 1), ("float32", 2), ("int8", 2)
-    ]  # fmt: skip
+    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--int8", "--batch-sizes", "2")
+    assert [(r["mode"], r["batch_size"]) for r in result["runs"]] == [("float32", 2), ("int8", 2)]
     assert all(0 <= r["top1_agreement_with_float32"] <= 1 for r in result["runs"] if r["mode"] == "int8")
     assert result["gflop_per_clip"] > 0.01
     for r in result["runs"]:
