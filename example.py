@@ -95,10 +95,10 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 
 
 def main(args) -> None:
-    device = torch.device(args.device or default_device())
+    device = torch.device(args.device or ("cpu" if args.quantize else default_device()))
     if args.exp_name is None and args.ckpt_path is None:
         raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, args.logdir)
+    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, args.logdir, args.quantize)
 
     print(f"Using video: {args.vid_path}")
     vid_path = ensure_model_format(args.vid_path, args.reencode_dir)
@@ -136,6 +136,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", default="./logs/sync_models", help="Where published experiments are kept")
     parser.add_argument("--reencode_dir", default="./vis", help="Where re-encoded videos are written")
     parser.add_argument("--plot", help="Save a bar chart of the class probabilities to this PNG")
+    parser.add_argument(
+        "--quantize", action="store_true", help="int8 Linear layers: ~2x faster on CPU, slightly different outputs"
+    )
     return parser
 
 

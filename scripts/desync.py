@@ -92,7 +92,7 @@ def main(args) -> int:
             videos = [v for v in videos if v.stem in audio_files]
     if not videos:
         raise SystemExit(f"No videos to score in {args.video_dir}.")
-    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, args.device)
+    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, args.device, quantize=args.quantize)
     predictor = WindowPredictor(model, cfg)
     rows = []
     for video in tqdm(videos, desc="DeSync"):
@@ -121,6 +121,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="desync.csv", help="Per-video results")
     parser.add_argument("--work_dir", default="./vis", help="Where re-encoded videos go")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--quantize", action="store_true", help="int8 Linear layers: ~2x faster on CPU, slightly different outputs"
+    )
     return parser
 
 

@@ -88,6 +88,16 @@ def test_example_on_a_real_clip(tiny_ckpt, tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
+def test_example_quantize_is_opt_in_and_cpu_only(tiny_ckpt, capsys):
+    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--quantize")
+    preds = [m for m in map(PREDICTION.match, lines) if m]
+    assert len(preds) == 5 and sum(float(m[1]) for m in preds) < 1
+    model, _ = load_model(ckpt_path=tiny_ckpt)
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # float32 unless asked
+    with pytest.raises(ValueError, match="--device cpu"):
+        load_model(ckpt_path=tiny_ckpt, device="meta", quantize=True)
+
+
 def test_example_takes_a_bare_state_dict_with_its_config(tiny_ckpt, tmp_path, capsys):
     bare = tmp_path / "bare.pt"
     torch.save(load_checkpoint(tiny_ckpt)["model"], bare)

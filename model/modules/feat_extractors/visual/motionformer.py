@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from omegaconf import OmegaConf
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
@@ -64,24 +63,33 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 class DividedAttention(Attention):
     """Patch tokens attend to the CLS token and the patches of their own frame (`axis='space'`) or of their
-    own location in the other frames (`axis='time'`); the CLS token attends to all tokens."""
+    own location in the other frames (`axis='time'`); the CLS token attends to all tokens.
+
+    The G groups of L patches go into the batch dimension, which keeps the copies to three: the queries,
+    the keys and values with the CLS key prepended, and the output. Splitting the heads in the fused
+    attention's (batch, L, h, d) output layout makes re-merging them free."""
 
     def __init__(self, dim: int, num_heads: int, axis: str):
         super().__init__(dim, num_heads)
-        # (F*P) tokens -> G groups of L tokens: F frames of P patches, or P locations over F frames
-        self.to_groups = {"space": "b h (f p) d -> b h f p d", "time": "b h (f p) d -> b h p f d"}[axis]
-        self.from_groups = " -> ".join(reversed(self.to_groups.split(" -> ")))
+        # (F, P) patch grid -> (G, L) groups: F frames of P patches, or P locations over F frames
+        self.group_dims = {"space": (1, 2), "time": (2, 1)}[axis]
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        q, k, v = self.split_heads(x)  # (B, h, 1+F*P, d)
+        B, N, D = x.shape
+        h, d = self.num_heads, D // self.num_heads
+        qkv = self.qkv(x).view(B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
         cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d)
-        q_, k_, v_ = (rearrange(t[:, :, 1:], self.to_groups, f=grid[0]) for t in (q, k, v))  # (B, h, G, L, d)
-        G = q_.shape[2]
-        k_ = torch.cat([k[:, :, None, :1].expand(-1, -1, G, -1, -1), k_], dim=3)  # (B, h, G, 1+L, d)
-        v_ = torch.cat([v[:, :, None, :1].expand(-1, -1, G, -1, -1), v_], dim=3)  # (B, h, G, 1+L, d)
-        out = attend_grouped(q_, k_, v_)  # (B, h, G, L, d)
-        out = rearrange(out, self.from_groups)  # (B, h, F*P, d)
-        return self.merge_heads(torch.cat([cls_out, out], dim=2))
+
+        patches = qkv[:, 1:].unflatten(1, grid).permute(0, *self.group_dims, 3, 4, 5)  # (B, G, L, 3, h, d)
+        G, L = patches.shape[1:3]
+        q_ = patches[:, :, :, 0].reshape(B * G, L, h, d).transpose(1, 2)  # (B*G, h, L, d)
+        cls_kv = qkv[:, None, :1, 1:].expand(-1, G, -1, -1, -1, -1)  # (B, G, 1, 2, h, d)
+        kv = torch.cat([cls_kv, patches[:, :, :, 1:]], dim=2).flatten(0, 1)  # (B*G, 1+L, 2, h, d)
+        k_, v_ = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*G, h, 1+L, d)
+        out = F.scaled_dot_product_attention(q_, k_, v_).transpose(1, 2)  # (B*G, L, h, d)
+        out = out.reshape(B, G, L, D).permute(0, *self.group_dims, 3)  # (B, F, P, D)
+        return self.proj(torch.cat([cls_out.transpose(1, 2).reshape(B, 1, D), out.flatten(1, 2)], dim=1))
 
 
 class TrajectoryAttention(Attention):

@@ -1,0 +1,95 @@
+"""Stage-2 training iterations per second (forward, cross-entropy on the offset class, backward, Adam step,
+gradient clipping as in training) on random inputs, with a tiny and with the full config of
+configs/sync.yaml. The extractors are frozen in stage 2, so their forward is most of the work.
+
+    python -m scripts.bench_train                   # tiny (B=4, 10 iterations) and full (B=1, 2 iterations)
+    python -m scripts.bench_train --tiny --out t.json   # tiny only, 2 iterations (CI)
+
+Prints one summary line and, with --out, writes the measurements as JSON.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from scripts.bench_model import build_model, default_device, synchronize
+
+
+def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device) -> dict:
+    """Iterations per second over `iterations` steps after one warm-up step."""
+    cfg = OmegaConf.load(config)
+    torch.manual_seed(0)
+    model = build_model(config, segments, tiny).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.training.base_learning_rate, betas=tuple(cfg.training.optimizer.betas))
+    C, Tv, H, W = model.vfeat_extractor.segment_shape
+    Ta, F = model.afeat_extractor.segment_shape
+    vis = torch.randn(batch_size, segments, Tv, C, H, W, device=device)
+    aud = torch.randn(batch_size, segments, 1, F, Ta, device=device)
+    targets = torch.randint(0, cfg.data.num_off_cls, (batch_size,), device=device)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = model(vis, aud, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.training.max_clip_norm)
+        optimizer.step()
+        return loss.item()
+
+    step()  # warm-up: allocates the optimizer state
+    seconds = []
+    for _ in range(iterations):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    if not torch.isfinite(torch.tensor(loss)):
+        raise RuntimeError(f"bench_train: the {config} loss is {loss}")
+    return {
+        "size": "tiny" if tiny else "full",
+        "batch_size": batch_size,
+        "segments": segments,
+        "trainable_params": sum(p.numel() for p in params),
+        "iterations_per_second": 1 / statistics.median(seconds),
+        "seconds_per_iteration": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sync.yaml")
+    parser.add_argument("--segments", type=int, default=14)
+    parser.add_argument("--full-batch-size", type=int, default=1)
+    parser.add_argument("--full-iterations", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", type=torch.device, default=default_device())
+    parser.add_argument("--tiny", action="store_true", help="only the tiny config, 2 iterations (CI)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    runs = [bench_training(args.config, True, 4, 2 if args.tiny else 10, args.segments, args.device)]
+    if not args.tiny:
+        runs.append(
+            bench_training(args.config, False, args.full_batch_size, args.full_iterations, args.segments, args.device)
+        )
+    load = os.getloadavg()
+    summary = " | ".join(f"{r['size']} B={r['batch_size']}: {r['iterations_per_second']:.3g} it/s" for r in runs)
+    print(f"bench_train ({args.config}, S={args.segments}, {args.device}, {args.threads} threads, "
+          f"load {load[0]:.2f}): {summary}")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"config": args.config, "device": str(args.device), "threads": args.threads,
+                  "torch": torch.__version__, "load_average": load, "runs": runs}  # fmt: skip
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
