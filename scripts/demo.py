@@ -49,7 +49,10 @@ def main(args) -> dict:
     data_root = workdir / f"synthetic_{n_clips}"
     if not (data_root / "data" / "vggsound_test.txt").is_file():
         print(f"Writing {n_clips} synthetic clips to {data_root} ...", flush=True)
-        make_vggsound_like(data_root, n_clips=n_clips, duration_sec=10.0, side=32, seed=args.seed)
+        # longer flashes and tone bursts than the defaults: stronger events for tiny extractors trained from scratch
+        make_vggsound_like(
+            data_root, n_clips=n_clips, duration_sec=10.0, side=32, seed=args.seed, flash_frames=4, tone_sec=0.2
+        )
     vids_dir = data_root / "h264_video_25fps_256side_16000hz_aac"
     data = [
         f"data.vids_path={vids_dir}",
@@ -113,7 +116,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="./logs/demo")
     parser.add_argument("--n_clips", type=int, default=300)
     parser.add_argument("--epochs1", type=int, default=2)
-    parser.add_argument("--epochs2", type=int, default=10)
+    parser.add_argument("--epochs2", type=int, default=20)
     parser.add_argument("--offset_sec", type=float, default=1.2, help="The shift example.py applies")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
