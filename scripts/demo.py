@@ -45,7 +45,7 @@ def main(args) -> dict:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
     started = time.time()
-    n_clips = 24 if args.quick else args.n_clips
+    n_clips = 20 if args.quick else args.n_clips
     data_root = workdir / f"synthetic_{n_clips}"
     if not (data_root / "data" / "vggsound_test.txt").is_file():
         print(f"Writing {n_clips} synthetic clips to {data_root} ...", flush=True)
