@@ -12,6 +12,7 @@ it and returns `None` instead; `collate_drop_bad` drops those and reports how ma
 batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
 """
 
+import copy
 import csv
 import logging
 import math
@@ -143,6 +144,8 @@ class AudioVisualDataset(torch.utils.data.Dataset):
 
     `iter_times` repeats the dataset (fresh random offsets each pass when no fixed offsets are loaded).
     `windowed_decode` reads only the part of the file a fixed-offset crop needs (same output, faster).
+    `cache_decoded` keeps every decoded clip in memory (per data-loader worker) and decodes it only once:
+    for small datasets of small clips (the CPU demo), where decoding costs more than the model.
     """
 
     fixed_offsets_name = ""
@@ -165,6 +168,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         skip_bad_samples: bool = False,
         audio_priming_compat: bool = True,
         windowed_decode: bool = True,
+        cache_decoded: bool = False,
     ):
         super().__init__()
         self.split = split
@@ -179,6 +183,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         self.skip_bad_samples = skip_bad_samples
         self.audio_priming_compat = audio_priming_compat
         self.windowed_decode = windowed_decode
+        self.decoded = {} if cache_decoded else None  # path -> the whole clip's decoded item
         self.vid2offset_params = {}
         # fixed offsets name the file of the offset transform's parameters, so they need the transforms
         self.use_fixed_offsets = split in self.load_fixed_offsets_on and transforms is not None
@@ -210,10 +215,24 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         return targets
 
     def load_item(self, path: str) -> dict:
-        return load_item(
-            path, self.split, self.targets_for(path), self.transforms, self.max_clip_len_sec,
-            self.windowed_decode, self.audio_priming_compat,
-        )  # fmt: skip
+        if self.decoded is None:
+            return load_item(
+                path, self.split, self.targets_for(path), self.transforms, self.max_clip_len_sec,
+                self.windowed_decode, self.audio_priming_compat,
+            )  # fmt: skip
+        if path not in self.decoded:
+            self.decoded[path] = load_item(
+                path, self.split, {}, None, self.max_clip_len_sec, False, self.audio_priming_compat
+            )
+        cached = self.decoded[path]
+        # the transforms may modify the item in place: they get copies
+        item = {
+            **copy.deepcopy({k: v for k, v in cached.items() if k not in ("video", "audio")}),
+            "video": cached["video"].clone(),
+            "audio": cached["audio"].clone(),
+            "targets": self.targets_for(path),
+        }
+        return item if self.transforms is None else self.transforms(item)
 
     def __getitem__(self, index: int) -> dict | None:
         path = self.dataset[index % len(self.dataset)]

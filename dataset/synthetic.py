@@ -143,6 +143,7 @@ def make_vggsound_like(
     max_off_sec: float = 2.0,
     grid_size: int = 21,
     crop_len_sec: float = 5.0,
+    **clip_kwargs,
 ) -> tuple[Path, Path]:
     """A tiny in-sync VGGSound look-alike under `root`; returns `(vids_dir, splits_path)`.
 
@@ -150,6 +151,7 @@ def make_vggsound_like(
     split), `vggsound_<split>.txt`, `picked_sparse_classes.csv` (both classes sparse), an empty
     `filtered_examples_vggsound/` list, and grid fixed offsets for `fixed_offset_splits` named like the
     original's (`<split>_size21_crop5_min-2.00_max2.00.csv`). Clips are in sync; the transforms add offsets.
+    `clip_kwargs` go to every `ClipSpec` (e.g. `flash_frames`, `tone_sec` for stronger events).
     """
     root = Path(root)
     vids_dir, splits_path = root / VGGSOUND_VIDS_DIRNAME, root / "data"
@@ -168,7 +170,14 @@ def make_vggsound_like(
         label = labels[i % len(labels)]
         vid = f"syn{i:08d}"  # 11 chars like a YouTube id
         clip_id = f"{vid}_0_10000"  # VGGSound names always span 10 s, whatever the actual length
-        spec = ClipSpec(duration_sec=duration_sec, height=side, width=side, tone_hz=TONE_CLASSES[label], seed=seed + i)
+        spec = ClipSpec(
+            duration_sec=duration_sec,
+            height=side,
+            width=side,
+            tone_hz=TONE_CLASSES[label],
+            seed=seed + i,
+            **clip_kwargs,
+        )
         make_clip(vids_dir / f"{clip_id}.mp4", spec)
         meta_rows.append([vid, 0, label, "test" if split == "test" else "train"])
         split_ids[split].append(clip_id)

@@ -359,6 +359,12 @@ def test_vggsound_like_dataset_with_fixed_offsets_and_iter_times(vgg_like):
     full = test[0]
     assert torch.equal(full["video"], item["video"]) and torch.equal(full["audio"], item["audio"])
     assert item["video"].shape == (14, 16, 3, 32, 32)
+    # the decode-once cache gives the same items, and its copy survives the transforms unchanged
+    test.decoded = {}
+    cached, again = test[0], test[0]
+    assert len(test.decoded) == 1
+    for key in ("video", "audio"):
+        assert torch.equal(cached[key], item[key]) and torch.equal(again[key], item[key])
 
 
 @pytest.fixture

@@ -67,6 +67,16 @@ def test_for_loop_over_segments_gives_the_same_features(attn_type):
         torch.testing.assert_close(model(x, for_loop=True)[0], model(x)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_zero_init_tubelet_makes_features_input_independent():
+    """Motionformer's zero tubelet projection (the faithful default) sees no pixels until trained; the
+    from-scratch option keeps a random projection, so different clips get different features."""
+    x = tiny_input()
+    for zero_init, differ in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        feats, _ = MotionFormer(zero_init_tubelet=zero_init, **TINY).eval()(x)  # (B, S, t, D)
+        assert (feats[0] - feats[1]).abs().max().item() > 1e-3 if differ else torch.allclose(feats[0], feats[1])
+
+
 def test_wrong_input_layout_is_rejected():
     with pytest.raises(ValueError, match=r"expects input \(B, S, 3, 4, 32, 32\)"):
         MotionFormer(**TINY)(tiny_input().transpose(2, 3))

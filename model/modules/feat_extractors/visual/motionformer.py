@@ -200,6 +200,7 @@ class MotionFormer(SegmentFeatureExtractor):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.2,
+        zero_init_tubelet: bool = True,
     ):
         super().__init__()
         if not (extract_features and factorize_space_time):
@@ -237,8 +238,10 @@ class MotionFormer(SegmentFeatureExtractor):
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_linear_and_norm)
         # Motionformer zero-initialises the tubelet projection (it is inflated from the image one when
-        # pre-training starts from ImageNet weights)
-        nn.init.zeros_(self.patch_embed_3d.proj.weight)
+        # pre-training starts from ImageNet weights); from scratch that makes all features equal, so
+        # `zero_init_tubelet=False` keeps the random init
+        if zero_init_tubelet:
+            nn.init.zeros_(self.patch_embed_3d.proj.weight)
 
         layer_kwargs = dict(d_model=embed_dim, nhead=num_heads, dim_feedforward=int(mlp_ratio * embed_dim))
         self.spatial_attn_agg = build_aggregator(agg_space_module, allow_identity=False, **layer_kwargs)
