@@ -16,13 +16,9 @@ from dataset.dataset_utils import get_transforms
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
 from dataset.transforms import make_class_grid, quantize_offset
 from model.sync_model import Synchformer
-from utils.inference import load_model
+from utils.inference import add_model_args, load_model_from_args
 
 VFPS, AFPS, IN_SIZE = 25, 16000, 256
-
-
-def default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def ensure_model_format(vid_path: str, out_dir: str) -> str:
@@ -95,10 +91,8 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 
 
 def main(args) -> None:
-    device = torch.device(args.device or ("cpu" if args.quantize else default_device()))
-    if args.exp_name is None and args.ckpt_path is None:
-        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, args.logdir, args.quantize)
+    model, cfg = load_model_from_args(args, args.logdir)
+    device = next(model.parameters()).device
 
     print(f"Using video: {args.vid_path}")
     vid_path = ensure_model_format(args.vid_path, args.reencode_dir)
@@ -126,19 +120,13 @@ def main(args) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp_name", help="A published experiment, e.g. 24-01-04T16-39-21")
     parser.add_argument("--vid_path", required=True, help="A path to an .mp4 video")
     parser.add_argument("--offset_sec", type=float, default=0.0)
     parser.add_argument("--v_start_i_sec", type=float, default=0.0)
-    parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
-    parser.add_argument("--ckpt_path", help="A local checkpoint (published format or a bare state dict)")
-    parser.add_argument("--cfg_path", help="Its config (needed for a bare state dict)")
     parser.add_argument("--logdir", default="./logs/sync_models", help="Where published experiments are kept")
     parser.add_argument("--reencode_dir", default="./vis", help="Where re-encoded videos are written")
     parser.add_argument("--plot", help="Save a bar chart of the class probabilities to this PNG")
-    parser.add_argument(
-        "--quantize", action="store_true", help="int8 Linear layers: ~2x faster on CPU, slightly different outputs"
-    )
+    add_model_args(parser, default_exp=None)
     return parser
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, decode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
-from utils.inference import WindowPredictor, load_model, offset_grid
+from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".mp4", ".mkv", ".webm"}
 
@@ -92,7 +92,7 @@ def main(args) -> int:
             videos = [v for v in videos if v.stem in audio_files]
     if not videos:
         raise SystemExit(f"No videos to score in {args.video_dir}.")
-    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, args.device, quantize=args.quantize)
+    model, cfg = load_model_from_args(args)
     predictor = WindowPredictor(model, cfg)
     rows = []
     for video in tqdm(videos, desc="DeSync"):
@@ -115,15 +115,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video_dir", help="A folder of videos")
     parser.add_argument("--audio_dir", help="A folder of generated audio files named like the videos")
-    parser.add_argument("--exp_name", default="24-01-04T16-39-21", help="A published experiment")
-    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or bare state dict)")
-    parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
     parser.add_argument("--out", default="desync.csv", help="Per-video results")
     parser.add_argument("--work_dir", default="./vis", help="Where re-encoded videos go")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--quantize", action="store_true", help="int8 Linear layers: ~2x faster on CPU, slightly different outputs"
-    )
+    add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
-from utils.inference import WindowPredictor, entropy, load_model, offset_grid
+from utils.inference import WindowPredictor, add_model_args, entropy, load_model_from_args, offset_grid
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
@@ -110,7 +110,7 @@ def main(args) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(args.input)
     videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if src.is_dir() else [src]
-    model, cfg = load_model(args.exp_name, args.ckpt_path, args.cfg_path, args.device, quantize=args.quantize)
+    model, cfg = load_model_from_args(args)
     predictor = WindowPredictor(model, cfg, args.batch_segments, args.batch_windows)
     summaries, failed = [], 0
     for path in tqdm(videos, desc="videos", disable=len(videos) == 1):
@@ -139,19 +139,13 @@ def main(args) -> int:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="A video or a folder of videos")
-    parser.add_argument("--exp_name", default="24-01-04T16-39-21", help="A published experiment")
-    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or bare state dict)")
-    parser.add_argument("--cfg_path", help="The config of a bare state dict")
     parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
     parser.add_argument("--offset_sec", type=float, default=0.0, help="Shift the audio earlier by this much first")
     parser.add_argument("--out_dir", default="./offsets", help="Where CSV/JSON/PNG results go")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
     parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
-    parser.add_argument(
-        "--quantize", action="store_true", help="int8 Linear layers: ~2x faster on CPU, slightly different outputs"
-    )
+    add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 
 

@@ -10,6 +10,7 @@ tensors (frame and sample numbers instead of pixels), so the windows are exactly
 `example.py` and the test-time pipeline would make.
 """
 
+import argparse
 import math
 import warnings
 from collections.abc import Sequence
@@ -76,6 +77,25 @@ def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
         )
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
         return torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8).eval()
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
+    """The model-choosing arguments that every prediction CLI shares (read back with `load_model_from_args`)."""
+    parser.add_argument("--exp_name", default=default_exp, help="A published experiment, e.g. 24-01-04T16-39-21")
+    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or a bare state dict)")
+    parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
+    parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
+    parser.add_argument(
+        "--quantize", action="store_true", help="int8 Linear layers: faster on CPU, slightly different outputs"
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
+    """`load_model` for the arguments of `add_model_args`; int8 runs on the CPU, else CUDA when available."""
+    if args.exp_name is None and args.ckpt_path is None:
+        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    device = args.device or ("cuda:0" if torch.cuda.is_available() and not args.quantize else "cpu")
+    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.quantize)
 
 
 def offset_grid(cfg: DictConfig, num_classes: int) -> torch.Tensor:
