@@ -41,6 +41,7 @@ class ClipSpec:
     flash_frames: int = 2
     tone_hz: float = 880.0
     tone_sec: float = 0.06
+    events_span_sec: tuple[float, float] | None = None  # events only start inside this span (default: anywhere)
     gop: int = 250  # libx264 default keyint, as ffmpeg's; a smaller one creates more seek points
     seed: int = 0
     visual_events_sec: list[float] = field(default_factory=list)
@@ -54,9 +55,10 @@ def sample_events(spec: ClipSpec) -> ClipSpec:
     rng = np.random.default_rng(spec.seed)
     offsets = [spec.offset_sec] + ([] if spec.offset_after_sec is None else [spec.offset_after_sec])
     margin = max(0.2, *[abs(o) for o in offsets]) + spec.tone_sec
-    t = margin + rng.uniform(0, spec.max_gap_sec)
+    first, last = spec.events_span_sec or (margin, spec.duration_sec - margin - spec.flash_frames / spec.vfps)
+    t = first + rng.uniform(0, spec.max_gap_sec)
     visual, audio = [], []
-    while t < spec.duration_sec - margin - spec.flash_frames / spec.vfps:
+    while t < last:
         t_v = round(t * spec.vfps) / spec.vfps  # a flash starts on a frame
         in_second_half = spec.offset_after_sec is not None and t_v >= spec.duration_sec / 2
         offset = spec.offset_after_sec if in_second_half else spec.offset_sec

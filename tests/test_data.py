@@ -25,7 +25,7 @@ from dataset.io import (
     reencode_video,
 )
 from dataset.lrs import LRS3
-from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, write_mp4
+from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, sample_events, write_mp4
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
 from scripts import bench_data, download_metadata
 
@@ -135,6 +135,16 @@ def test_synthetic_clip_decodes_with_expected_format_and_event_times(drift_clip)
     # drift: the first half runs 0.4 s ahead, the second 0.6 s behind
     shifts = np.array(labels["visual_events_sec"]) - np.array(labels["audio_events_sec"])
     assert set(np.round(shifts, 6)) == {0.4, -0.6}
+
+
+def test_events_span_confines_events():
+    # one event per clip, always where any 5 s crop shifted by up to 2 s sees it in both streams
+    for seed in range(20):
+        spec = ClipSpec(duration_sec=7, events_span_sec=(2.5, 4.5), min_gap_sec=2, max_gap_sec=2, seed=seed)
+        spec = sample_events(spec)
+        assert len(spec.visual_events_sec) == 1 and 2.5 - 0.02 <= spec.visual_events_sec[0] < 4.5 + 0.02
+    default = sample_events(ClipSpec(duration_sec=7, seed=0))
+    assert len(default.visual_events_sec) > 1
 
 
 @pytest.mark.parametrize("vfps, afps, channels, hw", [(30, 44100, 2, (360, 640)), (25, 16000, 1, (256, 256))])

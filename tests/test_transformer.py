@@ -18,6 +18,7 @@ from model.modules.transformer import (
     NoPosEncoding,
     RandInitPositionalEncoding,
     SelfAttention,
+    SinCosInitPositionalEncoding,
     ZeroInitPositionalEncoding,
 )
 
@@ -66,6 +67,16 @@ def test_position_encodings():
     torch.testing.assert_close(rand(x), x + rand.pos_emb)
     torch.testing.assert_close(zero(x), x)
     torch.testing.assert_close(NoPosEncoding(block_shape=[6], n_embd=8)(x), x)
+
+
+def test_sincos_init_is_smooth_in_the_token_index():
+    enc = SinCosInitPositionalEncoding([198], 64)
+    table = enc.pos_emb[0]  # (198, 64)
+    assert enc.pos_emb.requires_grad and torch.isfinite(table).all()
+    torch.testing.assert_close(table.norm(dim=-1), torch.full((198,), math.sqrt(32)))  # sin^2 + cos^2 per pair
+    sim = table @ table.T  # neighbours resemble each other more than distant tokens do
+    assert (sim.diagonal(1)[:158] > sim.diagonal(40)).all()
+    assert len({tuple(row.tolist()) for row in table.round(decimals=4)}) == 198  # every position distinct
 
 
 def test_position_encoding_trims_longer_and_rejects_shorter(caplog):
