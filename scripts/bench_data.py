@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import decode_audio
+from utils.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "data"
@@ -104,7 +105,7 @@ def main() -> None:
     )
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     if not identical:
         raise SystemExit("ours and the baseline disagree")
 

@@ -13,7 +13,6 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.inference import quantize_for_cpu
-from utils.utils import instantiate_from_config
+from utils.utils import instantiate_from_config, write_json
 
 # Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
 # says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
@@ -190,8 +189,7 @@ def main() -> None:
     print(f"bench_model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
           f"{device}, {args.threads} threads, load {load[0]:.2f}): {summary}")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

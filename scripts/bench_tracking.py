@@ -15,7 +15,6 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -27,7 +26,7 @@ from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
 from scripts.bench_model import bench_config
 from utils.inference import WindowPredictor
-from utils.utils import instantiate_from_config
+from utils.utils import instantiate_from_config, write_json
 
 
 def seconds_of(fn):
@@ -87,8 +86,7 @@ def main() -> None:
           f"tracking with reuse {reuse_s:.2f} s ({reuse_s / pass_s:.2f}x), per-window {per_window_s:.2f} s "
           f"({per_window_s / pass_s:.2f}x), max logit diff {max_diff:.1e}")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

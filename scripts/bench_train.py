@@ -9,7 +9,6 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scripts.bench_model import build_model, default_device, synchronize
+from utils.utils import write_json
 
 
 def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device) -> dict:
@@ -85,10 +85,9 @@ def main() -> None:
     print(f"bench_train ({args.config}, S={args.segments}, {args.device}, {args.threads} threads, "
           f"load {load[0]:.2f}): {summary}")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {"config": args.config, "device": str(args.device), "threads": args.threads,
                   "torch": torch.__version__, "load_average": load, "runs": runs}  # fmt: skip
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

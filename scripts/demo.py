@@ -14,7 +14,6 @@ step is the same command a user would type (`main.py config=... key=value`), sho
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import example
 import main as trainer
 from dataset.synthetic import make_vggsound_like
 from utils.logger import read_metrics
+from utils.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def main(args) -> dict:
         "minutes": round((time.time() - started) / 60, 1),
         "stage2_run": str(stage2),
     }
-    (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(workdir / "demo_summary.json", summary)
     print(
         f"\nHeld-out test: accuracy@1 {summary['held_out_accuracy_1']:.3f}, within one class "
         f"{summary['held_out_accuracy_1_tol1']:.3f} (chance 0.048 / 0.14); {summary['minutes']} min in all. "

@@ -10,7 +10,6 @@ flac, mp3, m4a, ...) when given, resampled to 16 kHz mono.
 """
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from dataset.io import BadVideoError, decode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
 from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
+from utils.utils import write_csv
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".mp4", ".mkv", ".webm"}
 
@@ -102,10 +102,7 @@ def main(args) -> int:
             logging.error(f"Skipping: {e}")
     if not rows:
         raise SystemExit("No video could be scored.")
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out, rows)
     score = sum(r["desync"] for r in rows) / len(rows)
     print(f"DeSync: {score:.4f} s over {len(rows)} videos ({len(videos) - len(rows)} skipped); per video: {args.out}")
     return 0

@@ -11,7 +11,6 @@ accurate a trained model stays.
 """
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from example import make_input
 from scripts.bench_model import bench_config
 from tests.detfill import det_state_dict
 from utils.inference import load_model, quantize_for_cpu
-from utils.utils import instantiate_from_config
+from utils.utils import instantiate_from_config, write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIPS = [
@@ -84,8 +83,7 @@ def main() -> None:
     print(f"int8_agreement ({weights}, load {os.getloadavg()[0]:.2f}): top-1 agrees with float32 on {agree}/{total} "
           f"windows of {len(rows)} clips; max abs logit diff {diff:.3g}")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"weights": weights, "agreement": agree / total, "clips": rows}, indent=1))
+        write_json(args.out, {"weights": weights, "agreement": agree / total, "clips": rows})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ videos whose JSON exists, so an interrupted run resumes, and writes `summary.csv
 """
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
 from utils.inference import WindowPredictor, add_model_args, entropy, load_model_from_args, offset_grid
+from utils.utils import write_csv, write_json
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
@@ -96,12 +96,9 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
     ]
     summary = {"video": str(path), **summarise(starts, probs, grid)}
     stem = args.out_dir / path.stem
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(f"{stem}.csv", rows)
     plot_track(rows, summary, Path(f"{stem}.png"), path.name)
-    Path(f"{stem}.json").write_text(json.dumps({**summary, "windows": rows}, indent=1))
+    write_json(f"{stem}.json", {**summary, "windows": rows})
     return summary
 
 
@@ -128,10 +125,7 @@ def main(args) -> int:
         drift = " (DRIFT: the two halves disagree)" if s["drift"] else ""
         print(f"{path.name}: offset {s['offset_sec']:+.2f} s, confidence {s['confidence']:.3f}{drift}")
     if summaries:
-        with open(args.out_dir / "summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
-            writer.writeheader()
-            writer.writerows(summaries)
+        write_csv(args.out_dir / "summary.csv", summaries)
     print(f"{len(summaries)} videos done, {failed} failed; segments computed: {predictor.segments_computed}")
     return 1 if failed and not summaries else 0
 

@@ -11,7 +11,6 @@ threshold, the offset metrics on the kept clips (a clip kept although not synchr
 Runs under torchrun/srun like the trainers.
 """
 
-import json
 import logging
 import sys
 
@@ -23,6 +22,7 @@ from scripts.train_utils import build_loader, build_model, load_weights, mixed_p
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
 from utils.metrics import classification_metrics
+from utils.utils import write_json
 
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 OWN_KEYS = ("config_sync", "ckpt_path_sync", "config_off", "ckpt_path_off")
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
             report["offset_by_threshold"] = {str(t): m for t, m in by_t.items()}
             for t, m in by_t.items():
                 logging.info(f"offset metrics on clips with p(sync) > {t}: {m}")
-        (run_dir / "syncability_test.json").write_text(json.dumps(report, indent=1))
+        write_json(run_dir / "syncability_test.json", report)
     logger.finish()
     cleanup()
 

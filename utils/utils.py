@@ -1,7 +1,11 @@
-"""Small helpers every part of the project uses: building objects from configs by dotted path."""
+"""Small helpers every part of the project uses: building objects from configs by dotted path, and
+writing result files."""
 
+import csv
 import importlib
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -22,3 +26,18 @@ def instantiate_from_config(config: Mapping) -> Any:
     if "target" not in config:
         raise KeyError(f"Expected the key 'target' to instantiate an object, got keys {list(config)}")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Writes `obj` as indented JSON, creating the parent folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
+    """Writes dicts with the same keys as CSV rows under a header of the first row's keys."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
