@@ -12,11 +12,11 @@ import argparse
 import torch
 from omegaconf import DictConfig
 
-from dataset.dataset_utils import get_transforms
-from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
-from dataset.transforms import make_class_grid, quantize_offset
+from dataset.dataset_utils import get_transforms, load_item
+from dataset.io import BadVideoError, probe_video, reencode_video
+from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
-from utils.inference import add_model_args, load_model_from_args
+from utils.inference import add_model_args, load_model_from_args, offset_grid
 
 VFPS, AFPS, IN_SIZE = 25, 16000, 256
 
@@ -35,16 +35,8 @@ def ensure_model_format(vid_path: str, out_dir: str) -> str:
 def make_input(cfg: DictConfig, vid_path: str, offset_sec: float, v_start_i_sec: float) -> dict:
     """The test-time item of the config's transforms: the visual window starts at `v_start_i_sec` and
     the audio is taken `offset_sec` earlier."""
-    rgb, audio, meta = get_video_and_audio(vid_path, get_meta=True)
-    item = {
-        "video": rgb,
-        "audio": audio,
-        "meta": meta,
-        "path": vid_path,
-        "split": "test",
-        "targets": {"v_start_i_sec": v_start_i_sec, "offset_sec": offset_sec},
-    }
-    return get_transforms(cfg, "test")(item)
+    targets = {"v_start_i_sec": v_start_i_sec, "offset_sec": offset_sec}
+    return load_item(vid_path, "test", targets, get_transforms(cfg, "test"))
 
 
 @torch.inference_mode()
@@ -109,8 +101,7 @@ def main(args) -> None:
     if len(logits) == 2:  # the synchronizability head: class 1 means "can be synchronised"
         print(f"Synchronizability: p={torch.softmax(logits, -1)[1]:.4f} (offset applied: {args.offset_sec:.2f} s)")
         return
-    max_off_sec = cfg.data.max_off_sec
-    grid = make_class_grid(-max_off_sec, max_off_sec, len(logits))
+    grid = offset_grid(cfg, len(logits))
     if not grid.min() <= args.offset_sec <= grid.max():
         print(f"WARNING: offset_sec={args.offset_sec} is outside the trained grid: {grid}")
     probs = print_offset_prediction(logits, grid, float(item["targets"]["offset_label"]))
