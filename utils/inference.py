@@ -102,6 +102,13 @@ def offset_grid(cfg: DictConfig, num_classes: int) -> torch.Tensor:
     return make_class_grid(-cfg.data.max_off_sec, cfg.data.max_off_sec, num_classes)
 
 
+def make_test_item(video: torch.Tensor, audio: torch.Tensor, meta: dict, path: str, targets: dict | None = None):
+    """An item in the datasets' layout for the test transforms, with its own copy of `meta` (transforms write
+    bookkeeping into it)."""
+    meta = {stream: dict(values) for stream, values in meta.items()}
+    return {"video": video, "audio": audio, "meta": meta, "path": path, "split": "test", "targets": targets or {}}
+
+
 @dataclass
 class SegmentPipeline:
     """The config's test transforms split around the temporal crop: `whole` runs once on the whole
@@ -127,7 +134,7 @@ class SegmentPipeline:
         return cls(whole, crop, transforms[last + 1 :])
 
     def prepare(self, rgb: torch.Tensor, audio: torch.Tensor, meta: dict, path: str) -> dict:
-        item = {"video": rgb, "audio": audio, "meta": meta, "path": path, "split": "test", "targets": {}}
+        item = make_test_item(rgb, audio, meta, path)
         for t in self.whole:
             item = t(item)
         return item
@@ -135,28 +142,18 @@ class SegmentPipeline:
     def window_segments(self, item: dict, v_start_sec: float, offset_sec: float = 0.0) -> list[tuple[int, int]]:
         """(first frame, first sample) of each segment of the window starting at `v_start_sec`, with the
         audio taken `offset_sec` earlier; found by running the crop transforms on frame/sample indices."""
-        probe = {
-            "video": torch.arange(item["video"].shape[0]),
-            "audio": torch.arange(item["audio"].shape[0]),
-            "meta": {"video": dict(item["meta"]["video"]), "audio": dict(item["meta"]["audio"])},
-            "path": item["path"],
-            "split": "test",
-            "targets": {"v_start_i_sec": v_start_sec, "offset_sec": offset_sec},
-        }
+        frames, samples = torch.arange(item["video"].shape[0]), torch.arange(item["audio"].shape[0])
+        targets = {"v_start_i_sec": v_start_sec, "offset_sec": offset_sec}
+        probe = make_test_item(frames, samples, item["meta"], item["path"], targets)
         for t in self.crop:
             probe = t(probe)
         return list(zip(probe["video"][:, 0].tolist(), probe["audio"][:, 0].tolist()))
 
     def segment_inputs(self, item: dict, keys: Sequence[tuple[int, int]], seg_v: int, seg_a: int):
         """Model inputs for the segments starting at `keys`: video (N, Tv, C, H, W), audio (N, 1, F, Ta)."""
-        seg = {
-            "video": torch.stack([item["video"][v : v + seg_v] for v, _ in keys]),
-            "audio": torch.stack([item["audio"][a : a + seg_a] for _, a in keys]),
-            "meta": {"video": dict(item["meta"]["video"]), "audio": dict(item["meta"]["audio"])},
-            "path": item["path"],
-            "split": "test",
-            "targets": {},
-        }
+        video = torch.stack([item["video"][v : v + seg_v] for v, _ in keys])  # (N, Tv, C, H, W)
+        audio = torch.stack([item["audio"][a : a + seg_a] for _, a in keys])  # (N, Ta)
+        seg = make_test_item(video, audio, item["meta"], item["path"])
         for t in self.per_segment:
             seg = t(seg)
         return seg["video"], seg["audio"]
