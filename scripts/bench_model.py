@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -75,19 +76,20 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize()
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, Any]:
+    """`(seconds, fn())`, with the device's queued work finished before and after."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
 
 
 def gemm_gflops(device: torch.device, n: int, repeats: int = 2) -> float:
     """Best GFLOP/s of an (n x n) @ (n x n) matmul: float32 on CPU, bfloat16 on an accelerator."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    seconds = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
     return 2 * n**3 / seconds / 1e9
 
 
@@ -110,10 +112,11 @@ def warm_up(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) -> Non
 def bench_forward(model, vis, aud, flops_per_clip: int, repeats: int, gemm_n: int, device) -> tuple[dict, torch.Tensor]:
     """Seconds per clip (median of `repeats` forwards) and achieved GFLOP/s, as a fraction of the GEMM
     throughput measured around each forward; and the logits."""
-    seconds, gemm, logits = [], [gemm_gflops(device, gemm_n)], []
+    seconds, gemm = [], [gemm_gflops(device, gemm_n)]
     with torch.inference_mode():
         for _ in range(repeats):
-            seconds.append(timed(lambda: logits.append(model(vis, aud)[1]), device))
+            forward_seconds, (_, logits) = timed(lambda: model(vis, aud), device)
+            seconds.append(forward_seconds)
             gemm.append(gemm_gflops(device, gemm_n))
     B = vis.shape[0]
     per_clip = statistics.median(seconds) / B
@@ -127,7 +130,7 @@ def bench_forward(model, vis, aud, flops_per_clip: int, repeats: int, gemm_n: in
         "gflops": gflops,
         "gemm_gflops": gemm,
         "fraction_of_gemm_peak": statistics.median(fractions),
-    }, logits[-1]
+    }, logits
 
 
 def main() -> None:

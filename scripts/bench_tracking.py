@@ -17,22 +17,15 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
-from scripts.bench_model import bench_config
+from scripts.bench_model import bench_config, timed
 from utils.inference import WindowPredictor
 from utils.utils import instantiate_from_config, write_json
-
-
-def seconds_of(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -58,9 +51,10 @@ def main() -> None:
     windows = [predictor.pipeline.window_segments(item, s) for s in starts]
     distinct = list(dict.fromkeys(k for w in windows for k in w))
 
-    pass_s, _ = seconds_of(lambda: predictor.features(item, distinct))
-    reuse_s, shared = seconds_of(lambda: predictor.predict(item, windows))
-    per_window_s, alone = seconds_of(lambda: torch.cat([predictor.predict(item, [w]) for w in windows]))
+    cpu = torch.device("cpu")
+    pass_s, _ = timed(lambda: predictor.features(item, distinct), cpu)
+    reuse_s, shared = timed(lambda: predictor.predict(item, windows), cpu)
+    per_window_s, alone = timed(lambda: torch.cat([predictor.predict(item, [w]) for w in windows]), cpu)
     max_diff = (shared - alone).abs().max().item()
     load = os.getloadavg()
     result = {

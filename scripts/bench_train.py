@@ -11,13 +11,12 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from scripts.bench_model import build_model, default_device, synchronize
+from scripts.bench_model import build_model, default_device, timed
 from utils.utils import write_json
 
 
@@ -43,13 +42,8 @@ def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, se
         return loss.item()
 
     step()  # warm-up: allocates the optimizer state
-    seconds = []
-    for _ in range(iterations):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    seconds, losses = zip(*(timed(step, device) for _ in range(iterations)))
+    loss = losses[-1]
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"bench_train: the {config} loss is {loss}")
     return {
@@ -58,7 +52,7 @@ def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, se
         "segments": segments,
         "trainable_params": sum(p.numel() for p in params),
         "iterations_per_second": 1 / statistics.median(seconds),
-        "seconds_per_iteration": seconds,
+        "seconds_per_iteration": list(seconds),
     }
 
 
