@@ -44,7 +44,7 @@ TINY_INPUTS = {
 }
 
 
-def bench_config(config: str, tiny: bool, tiny_inputs: bool = True) -> DictConfig:
+def bench_config(config: str | Path, tiny: bool, tiny_inputs: bool = True) -> DictConfig:
     """The config (resolved) with random extractor weights; `tiny`: TINY_WIDTHS (and TINY_INPUTS)."""
     cfg = OmegaConf.load(config)
     for sizes in (TINY_WIDTHS, TINY_INPUTS if tiny_inputs else {}) if tiny else ():

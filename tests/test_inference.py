@@ -15,6 +15,7 @@ import example
 from dataset.io import get_video_and_audio, probe_video
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync, predict_offsets
+from scripts.bench_model import bench_config
 from tests.reference_data import REPO, SHARED
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.download import DownloadError
@@ -27,13 +28,7 @@ PREDICTION = re.compile(r'^p=(\d\.\d{4}) \((-?\d+\.\d{4})\), "(-?\d\.\d\d)" \((\
 
 def tiny_sync_cfg():
     """configs/sync.yaml with 1-layer, 32-wide extractors at the published input sizes."""
-    cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
-    p = cfg.model.params
-    p.vfeat_extractor.params.update(embed_dim=32, depth=1, num_heads=2)
-    p.afeat_extractor.params.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    p.vproj.params.in_features = p.aproj.params.in_features = 32
-    p.transformer.params.update(n_layer=1, n_head=2, n_embd=32)
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return bench_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
 
 
 @pytest.fixture(scope="module")
