@@ -39,8 +39,12 @@ class ClipSpec:
     min_gap_sec: float = 0.6
     max_gap_sec: float = 1.8
     flash_frames: int = 2
+    flash_size: float = 0.5  # side of the flashing square over the frame's short side; 1.0 flashes the whole frame
     tone_hz: float = 880.0
     tone_sec: float = 0.06
+    tone_decay: bool = True  # the burst fades out; False keeps it at full level for `tone_sec`
+    burst_noise_amp: float = 0.0  # white noise added to the burst: energy in every mel bin, not just one
+    noise_amp: float = 0.005  # background noise; 0 gives silence between bursts
     events_span_sec: tuple[float, float] | None = None  # events only start inside this span (default: anywhere)
     gop: int = 250  # libx264 default keyint, as ffmpeg's; a smaller one creates more seek points
     seed: int = 0
@@ -70,27 +74,29 @@ def sample_events(spec: ClipSpec) -> ClipSpec:
 
 
 def render_video(spec: ClipSpec) -> np.ndarray:
-    """(Tv, H, W, 3) uint8: dark background, a bright square during each flash. The square (half the
-    short side) moves around but always covers the frame centre, so any spatial crop sees it."""
+    """(Tv, H, W, 3) uint8: dark background, a bright square during each flash. The square (`flash_size` of
+    the short side) moves around but always covers the frame centre, so any spatial crop sees it."""
     rng = np.random.default_rng(spec.seed + 1)
     n_frames = int(round(spec.duration_sec * spec.vfps))
     frames = np.full((n_frames, spec.height, spec.width, 3), 24, dtype=np.uint8)
-    side = max(2, min(spec.height, spec.width) // 2)
+    side = max(2, int(min(spec.height, spec.width) * spec.flash_size))
     for t_v in spec.visual_events_sec:
         first = int(round(t_v * spec.vfps))
-        top = spec.height // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1))
-        left = spec.width // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1))
+        top = max(0, spec.height // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1)))
+        left = max(0, spec.width // 2 - int(rng.integers(side // 4, 3 * side // 4 + 1)))
         frames[first : first + spec.flash_frames, top : top + side, left : left + side] = 235
     return frames
 
 
 def render_audio(spec: ClipSpec) -> np.ndarray:
-    """(C, Ta) float32: faint noise plus an exponentially decaying tone burst at each audio event."""
+    """(C, Ta) float32: faint noise plus a tone burst (by default exponentially decaying) at each audio event."""
     rng = np.random.default_rng(spec.seed + 2)
     n_samples = int(round(spec.duration_sec * spec.afps))
-    wave = 0.005 * rng.standard_normal(n_samples).astype(np.float32)
+    wave = spec.noise_amp * rng.standard_normal(n_samples).astype(np.float32)
     burst_t = np.arange(int(spec.tone_sec * spec.afps)) / spec.afps
-    burst = 0.6 * np.sin(2 * np.pi * spec.tone_hz * burst_t) * np.exp(-burst_t / (spec.tone_sec / 4))
+    envelope = np.exp(-burst_t / (spec.tone_sec / 4)) if spec.tone_decay else 1.0
+    burst = 0.6 * np.sin(2 * np.pi * spec.tone_hz * burst_t) * envelope
+    burst = burst + spec.burst_noise_amp * rng.standard_normal(len(burst_t))
     for t_a in spec.audio_events_sec:
         start = int(round(t_a * spec.afps))
         wave[start : start + len(burst)] += burst[: n_samples - start].astype(np.float32)

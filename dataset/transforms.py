@@ -483,6 +483,7 @@ class PixelwiseLookup(torch.nn.Module):
     pixelwise = True
     # numpy has no bfloat16: look up the tables' bits as integers of the same width
     _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    PIXELS_PER_LOOKUP = 256 * 256
 
     def __init__(self, transforms: list):
         super().__init__()
@@ -497,13 +498,18 @@ class PixelwiseLookup(torch.nn.Module):
         # a shallow copy of the item: bookkeeping the chain writes into 'meta' (norm stats) lands in the item
         tables = self.chain({**item, "video": values})["video"].reshape(C, 256)  # (C, 256)
         tables_bits = tables.contiguous().view(self._BITS[tables.element_size()]).numpy()
-        pixels = video.numpy()  # (..., C, H, W), possibly a strided view
+        pixels = video.numpy()  # (..., T, C, H, W), possibly a strided view (overlapping segments)
         out = np.empty(pixels.shape, dtype=tables_bits.dtype)
-        # frame by frame and channel by channel: small contiguous lookups are the fastest numpy path
-        for frame_i in np.ndindex(pixels.shape[:-3]):
-            for c in range(C):
-                np.take(tables_bits[c], pixels[frame_i][c], out=out[frame_i][c], mode="wrap")
-        item["video"] = torch.from_numpy(out).view(tables.dtype)  # (..., C, H, W)
+        T, H, W = pixels.shape[-4], *pixels.shape[-2:]
+        # channel by channel over a few frames at a time: lookups of ~64k pixels are the fastest numpy path
+        # (one 256 px frame; many small frames per call, so that Python overhead does not dominate)
+        n = max(1, self.PIXELS_PER_LOOKUP // (H * W))
+        for outer in np.ndindex(pixels.shape[:-4]):
+            for first in range(0, T, n):
+                for c in range(C):
+                    frames = (*outer, slice(first, first + n), c)
+                    np.take(tables_bits[c], pixels[frames], out=out[frames], mode="wrap")
+        item["video"] = torch.from_numpy(out).view(tables.dtype)  # (..., T, C, H, W)
         return item
 
 

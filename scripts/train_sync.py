@@ -103,6 +103,12 @@ class Trainer:
         a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
         save_similarity_matrices({"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}, path)
 
+    def draw_similarity(self, epoch: int) -> bool:
+        """Whether to draw this epoch's segment similarities: frozen extractors give the same picture
+        every epoch, so then only the first one (the plot takes longer than a tiny model's epoch)."""
+        extractors_learn = len(self.model.frozen_extractors) < 2
+        return bool(cfg_get(self.cfg, "logging.vis_segment_sim")) and (epoch == 0 or extractors_learn)
+
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
         cfg, env, loader = self.cfg, self.env, self.loaders[phase]
@@ -128,7 +134,7 @@ class Trainer:
             vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
             aud = batch["audio"].to(env.device, non_blocking=True).float()
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
-            if i == 0 and phase != "test" and env.is_main and cfg_get(cfg, "logging.vis_segment_sim"):
+            if i == 0 and phase != "test" and env.is_main and self.draw_similarity(epoch):
                 self.save_segment_similarity(
                     vis, aud, self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
                 )

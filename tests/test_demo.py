@@ -1,8 +1,12 @@
 """The CPU demo end to end in its smoke mode: data, stage 1, stage 2 with a test, example.py with a plot."""
 
 import json
+import os
 
-from scripts import demo
+import pytest
+
+from dataset.synthetic import ClipSpec, make_clip
+from scripts import demo, predict_offsets
 
 
 def test_demo_quick_runs_every_stage(tmp_path, capsys):
@@ -17,3 +21,28 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     assert (tmp_path / "example_probs.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "Prediction Results" in out and "Held-out test: accuracy@1" in out
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SYNCHFORMER_LONG_TESTS"),
+    reason="the full demo takes about 10 minutes on 2 cores: run with SYNCHFORMER_LONG_TESTS=1",
+)
+def test_demo_learns_offsets_and_tracks_drift(tmp_path):
+    summary = demo.main(demo.get_parser().parse_args(["--workdir", str(tmp_path)]))
+    # chance: 1/21 and about 3/21
+    assert summary["held_out_accuracy_1_tol1"] >= 0.8
+    assert summary["held_out_accuracy_1"] >= 0.3
+
+    # a long clip of the demo's kind whose offset jumps from +0.8 s to -0.8 s halfway, one event per window
+    clip = tmp_path / "drift.mp4"
+    easy = {k: v for k, v in demo.EASY_CLIPS.items() if k not in ("events_span_sec", "duration_sec", "side")}
+    spec = ClipSpec(**easy, height=32, width=32, duration_sec=30.0, offset_sec=0.8, offset_after_sec=-0.8)
+    spec.min_gap_sec = spec.max_gap_sec = 5.0
+    make_clip(clip, spec)
+    ckpt = tmp_path / "stage2" / "stage2_best.pt"
+    argv = [str(clip), "--ckpt_path", str(ckpt), "--device", "cpu", "--out_dir", str(tmp_path / "track")]
+    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
+    track = json.loads((tmp_path / "track" / "drift.json").read_text())
+    assert track["drift"]
+    assert abs(track["offset_first_half_sec"] - 0.8) <= 0.2 + 1e-6
+    assert abs(track["offset_second_half_sec"] + 0.8) <= 0.2 + 1e-6

@@ -61,9 +61,8 @@ def stage2_run(tmp_path_factory, data) -> Path:
 def test_stage2_writes_checkpoints_and_metrics(stage2_run):
     names = {p.name for p in stage2_run.iterdir()}
     assert {"cfg-s2.yaml", "train.log", "metrics.jsonl", "s2.pt", "s2_best.pt", "s2_latest.pt"} <= names
-    assert {p.name for p in (stage2_run / "viz" / "sim_matrices").iterdir()} == {
-        f"{phase}_e000{epoch}.png" for phase in ("train", "valid") for epoch in (0, 1)
-    }
+    # the extractors are frozen: their segment similarities are drawn for the first epoch only
+    assert {p.name for p in (stage2_run / "viz" / "sim_matrices").iterdir()} == {"train_e0000.png", "valid_e0000.png"}
     for phase in ("train", "valid"):
         records = read_metrics(stage2_run, phase)
         assert [r["epoch"] for r in records] == [0, 1] and OFFSET_METRICS <= set(records[0])

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Returns the object named by a dotted path, e.g. 'torch.nn.Linear' -> the Linear class."""
@@ -22,10 +24,14 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
 
 
 def instantiate_from_config(config: Mapping) -> Any:
-    """Builds `config['target'](**config['params'])`; `params` is optional."""
+    """Builds `config['target'](**config['params'])`; `params` is optional and arrives as plain dicts and lists."""
     if "target" not in config:
         raise KeyError(f"Expected the key 'target' to instantiate an object, got keys {list(config)}")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+    params = config.get("params", dict())
+    if isinstance(params, DictConfig):
+        # plain containers: OmegaConf's are slow to read in hot paths (e.g. `torch.as_tensor(ListConfig)`)
+        params = OmegaConf.to_container(params, resolve=True)
+    return get_obj_from_str(config["target"])(**params)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -25,7 +25,7 @@ class ConvBridge(nn.Module):
 
 
 def _as_tuple(v):
-    """Pooling layers reject OmegaConf's ListConfig; ints and None pass through."""
+    """Kernel sizes and strides as tuples; ints and None pass through."""
     return v if v is None or isinstance(v, int) else tuple(v)
 
 
