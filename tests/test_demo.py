@@ -25,7 +25,7 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
 
 @pytest.mark.skipif(
     not os.environ.get("SYNCHFORMER_LONG_TESTS"),
-    reason="the full demo takes about 10 minutes on 2 cores: run with SYNCHFORMER_LONG_TESTS=1",
+    reason="the full demo takes about 8.5 minutes on 2 cores: run with SYNCHFORMER_LONG_TESTS=1",
 )
 def test_demo_learns_offsets_and_tracks_drift(tmp_path):
     summary = demo.main(demo.get_parser().parse_args(["--workdir", str(tmp_path)]))
@@ -36,9 +36,8 @@ def test_demo_learns_offsets_and_tracks_drift(tmp_path):
     # a long clip of the demo's kind whose offset jumps from +0.8 s to -0.8 s halfway, one event per window
     clip = tmp_path / "drift.mp4"
     easy = {k: v for k, v in demo.EASY_CLIPS.items() if k not in ("events_span_sec", "duration_sec", "side")}
-    spec = ClipSpec(**easy, height=32, width=32, duration_sec=30.0, offset_sec=0.8, offset_after_sec=-0.8)
-    spec.min_gap_sec = spec.max_gap_sec = 5.0
-    make_clip(clip, spec)
+    easy |= {"min_gap_sec": 5.0, "max_gap_sec": 5.0}
+    make_clip(clip, ClipSpec(**easy, height=32, width=32, duration_sec=30.0, offset_sec=0.8, offset_after_sec=-0.8))
     ckpt = tmp_path / "stage2" / "stage2_best.pt"
     argv = [str(clip), "--ckpt_path", str(ckpt), "--device", "cpu", "--out_dir", str(tmp_path / "track")]
     assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0

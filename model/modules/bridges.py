@@ -24,18 +24,13 @@ class ConvBridge(nn.Module):
         return self.bridge(x)
 
 
-def _as_tuple(v):
-    """Kernel sizes and strides as tuples; ints and None pass through."""
-    return v if v is None or isinstance(v, int) else tuple(v)
-
-
 class AvgPoolBridge(nn.Module):
     """Average pooling; `ndim` as in `ConvBridge`."""
 
     def __init__(self, ndim: int, kernel_size, stride=None, **pool_kwargs):
         super().__init__()
         pool = {2: nn.AvgPool2d, 3: nn.AvgPool3d}[ndim]
-        self.bridge = pool(kernel_size=_as_tuple(kernel_size), stride=_as_tuple(stride), **pool_kwargs)
+        self.bridge = pool(kernel_size=kernel_size, stride=stride, **pool_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bridge(x)
