@@ -17,6 +17,7 @@ from dataset.io import BadVideoError, probe_video, reencode_video
 from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
 from utils.inference import add_model_args, load_model_from_args, offset_grid
+from utils.utils import reuse_freed_memory
 
 VFPS, AFPS, IN_SIZE = 25, 16000, 256
 
@@ -83,6 +84,7 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 
 
 def main(args) -> None:
+    reuse_freed_memory()
     model, cfg = load_model_from_args(args, args.logdir)
     device = next(model.parameters()).device
 

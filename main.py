@@ -4,6 +4,7 @@ import importlib
 import sys
 
 from utils.config import ConfigError, load_config, set_env_from_slurm
+from utils.utils import reuse_freed_memory
 
 # `action` in the config -> the function that runs it, imported only when asked for.
 ACTIONS = {
@@ -29,6 +30,7 @@ def get_action(action: str):
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     set_env_from_slurm()
+    reuse_freed_memory()
     get_action(cfg.action)(cfg)
 
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import decode_audio
-from utils.utils import write_json
+from utils.utils import reuse_freed_memory, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "data"
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers use 1)")
     args = parser.parse_args()
+    reuse_freed_memory()
     torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.inference import quantize_for_cpu
-from utils.utils import instantiate_from_config, write_json
+from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 # Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
 # says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
@@ -144,7 +144,11 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 CPU mode (quantize_for_cpu)")
     parser.add_argument("--tiny", action="store_true", help="reduced model and input size, one repetition (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="time without `reuse_freed_memory` (the page-fault baseline)"
+    )
     args = parser.parse_args()
+    reuses_memory = not args.default_malloc and reuse_freed_memory()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -179,6 +183,7 @@ def main() -> None:
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "reuse_freed_memory": reuses_memory,
         "torch": torch.__version__,
         "gflop_per_clip": flops_per_clip / 1e9,
         "load_average": load,
@@ -189,8 +194,9 @@ def main() -> None:
         f"{r['fraction_of_gemm_peak']:.0%} of GEMM {statistics.mean(r['gemm_gflops']):.1f}"
         for r in runs
     )
+    malloc = "" if reuses_memory else ", default malloc"
     print(f"bench_model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
-          f"{device}, {args.threads} threads, load {load[0]:.2f}): {summary}")  # fmt: skip
+          f"{device}, {args.threads} threads{malloc}, load {load[0]:.2f}): {summary}")  # fmt: skip
     if args.out:
         write_json(args.out, result)
 

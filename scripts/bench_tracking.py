@@ -25,7 +25,7 @@ from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
 from scripts.bench_model import bench_config, timed
 from utils.inference import WindowPredictor
-from utils.utils import instantiate_from_config, write_json
+from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="32-wide one-layer model, 12 s video (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    reuse_freed_memory()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

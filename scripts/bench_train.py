@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scripts.bench_model import build_model, default_device, timed
-from utils.utils import write_json
+from utils.utils import reuse_freed_memory, write_json
 
 
 def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device) -> dict:
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="only the tiny config, 2 iterations (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    reuse_freed_memory()
 
     torch.set_num_threads(args.threads)
     runs = [bench_training(args.config, True, 4, 2 if args.tiny else 10, args.segments, args.device)]

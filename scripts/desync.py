@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dataset.io import BadVideoError, decode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
 from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
-from utils.utils import write_csv
+from utils.utils import reuse_freed_memory, write_csv
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".mp4", ".mkv", ".webm"}
 
@@ -82,6 +82,7 @@ def desync_of(predictor: WindowPredictor, video: Path, audio_file: Path | None, 
 
 
 def main(args) -> int:
+    reuse_freed_memory()
     videos = sorted(p for p in Path(args.video_dir).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     audio_files = {}
     if args.audio_dir is not None:

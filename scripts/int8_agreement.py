@@ -22,7 +22,7 @@ from example import make_input
 from scripts.bench_model import bench_config
 from tests.detfill import det_state_dict
 from utils.inference import load_model, quantize_for_cpu
-from utils.utils import instantiate_from_config, write_json
+from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIPS = [
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--real-clips", type=int, default=len(CLIPS), help="how many of the sample clips to use")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    reuse_freed_memory()
 
     if args.ckpt_path:
         model, cfg = load_model(ckpt_path=args.ckpt_path, cfg_path=args.cfg_path)

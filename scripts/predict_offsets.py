@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
 from utils.inference import WindowPredictor, add_model_args, entropy, load_model_from_args, offset_grid
-from utils.utils import write_csv, write_json
+from utils.utils import reuse_freed_memory, write_csv, write_json
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
@@ -103,6 +103,7 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
 
 
 def main(args) -> int:
+    reuse_freed_memory()
     args.out_dir = Path(args.out_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(args.input)

@@ -22,7 +22,7 @@ from scripts.train_utils import build_loader, build_model, load_weights, mixed_p
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
 from utils.metrics import classification_metrics
-from utils.utils import write_json
+from utils.utils import reuse_freed_memory, write_json
 
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 OWN_KEYS = ("config_sync", "ckpt_path_sync", "config_off", "ckpt_path_off")
@@ -55,6 +55,7 @@ def offset_metrics_by_threshold(p_sync, sync_targets, off_logits, off_targets) -
 
 
 def main(argv: list[str]) -> None:
+    reuse_freed_memory()
     args = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in OWN_KEYS)
     overrides = [a for a in argv if a.split("=", 1)[0] not in OWN_KEYS]
     if "config_sync" not in args or "ckpt_path_sync" not in args:

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from model.modules.feat_extractors.visual.motionformer import DividedAttention, MotionFormer, TrajectoryAttention
+from model.modules.feat_extractors.visual.motionformer import (
+    DividedAttention,
+    MotionFormer,
+    TrajectoryAttention,
+    attend,
+)
 
 # grid (t, h, w) = (2, 2, 2); segments are (C, T, H, W) = (3, 4, 32, 32)
 TINY = dict(img_size=32, num_frames=4, patch_size=16, embed_dim=32, depth=2, num_heads=2)
@@ -89,8 +94,9 @@ def _token_positions(F_, P):
 
 
 @pytest.mark.parametrize("axis", ["space", "time"])
-def test_divided_attention_equals_masked_full_attention(axis):
-    F_, P, D = 3, 4, 16
+@pytest.mark.parametrize("grid", [(3, 4), (2, 20), (20, 2)])  # groups of a few and of over 16 keys
+def test_divided_attention_equals_masked_full_attention(axis, grid):
+    (F_, P), D = grid, 16
     attn = DividedAttention(D, num_heads=2, axis=axis)
     x = torch.randn(2, 1 + F_ * P, D)
     frame, location = _token_positions(F_, P)
@@ -100,6 +106,12 @@ def test_divided_attention_equals_masked_full_attention(axis):
     q, k, v = attn.split_heads(x)
     expected = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
     torch.testing.assert_close(attn(x, (F_, P)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [9, 17])  # matmuls, fused kernel
+def test_attend_equals_fused_attention(keys):
+    q, k, v = torch.randn(3, 2, 8, 4), torch.randn(3, 2, keys, 4), torch.randn(3, 2, keys, 4)
+    torch.testing.assert_close(attend(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-5)
 
 
 def test_trajectory_attention_equals_per_frame_loop():

@@ -1,9 +1,11 @@
-"""Small helpers every part of the project uses: building objects from configs by dotted path, and
-writing result files."""
+"""Small helpers every part of the project uses: building objects from configs by dotted path, writing
+result files, and the process setting that keeps CPU work from waiting on the kernel."""
 
 import csv
+import ctypes
 import importlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,21 @@ def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def reuse_freed_memory() -> bool:
+    """Lets glibc keep freed blocks of up to 1 GiB in the heap for the next allocation, instead of
+    unmapping each block above 32 MiB on free and mapping a fresh one on the next request. The kernel
+    zero-fills every freshly mapped page when it is first touched: the full model's activations are such
+    blocks, and on a CPU forward those page faults (3.7 million per 8 video segments) cost a fifth of the
+    time. Results are unchanged; the process holds on to up to 1 GiB of freed memory. Returns whether
+    the setting took (it needs glibc, i.e. Linux; elsewhere this does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+    # both are needed: without the trim threshold, the top of the heap is handed back on free
+    return all(libc.mallopt(param, 1 << 30) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
