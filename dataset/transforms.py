@@ -498,7 +498,8 @@ class PixelwiseLookup(torch.nn.Module):
         # a shallow copy of the item: bookkeeping the chain writes into 'meta' (norm stats) lands in the item
         tables = self.chain({**item, "video": values})["video"].reshape(C, 256)  # (C, 256)
         tables_bits = tables.contiguous().view(self._BITS[tables.element_size()]).numpy()
-        pixels = video.numpy()  # (..., T, C, H, W), possibly a strided view (overlapping segments)
+        frames, step = covered_frames(video)
+        pixels = frames.numpy()  # (..., T, C, H, W), possibly a strided view (a crop)
         out = np.empty(pixels.shape, dtype=tables_bits.dtype)
         T, H, W = pixels.shape[-4], *pixels.shape[-2:]
         # channel by channel over a few frames at a time: lookups of ~64k pixels are the fastest numpy path
@@ -509,8 +510,25 @@ class PixelwiseLookup(torch.nn.Module):
                 for c in range(C):
                     frames = (*outer, slice(first, first + n), c)
                     np.take(tables_bits[c], pixels[frames], out=out[frames], mode="wrap")
-        item["video"] = torch.from_numpy(out).view(tables.dtype)  # (..., T, C, H, W)
+        out = torch.from_numpy(out).view(tables.dtype)  # (..., T, C, H, W)
+        # overlapping segments again, as a view of the frames looked up once
+        item["video"] = out if step is None else out.as_strided(video.shape, (step * out.stride(0), *out.stride()))
         return item
+
+
+def covered_frames(video: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """For (S, T, C, H, W) segments that are overlapping windows over one run of frames, `step` frames
+    apart (the view `GenerateMultipleSegments` makes), the (N, C, H, W) frames they cover, as a view, and
+    the step; otherwise `(video, None)`. A pixel-wise op on the frames then does each frame once, not
+    about twice."""
+    if video.dim() != 5 or video.shape[0] < 2 or video.stride(1) == 0:
+        return video, None
+    S, T = video.shape[:2]
+    step, rest = divmod(video.stride(0), video.stride(1))
+    if rest or not 0 < step < T:
+        return video, None
+    frames = video.as_strided(((S - 1) * step + T, *video.shape[2:]), video.stride()[1:])
+    return frames, step
 
 
 def fuse_pixelwise(transforms: list) -> list:

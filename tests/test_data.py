@@ -504,6 +504,19 @@ def test_pixelwise_lookup_equals_running_the_ops(to_float, dtype):
     assert fused["meta"]["video"]["norm_stats"]["std"].tolist() == pytest.approx([0.2, 0.3, 0.25])
 
 
+def test_pixelwise_lookup_reads_overlapping_segments_once():
+    frames = torch.randint(0, 256, (11, 3, 9, 10), dtype=torch.uint8)[:, :, 1:8, 2:9]  # (11, 3, 7, 7) crop view
+    segments = frames.unfold(0, 4, 2).permute(0, 4, 1, 2, 3)  # (4, 4, 3, 7, 7): windows of 4 frames, 2 apart
+    covered, step = T.covered_frames(segments)
+    assert step == 2 and covered.shape == (10, 3, 7, 7) and covered.data_ptr() == frames.data_ptr()
+    assert T.covered_frames(segments.contiguous())[1] is None  # nothing shared: as is
+
+    ops = [T.RGBToHalfToZeroOne(), T.RGBNormalize(mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])]
+    fused = T.PixelwiseLookup(ops)({"video": segments, "meta": {"video": {}}})["video"]
+    plain = torchvision.transforms.Compose(ops)({"video": segments, "meta": {"video": {}}})["video"]
+    assert torch.equal(fused, plain) and fused.untyped_storage().nbytes() == 10 * 3 * 7 * 7 * 2  # float16
+
+
 def test_bench_data_quick_runs_and_outputs_match(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench_data", "--quick", "--json", str(out)])
