@@ -99,7 +99,7 @@ class DividedAttention(Attention):
         q_, k_, v_ = grouped.flatten(1, 2).unbind(0)  # (B*G, h, 1+L, d)
         out = attend(q_[:, :, 1:], k_, v_)  # (B*G, h, L, d)
 
-        merged = x.new_empty(B, N, h, d)  # back in token order
+        merged = qkv.new_empty(B, N, h, d)  # back in token order
         merged[:, 0] = cls_out[:, :, 0]
         patch_out = merged[:, 1:].unflatten(1, grid).permute(0, *self.group_dims, 3, 4)  # (B, G, L, h, d) view
         patch_out.copy_(out.view(B, G, h, L, d).transpose(2, 3))
