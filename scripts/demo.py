@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # every shifted 5 s crop sees both. Tiny extractors that are (nearly) untrained barely tell subtler events
 # from the background: their features then differ too little for the head to find them in a few minutes.
 EASY_CLIPS = dict(
-    duration_sec=7.0,
+    duration_sec=7.2,  # 5 s crops shifted by up to 2 s, and a little for the AAC track's end
     side=32,
     flash_frames=4,
     flash_size=1.0,
@@ -57,6 +57,8 @@ def run_stage(config: str, workdir: Path, name: str, overrides: list[str]) -> Pa
 
 
 def main(args) -> dict:
+    if not -2.0 <= args.offset_sec <= 2.0:
+        raise SystemExit(f"--offset_sec {args.offset_sec}: the model predicts offsets in [-2, 2] s; pick one there.")
     # two threads on a busy 2-core machine spin against each other: one is ~10x faster there
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
@@ -105,7 +107,8 @@ def main(args) -> dict:
     plot = workdir / "example_probs.png"
     argv = [
         "--ckpt_path", str(stage2 / "stage2_best.pt"), "--vid_path", str(vids_dir / f"{held_out}.mp4"),
-        "--offset_sec", str(args.offset_sec), "--v_start_i_sec", "0.5", "--device", "cpu", "--plot", str(plot),
+        "--offset_sec", str(args.offset_sec), "--v_start_i_sec", str(max(0.0, -args.offset_sec)),  # both windows fit
+        "--device", "cpu", "--plot", str(plot),
     ]  # fmt: skip
     print(f"\n$ python example.py {' '.join(argv)}", flush=True)
     example.main(example.get_parser().parse_args(argv))
