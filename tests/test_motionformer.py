@@ -11,7 +11,6 @@ from model.modules.feat_extractors.visual.motionformer import (
     DividedAttention,
     MotionFormer,
     TrajectoryAttention,
-    attend,
 )
 
 # grid (t, h, w) = (2, 2, 2); segments are (C, T, H, W) = (3, 4, 32, 32)
@@ -94,7 +93,7 @@ def _token_positions(F_, P):
 
 
 @pytest.mark.parametrize("axis", ["space", "time"])
-@pytest.mark.parametrize("grid", [(3, 4), (2, 20), (20, 2)])  # groups of a few and of over 16 keys
+@pytest.mark.parametrize("grid", [(3, 4), (2, 20), (20, 2)])
 def test_divided_attention_equals_masked_full_attention(axis, grid):
     (F_, P), D = grid, 16
     attn = DividedAttention(D, num_heads=2, axis=axis)
@@ -106,12 +105,6 @@ def test_divided_attention_equals_masked_full_attention(axis, grid):
     q, k, v = attn.split_heads(x)
     expected = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
     torch.testing.assert_close(attn(x, (F_, P)), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("keys", [9, 17])  # matmuls, fused kernel
-def test_attend_equals_fused_attention(keys):
-    q, k, v = torch.randn(3, 2, 8, 4), torch.randn(3, 2, keys, 4), torch.randn(3, 2, keys, 4)
-    torch.testing.assert_close(attend(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-5)
 
 
 def test_trajectory_attention_equals_per_frame_loop():

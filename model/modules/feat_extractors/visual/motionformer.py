@@ -54,17 +54,6 @@ class Attention(nn.Module):
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of (X, h, L, d) queries over (X, h, L', d) keys and values. The fused CPU kernel has a
-    fixed cost per (group, head) that dominates when there are few keys (time attention has 9 for each
-    of 2,352 (location, head) pairs of a segment): there two batched matmuls are ~3x faster. Accelerators
-    keep the fused kernel (measured on CPU only)."""
-    if k.shape[-2] > 16 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (X, h, L, L')
-    return torch.matmul(scores.softmax(-1), v)
-
-
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention within each of G groups: (B, h, G, L, d) queries, (B, h, G, L', d) keys and values. Fused
     attention kernels take 4-D inputs only, hence the flattening."""
@@ -98,7 +87,7 @@ class DividedAttention(Attention):
         grouped[:, :, :, :, 1:] = patches.transpose(3, 4)
         grouped[1:, :, :, :, 0] = qkv[:, None, 0, 1:].movedim(2, 0)  # (2, B, 1, h, d), the same for all groups
         q_, k_, v_ = grouped.flatten(1, 2).unbind(0)  # (B*G, h, 1+L, d)
-        out = attend(q_[:, :, 1:], k_, v_)  # (B*G, h, L, d)
+        out = F.scaled_dot_product_attention(q_[:, :, 1:], k_, v_)  # (B*G, h, L, d)
 
         merged = qkv.new_empty(B, N, h, d)  # back in token order
         merged[:, 0] = cls_out[:, :, 0]
