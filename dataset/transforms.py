@@ -508,8 +508,8 @@ class PixelwiseLookup(torch.nn.Module):
         for outer in np.ndindex(pixels.shape[:-4]):
             for first in range(0, T, n):
                 for c in range(C):
-                    frames = (*outer, slice(first, first + n), c)
-                    np.take(tables_bits[c], pixels[frames], out=out[frames], mode="wrap")
+                    index = (*outer, slice(first, first + n), c)
+                    np.take(tables_bits[c], pixels[index], out=out[index], mode="wrap")
         out = torch.from_numpy(out).view(tables.dtype)  # (..., T, C, H, W)
         # overlapping segments again, as a view of the frames looked up once
         item["video"] = out if step is None else out.as_strided(video.shape, (step * out.stride(0), *out.stride()))
