@@ -716,7 +716,9 @@ class AudioNormalizeAST(torch.nn.Module):
 
 
 class PermuteStreams(torch.nn.Module):
-    """einops rearrangements, e.g. audio `"S F T -> S 1 F T"`, video `"S T C H W -> S C T H W"`."""
+    """einops rearrangements, e.g. audio `"S F T -> S 1 F T"`, video `"S T C H W -> S C T H W"`. The results
+    are views: collating a batch copies them once anyway (the segments of a clip overlap in memory, so a
+    contiguous copy here would also double the video's size for nothing)."""
 
     def __init__(self, einops_order_audio: str | None, einops_order_rgb: str | None):
         super().__init__()
@@ -724,9 +726,9 @@ class PermuteStreams(torch.nn.Module):
 
     def forward(self, item: dict) -> dict:
         if self.einops_order_audio is not None:
-            item["audio"] = einops.rearrange(item["audio"], self.einops_order_audio).contiguous()
+            item["audio"] = einops.rearrange(item["audio"], self.einops_order_audio)
         if self.einops_order_rgb is not None:
-            item["video"] = einops.rearrange(item["video"], self.einops_order_rgb).contiguous()
+            item["video"] = einops.rearrange(item["video"], self.einops_order_rgb)
         return item
 
 
