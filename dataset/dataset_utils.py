@@ -21,12 +21,13 @@ import random
 import shutil
 from glob import glob
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
 from torch.utils.data import default_collate
 
-from dataset.io import BadVideoError, get_video_and_audio
+from dataset.io import BadVideoError, decode_audio, decode_video_window
 from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config
@@ -104,17 +105,29 @@ def maybe_cache_file(path) -> str:
     return str(cache_path)
 
 
-def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> tuple[float, float, float | None]:
-    """`(video_start_sec, audio_start_sec, end_sec)` to read: around each stream's crop when `targets` fix
-    it (offset and video start), otherwise the whole clip (up to `max_clip_len_sec`). Both streams read to
-    the same end so that `EqualifyFromRight` sees the same lengths as in a full read."""
+class DecodeWindow(NamedTuple):
+    """What to read of a file (seconds): video frames from `video_start`, decoded up to `video_pixels_end`
+    and only counted from there to `end`; audio from `audio_start` to `end`."""
+
+    video_start: float
+    audio_start: float
+    video_pixels_end: float | None
+    end: float | None
+
+
+def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> DecodeWindow:
+    """Around each stream's crop when `targets` fix it (offset and video start), otherwise the whole clip
+    (up to `max_clip_len_sec`). Both streams span the same time, as in a full read, so that
+    `EqualifyFromRight` and the crop's bounds check see the file's lengths; but the video frames after
+    its crop (with a positive offset, the audio crop ends later) are counted, not decoded."""
     crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
     if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
-        return 0.0, 0.0, max_clip_len_sec
+        return DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
     v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
-    stop = max(v_start, a_start) + crop.crop_len_sec + WINDOW_MARGIN_SEC
-    stop = stop if max_clip_len_sec is None else min(max_clip_len_sec, stop)
-    return max(0.0, v_start - WINDOW_MARGIN_SEC), max(0.0, a_start - WINDOW_MARGIN_SEC), stop
+    v_end, end = (start + crop.crop_len_sec + WINDOW_MARGIN_SEC for start in (v_start, max(v_start, a_start)))
+    if max_clip_len_sec is not None:
+        v_end, end = min(max_clip_len_sec, v_end), min(max_clip_len_sec, end)
+    return DecodeWindow(max(0.0, v_start - WINDOW_MARGIN_SEC), max(0.0, a_start - WINDOW_MARGIN_SEC), v_end, end)
 
 
 def load_item(
@@ -123,17 +136,21 @@ def load_item(
 ) -> dict:  # fmt: skip
     """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
     fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
-    `start_sample` in the meta, so the output is identical to a full read."""
-    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else (0, 0, max_clip_len_sec)
-    v_start_sec, a_start_sec, end_sec = window
-    rgb, audio, meta = get_video_and_audio(
-        maybe_cache_file(path), True, v_start_sec, end_sec, audio_priming_compat, audio_start_sec=a_start_sec
-    )
-    # where the windows start, in file indices (assumes a constant frame rate, as in these datasets)
-    if v_start_sec > 0:
-        meta["video"]["start_frame"] = math.ceil(v_start_sec * meta["video"]["fps"][0] - 1e-6)
-    if a_start_sec > 0:
-        meta["audio"]["start_sample"] = round(a_start_sec * meta["audio"]["framerate"][0])
+    `start_sample` / `end_frame` in the meta, so the output is identical to a full read."""
+    full = DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
+    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else full
+    path_to_read = maybe_cache_file(path)
+    rgb, fps, n_frames = decode_video_window(path_to_read, window.video_start, window.end, window.video_pixels_end)
+    audio, sr = decode_audio(path_to_read, window.audio_start, window.end, audio_priming_compat)
+    meta = {"video": {"fps": [fps]}, "audio": {"framerate": [sr]}}
+    # where the windows start and end, in file indices (assumes a constant frame rate, as in these datasets)
+    start_frame = math.ceil(window.video_start * fps - 1e-6)
+    if start_frame > 0:
+        meta["video"]["start_frame"] = start_frame
+    if n_frames > rgb.shape[0]:
+        meta["video"]["end_frame"] = start_frame + n_frames
+    if window.audio_start > 0:
+        meta["audio"]["start_sample"] = round(window.audio_start * sr)
     item = {"video": rgb, "audio": audio, "meta": meta, "path": str(path), "targets": dict(targets), "split": split}
     return item if transforms is None else transforms(item)
 

@@ -64,20 +64,33 @@ def _stream(container, kind: str, path):
 
 def decode_video(path, start_sec: float = 0.0, end_sec: float | None = None) -> tuple[torch.Tensor, float]:
     """Returns `(rgb, fps)`: rgb is (Tv, 3, H, W) uint8 with the frames whose time is in [start, end)."""
+    rgb, fps, _ = decode_video_window(path, start_sec, end_sec)
+    return rgb, fps
+
+
+def decode_video_window(
+    path, start_sec: float = 0.0, end_sec: float | None = None, pixels_end_sec: float | None = None
+) -> tuple[torch.Tensor, float, int]:
+    """`decode_video` that stops decoding at `pixels_end_sec` (before `end_sec`): the frames after it are
+    only counted, from their packets' timestamps. Returns `(rgb, fps, n_frames)`: rgb holds the frames in
+    [start, pixels_end), n_frames counts those in [start, end), as a full decode would."""
     end_sec = math.inf if end_sec is None else end_sec
+    pixels_end_sec = end_sec if pixels_end_sec is None else min(pixels_end_sec, end_sec)
     seek_sec = start_sec
     while True:
-        frames, fps, keyframe_t = _decode_frames_from(path, seek_sec, start_sec, end_sec)
+        frames, counted, fps, keyframe_t = _decode_frames_from(path, seek_sec, start_sec, pixels_end_sec, end_sec)
         # a seek lands on a keyframe by its dts, whose pts may lie after the window start: seek earlier
         if seek_sec <= 0 or keyframe_t <= start_sec + _EPS_SEC:
             break
         seek_sec = max(0.0, seek_sec - 1.0)
     if not frames:
         raise BadVideoError(path, f"no video frames in [{start_sec}, {end_sec}) s", "the clip is too short")
+    if counted is None:  # a packet without a timestamp: the frames cannot be counted without decoding them
+        return decode_video_window(path, start_sec, end_sec)
     # equal pts: the later-decoded frame wins (as in torchvision's dict of frames)
     by_pts = dict(frames)
     rgb = _to_rgb24([by_pts[pts] for pts in sorted(by_pts)])  # (Tv, H, W, 3)
-    return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps  # (Tv, 3, H, W)
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps, len(by_pts) + counted  # (Tv, 3, H, W)
 
 
 def _to_rgb24(frames: list) -> np.ndarray:
@@ -94,9 +107,10 @@ def _to_rgb24(frames: list) -> np.ndarray:
     return rgb
 
 
-def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float):
+def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec: float, end_sec: float):
     """Decodes from the keyframe before `seek_sec` (from the file start if `seek_sec <= 0`); returns
-    `([(pts, frame)] in [start, end), fps, time of the first keyframe decoded)`."""
+    `([(pts, frame)] in [start, pixels_end), number of frames in [pixels_end, end) or None if unknown,
+    fps, time of the first keyframe decoded)`."""
     with _open(path) as container:
         stream = _stream(container, "video", path)
         if not stream.average_rate:
@@ -105,9 +119,11 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
         time_base = stream.time_base
         if seek_sec > 0:
             container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
+        packets_pts = []  # of every packet demuxed, also those still inside the decoder when it stops
+        packets = (_record_pts(packet, packets_pts) for packet in container.demux(stream))
         frames, keyframe_t = [], None if seek_sec > 0 else 0.0
         try:
-            for frame in decode_skipping_nonref_before(container, stream, start_sec - _EPS_SEC):
+            for frame in decode_skipping_nonref_before(packets, stream, start_sec - _EPS_SEC):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * time_base)
@@ -115,21 +131,43 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, end_sec: float)
                     if not frame.key_frame:
                         continue  # frames before the first keyframe after a seek may reference missing ones
                     keyframe_t = t
-                if t >= end_sec - _EPS_SEC:
+                if t >= pixels_end_sec - _EPS_SEC:
                     break
                 if frame.pts >= 0 and t >= start_sec - _EPS_SEC:
                     frames.append((frame.pts, frame))
+            if pixels_end_sec < end_sec:
+                # packets come in decoding order and dts <= pts: none after the first with dts >= end is in
+                for packet in container.demux(stream):
+                    if packet.dts is not None and float(packet.dts * time_base) >= end_sec - _EPS_SEC:
+                        break
+                    if packet.size:  # not the empty packet that ends the stream
+                        packets_pts.append(packet.pts)
         except av.FFmpegError as e:
             raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
-        return frames, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
+        counted = 0
+        if pixels_end_sec < end_sec:
+            counted = None if None in packets_pts else _count_in(packets_pts, time_base, pixels_end_sec, end_sec)
+        return frames, counted, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
 
 
-def decode_skipping_nonref_before(container, stream, start_sec: float):
-    """`container.decode(stream)`, but frames that no other frame references (e.g. most B-frames) are not
+def _record_pts(packet: av.Packet, seen: list) -> av.Packet:
+    if packet.size:
+        seen.append(packet.pts)
+    return packet
+
+
+def _count_in(pts: list, time_base, start_sec: float, end_sec: float) -> int:
+    """How many distinct non-negative timestamps lie in [start, end)."""
+    inside = {p for p in pts if p >= 0 and start_sec - _EPS_SEC <= float(p * time_base) < end_sec - _EPS_SEC}
+    return len(inside)
+
+
+def decode_skipping_nonref_before(packets, stream, start_sec: float):
+    """Decodes `stream`'s `packets`, but frames that no other frame references (e.g. most B-frames) are not
     decoded while their packet lies before `start_sec`: they cannot change any later frame. The decoder
     setting travels with each packet (also to frame-threading workers), so it switches exactly there."""
     codec = stream.codec_context
-    for packet in container.demux(stream):
+    for packet in packets:
         before = packet.pts is not None and float(packet.pts * stream.time_base) < start_sec
         codec.skip_frame = "NONREF" if before else "DEFAULT"
         yield from packet.decode()
@@ -186,15 +224,12 @@ def decode_audio(
 
 
 def get_video_and_audio(
-    path, get_meta: bool = False, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat=True,
-    audio_start_sec: float | None = None,
+    path, get_meta: bool = False, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat=True
 ):  # fmt: skip
     """`(rgb (Tv, 3, H, W) uint8, audio (Ta,) float32, meta)` with the original's legacy meta layout
-    `{'video': {'fps': [fps]}, 'audio': {'framerate': [sr]}}` (returned regardless of `get_meta`). The audio
-    window starts at `audio_start_sec` if given (a later video start skips more video decoding)."""
-    audio_start_sec = start_sec if audio_start_sec is None else audio_start_sec
+    `{'video': {'fps': [fps]}, 'audio': {'framerate': [sr]}}` (returned regardless of `get_meta`)."""
     rgb, fps = decode_video(path, start_sec, end_sec)
-    audio, sr = decode_audio(path, audio_start_sec, end_sec, audio_priming_compat)
+    audio, sr = decode_audio(path, start_sec, end_sec, audio_priming_compat)
     meta = {"video": {"fps": [fps]}, "audio": {"framerate": [sr]}}
     return rgb, audio, meta
 

@@ -12,7 +12,8 @@ Index arithmetic follows the original exactly (`int()` truncation, rounding of `
 video start snapped to the frame grid before the audio start is computed), so fixed offsets from the
 original's CSVs select the same frames and samples. Crops respect an optional decode window: when the
 dataset decoded only part of a file, `meta['video']['start_frame']` / `meta['audio']['start_sample']`
-say where it starts and all indices stay absolute (file) indices.
+say where it starts (and `meta['video']['end_frame']` where the video ends when its last frames were
+only counted, not decoded) and all indices stay absolute (file) indices.
 """
 
 import logging
@@ -73,6 +74,13 @@ def _window_starts(item) -> tuple[int, int]:
     return item["meta"]["video"].pop("start_frame", 0), item["meta"]["audio"].pop("start_sample", 0)
 
 
+def _file_lengths(item, v_start: int, a_start: int) -> tuple[int, int]:
+    """Frames / samples of the file up to the end of the decoded window; the window's last video frames
+    may have been counted but not decoded (`meta['video']['end_frame']`)."""
+    v_len = item["meta"]["video"].get("end_frame", v_start + item["video"].shape[0])
+    return v_len, a_start + item["audio"].shape[0]
+
+
 class ClipwiseTransform(torch.nn.Module):
     """Applies `apply_to_clip` to `item[stream]`: a single clip, or each segment of a stack of them."""
 
@@ -117,13 +125,15 @@ class EqualifyFromRight(torch.nn.Module):
         v_fps, a_fps = item["meta"]["video"]["fps"][0], item["meta"]["audio"]["framerate"][0]
         v_start = item["meta"]["video"].get("start_frame", 0)
         a_start = item["meta"]["audio"].get("start_sample", 0)
-        Ta, Tv = a_start + item["audio"].shape[0], v_start + item["video"].shape[0]  # file lengths
+        Tv, Ta = _file_lengths(item, v_start, a_start)
         min_len_sec = min(self.clip_max_len_sec, Ta / a_fps, Tv / v_fps)
         v_len_frames = int(v_fps * min_len_sec)
         a_len_frames = int(a_fps // v_fps * v_len_frames)
         assert a_len_frames <= Ta and v_len_frames <= Tv
         item["audio"] = item["audio"][: max(0, a_len_frames - a_start)]
         item["video"] = item["video"][: max(0, v_len_frames - v_start)]
+        if "end_frame" in item["meta"]["video"]:
+            item["meta"]["video"]["end_frame"] = v_len_frames
         return item
 
 
@@ -310,7 +320,8 @@ class TemporalCropAndOffset(torch.nn.Module):
         if self.vfps is not None and v_fps != int(self.vfps):
             raise BadVideoError(item["path"], f"has {v_fps} fps, expected {self.vfps}", "re-encode with reencode_video")
         v_start, a_start = _window_starts(item)
-        v_len, a_len = v_start + item["video"].shape[0], a_start + item["audio"].shape[0]  # file lengths
+        v_len, a_len = _file_lengths(item, v_start, a_start)
+        item["meta"]["video"].pop("end_frame", None)
         v_crop_len, a_crop_len = sec2frames(self.crop_len_sec, v_fps), sec2frames(self.crop_len_sec, a_fps)
 
         if self.do_offset:
@@ -405,6 +416,8 @@ def _crop_streams(item, v_start_i, v_crop_len, a_start_i, a_crop_len, v_start, a
             "samples does not fit",
             "the clip is shorter than the crop plus the offset",
         )
+    # the decode window covers every crop that fits (a shortfall here is a bug in `decode_window`)
+    assert v_end_i - v_start <= item["video"].shape[0], (item["path"], v_end_i, v_start, item["video"].shape)
     item["video"] = item["video"][v_start_i - v_start : v_end_i - v_start]
     item["audio"] = item["audio"][a_start_i - a_start : a_end_i - a_start]
 

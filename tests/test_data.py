@@ -15,17 +15,26 @@ from omegaconf import OmegaConf
 
 from dataset import transforms as T
 from dataset.audioset import AudioSet
-from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms
+from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms, load_item
 from dataset.io import (
     BadVideoError,
     audio_priming_drop,
     decode_audio,
     decode_skipping_nonref_before,
+    decode_video_window,
     get_video_and_audio,
     reencode_video,
 )
 from dataset.lrs import LRS3
-from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like, sample_events, write_mp4
+from dataset.synthetic import (
+    ClipSpec,
+    make_clip,
+    make_vggsound_like,
+    render_audio,
+    render_video,
+    sample_events,
+    write_mp4,
+)
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
 from scripts import bench_data, download_metadata
 
@@ -97,9 +106,9 @@ def test_priming_compat_drops_1024_samples_only_for_primed_files():
     assert torch.equal(exact[1024:], compat)
 
 
-@pytest.mark.parametrize("start, end", [(0.0, 3.0), (1.64, 6.2), (4.0, None)])
-def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end):
-    for path in (REF_CLIP, synced_clip[0]):
+@pytest.mark.parametrize("start, end, pixels_end", [(0.0, 3.0, 2.0), (1.64, 6.2, None), (4.0, None, 5.52)])
+def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end, pixels_end):
+    for path in (REF_CLIP, synced_clip[0]):  # B-frames, one keyframe / no B-frames, a keyframe every 10
         rgb, audio, meta = get_video_and_audio(path)
         fps, sr = meta["video"]["fps"][0], meta["audio"]["framerate"][0]
         w_rgb, w_audio, _ = get_video_and_audio(path, start_sec=start, end_sec=end)
@@ -107,13 +116,52 @@ def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end):
         v1 = None if end is None else int(np.ceil(end * fps - 1e-6))
         a1 = None if end is None else round(end * sr)
         assert torch.equal(w_rgb, rgb[v0:v1]) and torch.equal(w_audio, audio[a0:a1])
+        # decoding stops early, the frames up to the end are still counted
+        p_rgb, _, n_frames = decode_video_window(path, start, end, pixels_end)
+        v2 = v1 if pixels_end is None else int(np.ceil(pixels_end * fps - 1e-6))
+        assert torch.equal(p_rgb, rgb[v0:v2]) and n_frames == len(rgb[v0:v1])
+
+
+@pytest.fixture(scope="module")
+def short_video_clip(tmp_path_factory):
+    """10 s of audio but only 7.3 s of video."""
+    spec = sample_events(ClipSpec(duration_sec=10, height=32, width=32, gop=10, seed=5))
+    path = tmp_path_factory.mktemp("syn") / "short_video.mp4"
+    write_mp4(path, render_video(spec)[: int(7.3 * spec.vfps)], render_audio(spec), spec.vfps, spec.afps, spec.gop)
+    return path
+
+
+@pytest.mark.parametrize("clip", ["real", "short_video"])
+def test_windowed_items_equal_full_reads(clip, short_video_clip):
+    """Every fixed offset gives the full read's item or the same error: with a positive offset the video is
+    decoded only up to its crop and its remaining frames are counted."""
+    path = REF_CLIP if clip == "real" else short_video_clip
+    transforms = get_transforms(OmegaConf.merge(CFG, {"data": {"input_size": 32}}), "test")
+    n_items = 0
+    for offset in (-2.0, -0.6, 0.0, 1.6, 2.0):
+        for v_start in (0.0, 2.0, 3.04, 5.0):
+            outcome = []
+            for windowed in (True, False):
+                targets = {"offset_sec": offset, "v_start_i_sec": v_start}
+                try:
+                    outcome.append(load_item(path, "test", targets, transforms, windowed_decode=windowed))
+                except BadVideoError as e:
+                    outcome.append(str(e))
+            windowed, full = outcome
+            if isinstance(full, str):
+                assert windowed == full
+                continue
+            n_items += 1
+            assert torch.equal(windowed["video"], full["video"]) and torch.equal(windowed["audio"], full["audio"])
+            assert repr(windowed["targets"]) == repr(full["targets"]) and repr(windowed["meta"]) == repr(full["meta"])
+    assert n_items >= 5  # enough cases fit, and enough do not
 
 
 def test_unreferenced_frames_before_the_window_are_not_decoded():
     def decoded_times(start_sec):
         with av.open(str(REF_CLIP)) as container:
             stream = container.streams.video[0]
-            frames = decode_skipping_nonref_before(container, stream, start_sec)
+            frames = decode_skipping_nonref_before(container.demux(stream), stream, start_sec)
             return [float(f.pts * stream.time_base) for f in frames]
 
     every, skipping = decoded_times(0.0), decoded_times(2.0)
