@@ -22,6 +22,7 @@ decoded before the window), the audio (cheap) from the file start.
 to 10 s by `EqualifyFromRight` anyway.)
 """
 
+import itertools
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -178,49 +179,76 @@ def audio_priming_drop(path) -> int:
     by FFmpeg, 0 for files without encoder priming). See the module docstring."""
     with _open(path) as container:
         stream = _stream(container, "audio", path)
-        to_samples = stream.time_base * stream.sample_rate
-        first = next((p for p in container.demux(stream) if p.pts is not None), None)
-        if first is None:
-            raise BadVideoError(path, "audio stream has no packets", "re-encode it")
-        start_pad = max(0, -int(first.pts * to_samples))
-        container.seek(0, stream=stream, backward=True, any_frame=False)
-        landed = next((p for p in container.demux(stream) if p.pts is not None), first)
-        return max(0, int(landed.pts * to_samples) + start_pad)
+        _, first_pts = _packets_to_first_pts(container, stream, path)
+        return _priming_drop(container, stream, first_pts)
+
+
+def _packets_to_first_pts(container, stream, path) -> tuple[list, int]:
+    """Demuxes up to the first packet with a timestamp; returns `(those packets, its pts in samples)`."""
+    head = []
+    for packet in container.demux(stream):
+        head.append(packet)
+        if packet.pts is not None:
+            return head, int(packet.pts * stream.time_base * stream.sample_rate)
+    raise BadVideoError(path, "audio stream has no packets", "re-encode it")
+
+
+def _priming_drop(container, stream, first_pts: int) -> int:
+    """The drop for a stream whose first packet starts at `first_pts` samples (the encoder delay if < 0):
+    where a backward seek to 0 lands, plus that delay. Seeks: call it after decoding."""
+    start_pad = max(0, -first_pts)
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    landed = next((p for p in container.demux(stream) if p.pts is not None), None)
+    landed_pts = first_pts if landed is None else int(landed.pts * stream.time_base * stream.sample_rate)
+    return max(0, landed_pts + start_pad)
 
 
 def decode_audio(
     path, start_sec: float = 0.0, end_sec: float | None = None, audio_priming_compat: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Returns `(audio, sample_rate)`: audio is (Ta,) float32, the mean over channels."""
-    drop = audio_priming_drop(path) if audio_priming_compat else 0
     with _open(path) as container:
         stream = _stream(container, "audio", path)
         sr = stream.sample_rate
         if not sr:
             raise BadVideoError(path, "audio stream has no sample rate", "re-encode it")
-        first_i = drop + round(start_sec * sr)
-        last_i = math.inf if end_sec is None else drop + round(end_sec * sr)
-        to_fltp = av.AudioResampler(format="fltp")
-        chunks = []
-        decoded_until = 0
-        try:
-            for frame in container.decode(stream):
+        head, first_pts = _packets_to_first_pts(container, stream, path)
+        # a backward seek to 0 lands at or before the first packet or 0, so the drop is at most |first_pts|:
+        # decode that much more and find the drop afterwards (it seeks), all in one opening of the file
+        max_drop = abs(first_pts) if audio_priming_compat else 0
+        n_samples = math.inf if end_sec is None else max_drop + round(end_sec * sr)
+        wave = _decode_wave(itertools.chain(head, container.demux(stream)), n_samples, path)  # (Ta,)
+        drop = _priming_drop(container, stream, first_pts) if audio_priming_compat else 0
+    if drop > max_drop and end_sec is not None:  # a demuxer that seeks past 0: decode all of it
+        wave, _ = decode_audio(path, audio_priming_compat=audio_priming_compat)
+        return wave[round(start_sec * sr) : round(end_sec * sr)], sr
+    stop = None if end_sec is None else drop + round(end_sec * sr)
+    return torch.from_numpy(np.ascontiguousarray(wave[drop + round(start_sec * sr) : stop], dtype=np.float32)), sr
+
+
+def _decode_wave(packets, n_samples: float, path) -> np.ndarray:
+    """Decodes audio `packets` until `n_samples` samples with pts >= 0 are out; (Ta,) mean over channels,
+    in pts order (for equal pts the later-decoded frame wins)."""
+    to_fltp = av.AudioResampler(format="fltp")
+    chunks = []
+    decoded_until = 0
+    try:
+        for packet in packets:
+            for frame in packet.decode():
                 if frame.pts is None or frame.pts < 0:
                     continue
                 if frame.format.name != "fltp":
                     frame = to_fltp.resample(frame)[0]
                 chunks.append((frame.pts, frame.to_ndarray()))  # (C, n)
                 decoded_until += frame.samples
-                if decoded_until >= last_i:
-                    break
-        except av.FFmpegError as e:
-            raise BadVideoError(path, f"audio stream is corrupt: {e}", "re-encode or drop the file") from e
+            if decoded_until >= n_samples:
+                break
+    except av.FFmpegError as e:
+        raise BadVideoError(path, f"audio stream is corrupt: {e}", "re-encode or drop the file") from e
     if not chunks:
         raise BadVideoError(path, "no audio could be decoded", "the audio stream is empty")
     by_pts = dict(chunks)
-    wave = np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1).mean(axis=0)  # (Ta,)
-    stop = None if last_i == math.inf else last_i
-    return torch.from_numpy(np.ascontiguousarray(wave[first_i:stop], dtype=np.float32)), sr
+    return np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1).mean(axis=0)  # (Ta,)
 
 
 def get_video_and_audio(

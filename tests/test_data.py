@@ -13,6 +13,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
+import dataset.io
 from dataset import transforms as T
 from dataset.audioset import AudioSet
 from dataset.dataset_utils import collate_drop_bad, get_datasets, get_transforms, load_item
@@ -104,6 +105,15 @@ def test_priming_compat_drops_1024_samples_only_for_primed_files():
     exact, _ = decode_audio(REF_CLIP, audio_priming_compat=False)
     compat, _ = decode_audio(REF_CLIP)
     assert torch.equal(exact[1024:], compat)
+
+
+def test_windowed_audio_when_the_priming_drop_exceeds_its_bound(monkeypatch):
+    """A demuxer whose seek to 0 lands later than expected makes the drop larger than the samples decoded
+    ahead: the windowed read then decodes the whole stream and still equals the full read cropped."""
+    monkeypatch.setattr(dataset.io, "_priming_drop", lambda container, stream, first_pts: abs(first_pts) + 500)
+    full, sr = decode_audio(REF_CLIP)
+    windowed, _ = decode_audio(REF_CLIP, 1.0, 3.0)
+    assert torch.equal(windowed, full[sr : 3 * sr])
 
 
 @pytest.mark.parametrize("start, end, pixels_end", [(0.0, 3.0, 2.0), (1.64, 6.2, None), (4.0, None, 5.52)])
