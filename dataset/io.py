@@ -117,7 +117,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
         if not stream.average_rate:
             raise BadVideoError(path, "video stream has no frame rate", "re-encode it with a constant fps")
         stream.thread_type = "AUTO"
-        time_base = stream.time_base
+        time_base, seconds = stream.time_base, _pts_to_seconds(stream.time_base)
         if seek_sec > 0:
             container.seek(int(seek_sec / time_base), stream=stream, backward=True, any_frame=False)
         packets_pts = []  # of every packet demuxed, also those still inside the decoder when it stops
@@ -127,7 +127,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
             for frame in decode_skipping_nonref_before(packets, stream, start_sec - _EPS_SEC):
                 if frame.pts is None:
                     continue
-                t = float(frame.pts * time_base)
+                t = seconds(frame.pts)
                 if keyframe_t is None:
                     if not frame.key_frame:
                         continue  # frames before the first keyframe after a seek may reference missing ones
@@ -139,7 +139,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
             if pixels_end_sec < end_sec:
                 # packets come in decoding order and dts <= pts: none after the first with dts >= end is in
                 for packet in container.demux(stream):
-                    if packet.dts is not None and float(packet.dts * time_base) >= end_sec - _EPS_SEC:
+                    if packet.dts is not None and seconds(packet.dts) >= end_sec - _EPS_SEC:
                         break
                     if packet.size:  # not the empty packet that ends the stream
                         packets_pts.append(packet.pts)
@@ -147,7 +147,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
             raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
         counted = 0
         if pixels_end_sec < end_sec:
-            counted = None if None in packets_pts else _count_in(packets_pts, time_base, pixels_end_sec, end_sec)
+            counted = None if None in packets_pts else _count_in(packets_pts, seconds, pixels_end_sec, end_sec)
         return frames, counted, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
 
 
@@ -157,9 +157,16 @@ def _record_pts(packet: av.Packet, seen: list) -> av.Packet:
     return packet
 
 
-def _count_in(pts: list, time_base, start_sec: float, end_sec: float) -> int:
+def _pts_to_seconds(time_base: Fraction):
+    """`pts -> float(pts * time_base)`, bit for bit (one correctly rounded division of the same rational),
+    without building a Fraction for every timestamp."""
+    num, den = time_base.numerator, time_base.denominator
+    return lambda pts: pts * num / den
+
+
+def _count_in(pts: list, seconds, start_sec: float, end_sec: float) -> int:
     """How many distinct non-negative timestamps lie in [start, end)."""
-    inside = {p for p in pts if p >= 0 and start_sec - _EPS_SEC <= float(p * time_base) < end_sec - _EPS_SEC}
+    inside = {p for p in pts if p >= 0 and start_sec - _EPS_SEC <= seconds(p) < end_sec - _EPS_SEC}
     return len(inside)
 
 
@@ -167,9 +174,9 @@ def decode_skipping_nonref_before(packets, stream, start_sec: float):
     """Decodes `stream`'s `packets`, but frames that no other frame references (e.g. most B-frames) are not
     decoded while their packet lies before `start_sec`: they cannot change any later frame. The decoder
     setting travels with each packet (also to frame-threading workers), so it switches exactly there."""
-    codec = stream.codec_context
+    codec, seconds = stream.codec_context, _pts_to_seconds(stream.time_base)
     for packet in packets:
-        before = packet.pts is not None and float(packet.pts * stream.time_base) < start_sec
+        before = packet.pts is not None and seconds(packet.pts) < start_sec
         codec.skip_frame = "NONREF" if before else "DEFAULT"
         yield from packet.decode()
 

@@ -4,6 +4,7 @@ synthetic clips and bad inputs. Synthetic clips are written to tmp dirs; real sa
 import hashlib
 import json
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -105,6 +106,13 @@ def test_priming_compat_drops_1024_samples_only_for_primed_files():
     exact, _ = decode_audio(REF_CLIP, audio_priming_compat=False)
     compat, _ = decode_audio(REF_CLIP)
     assert torch.equal(exact[1024:], compat)
+
+
+@pytest.mark.parametrize("time_base", [Fraction(1, 12800), Fraction(1, 16000), Fraction(1001, 30000)])
+def test_pts_to_seconds_equals_the_exact_conversion(time_base):
+    seconds = dataset.io._pts_to_seconds(time_base)
+    pts = np.random.default_rng(0).integers(-(10**6), 10**10, 10_000).tolist() + [0, 25600, 12800 * 3]
+    assert [seconds(p) for p in pts] == [float(p * time_base) for p in pts]
 
 
 def test_windowed_audio_when_the_priming_drop_exceeds_its_bound(monkeypatch):
