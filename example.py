@@ -2,9 +2,10 @@
 
     python example.py --exp_name 24-01-04T16-39-21 --vid_path VIDEO --offset_sec 1.6 [--v_start_i_sec 0.0]
 
-The video is shifted by `--offset_sec` (positive: the audio starts that much earlier than the video)
-and the model is asked to find the shift again. With the synchronizability model (24-01-22T20-34-52)
-it prints the probability that the clip can be synchronised at all.
+The audio is shifted by `--offset_sec` and the model is asked to find the shift again (positive: the
+audio window starts that much later in the file, so its events come that much earlier than the video's).
+With the synchronizability model (24-01-22T20-34-52) it prints the probability that the clip can be
+synchronised at all.
 """
 
 import argparse
@@ -34,8 +35,8 @@ def ensure_model_format(vid_path: str, out_dir: str) -> str:
 
 
 def make_input(cfg: DictConfig, vid_path: str, offset_sec: float, v_start_i_sec: float) -> dict:
-    """The test-time item of the config's transforms: the visual window starts at `v_start_i_sec` and
-    the audio is taken `offset_sec` earlier."""
+    """The test-time item of the config's transforms: the visual window starts at `v_start_i_sec`, the
+    audio window at `v_start_i_sec + offset_sec`."""
     targets = {"v_start_i_sec": v_start_i_sec, "offset_sec": offset_sec}
     return load_item(vid_path, "test", targets, get_transforms(cfg, "test"))
 

@@ -141,7 +141,8 @@ class SegmentPipeline:
 
     def window_segments(self, item: dict, v_start_sec: float, offset_sec: float = 0.0) -> list[tuple[int, int]]:
         """(first frame, first sample) of each segment of the window starting at `v_start_sec`, with the
-        audio taken `offset_sec` earlier; found by running the crop transforms on frame/sample indices."""
+        audio window `offset_sec` later in the file (its events earlier); found by running the crop
+        transforms on frame/sample indices."""
         frames, samples = torch.arange(item["video"].shape[0]), torch.arange(item["audio"].shape[0])
         targets = {"v_start_i_sec": v_start_sec, "offset_sec": offset_sec}
         probe = make_test_item(frames, samples, item["meta"], item["path"], targets)
