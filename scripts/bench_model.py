@@ -12,16 +12,19 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 """
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.inference import quantize_for_cpu
@@ -42,6 +45,28 @@ TINY_INPUTS = {
     "model.params.vfeat_extractor.params": dict(img_size=32, num_frames=4),
     "model.params.afeat_extractor.params": dict(max_spec_t=26, num_mel_bins=32),
 }
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a benchmark runs the model: under autocast to `autocast_dtype` (None: float32), with the fused
+    attention kernels or the unfused one (softmax(QK^T)V as separate ops), `torch.compile`d or not."""
+
+    name: str
+    autocast_dtype: torch.dtype | None = None
+    fused_attention: bool = True
+    compile: bool = False
+
+    def context(self, device: torch.device) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=self.autocast_dtype))
+        if not self.fused_attention:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+
+FLOAT32 = Precision("float32")
 
 
 def bench_config(config: str | Path, tiny: bool, tiny_inputs: bool = True) -> DictConfig:

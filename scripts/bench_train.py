@@ -16,38 +16,46 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from scripts.bench_model import build_model, default_device, timed
+from scripts.bench_model import FLOAT32, Precision, build_model, default_device, timed
 from utils.utils import reuse_freed_memory, write_json
 
 
-def bench_training(config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device) -> dict:
-    """Iterations per second over `iterations` steps after one warm-up step."""
+def bench_training(
+    config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device, precision: Precision = FLOAT32
+) -> dict:
+    """Iterations per second over `iterations` steps after one warm-up step (float16 with a loss scaler)."""
     cfg = OmegaConf.load(config)
     torch.manual_seed(0)
     model = build_model(config, segments, tiny).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.training.base_learning_rate, betas=tuple(cfg.training.optimizer.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16)
     C, Tv, H, W = model.vfeat_extractor.segment_shape
     Ta, F = model.afeat_extractor.segment_shape
     vis = torch.randn(batch_size, segments, Tv, C, H, W, device=device)
     aud = torch.randn(batch_size, segments, 1, F, Ta, device=device)
     targets = torch.randint(0, cfg.data.num_off_cls, (batch_size,), device=device)
+    run = torch.compile(model) if precision.compile else model
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = model(vis, aud, targets)
-        loss.backward()
+        with precision.context(device):
+            loss, _ = run(vis, aud, targets)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.training.max_clip_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         return loss.item()
 
-    step()  # warm-up: allocates the optimizer state
+    step()  # warm-up: allocates the optimizer state (and compiles)
     seconds, losses = zip(*(timed(step, device) for _ in range(iterations)))
     loss = losses[-1]
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"bench_train: the {config} loss is {loss}")
     return {
         "size": "tiny" if tiny else "full",
+        "precision": precision.name,
         "batch_size": batch_size,
         "segments": segments,
         "trainable_params": sum(p.numel() for p in params),

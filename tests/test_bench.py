@@ -8,10 +8,13 @@ import warnings
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from scripts import bench_model, bench_tracking, bench_train
+from scripts import bench_model, bench_precision, bench_tracking, bench_train
 from tests.tiny import AUD_SEGMENT, VIS_SEGMENT
 from utils.inference import quantize_for_cpu
+
+CPU = ProfilerActivity.CPU
 
 
 def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]:
@@ -51,6 +54,28 @@ def test_bench_tracking_tiny(monkeypatch, capsys, tmp_path):
     assert result["max_abs_logit_diff"] <= 1e-4
     assert all(result[k] > 0 for k in ("extractor_pass_seconds", "reuse_seconds", "per_window_seconds"))
     assert "per-window" in line
+
+
+def test_bench_precision_tiny(monkeypatch, capsys, tmp_path):
+    result, line = run_script(bench_precision, monkeypatch, capsys, tmp_path, "--tiny", "--device", "cpu")
+    names = ["fp16 + unfused attention", "bf16 + fused attention"]
+    assert [r["precision"] for r in result["inference"]] == [r["precision"] for r in result["training"]] == names
+    for r in result["inference"]:
+        assert r["clips_per_second"] > 0 and 0 <= r["top1_agreement_with_float32"] <= 1
+        assert 0 < r["max_abs_logit_diff_vs_float32"] < 1  # autocast is on, and it stays close
+    assert all(r["iterations_per_second"] > 0 for r in result["training"])
+    assert line.startswith("bench_precision (configs/sync.yaml tiny, S=14, cpu")
+
+
+@pytest.mark.parametrize("precision", [bench_precision.ORIGINAL, bench_precision.OURS])
+def test_precision_settings_switch_the_attention_kernel(precision):
+    model = bench_model.build_model("configs/sync.yaml", n_segments=14, tiny=True)
+    vis, aud = torch.randn(1, 14, *VIS_SEGMENT), torch.randn(1, 14, *AUD_SEGMENT)
+    with torch.inference_mode(), precision.context(torch.device("cpu")), profile(activities=[CPU]) as prof:
+        model(vis, aud)
+    kernels = {event.key for event in prof.key_averages()}
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in kernels) == precision.fused_attention
+    assert ("aten::_scaled_dot_product_attention_math" in kernels) != precision.fused_attention
 
 
 def test_quantize_for_cpu_keeps_the_model_and_stays_close():
