@@ -91,6 +91,14 @@ def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
     return model
 
 
+def random_inputs(model: torch.nn.Module, batch_size: int, n_segments: int, device) -> tuple[torch.Tensor, ...]:
+    """Random video (B, S, Tv, C, H, W) and spectrogram (B, S, 1, F, Ta) segments of the model's sizes."""
+    C, Tv, H, W = model.vfeat_extractor.segment_shape
+    Ta, F = model.afeat_extractor.segment_shape
+    vis = torch.randn(batch_size, n_segments, Tv, C, H, W, device=device)
+    return vis, torch.randn(batch_size, n_segments, 1, F, Ta, device=device)
+
+
 def default_device() -> torch.device:
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     return accelerator or torch.device("cpu")
@@ -180,11 +188,9 @@ def main() -> None:
     device, S = args.device, args.segments
     repeats, gemm_n = (1, 512) if args.tiny else (args.repeats, 4096)
     model = build_model(args.config, S, args.tiny).to(device)
-    C, Tv, H, W = model.vfeat_extractor.segment_shape
-    Ta, F = model.afeat_extractor.segment_shape
 
     def inputs(B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(B, S, Tv, C, H, W, device=device), torch.randn(B, S, 1, F, Ta, device=device)
+        return random_inputs(model, B, S, device)
 
     flops_per_clip = count_flops(model, *inputs(1))
     modes = {"float32": model, **({"int8": quantize_for_cpu(model)} if args.int8 else {})}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_model import FLOAT32, Precision, build_model, default_device, timed
+from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
 from scripts.bench_train import bench_training
 from utils.utils import reuse_freed_memory, write_json
 
@@ -76,10 +76,7 @@ def main() -> None:
     settings = [ORIGINAL, OURS] + ([OURS_COMPILED] if args.compile else [])
     torch.manual_seed(0)
     model = build_model(args.config, S, args.tiny).to(device)
-    C, Tv, H, W = model.vfeat_extractor.segment_shape
-    Ta, F = model.afeat_extractor.segment_shape
-    vis = torch.randn(args.infer_batch_size, S, Tv, C, H, W, device=device)
-    aud = torch.randn(args.infer_batch_size, S, 1, F, Ta, device=device)
+    vis, aud = random_inputs(model, args.infer_batch_size, S, device)
     with torch.inference_mode(), FLOAT32.context(device):
         reference = model(vis, aud)[1].float()
     inference = [bench_inference(model, vis, aud, p, repeats, device, reference) for p in settings]

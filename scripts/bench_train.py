@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from scripts.bench_model import FLOAT32, Precision, build_model, default_device, timed
+from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
 from utils.utils import reuse_freed_memory, write_json
 
 
@@ -30,10 +30,7 @@ def bench_training(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.training.base_learning_rate, betas=tuple(cfg.training.optimizer.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.autocast_dtype == torch.float16)
-    C, Tv, H, W = model.vfeat_extractor.segment_shape
-    Ta, F = model.afeat_extractor.segment_shape
-    vis = torch.randn(batch_size, segments, Tv, C, H, W, device=device)
-    aud = torch.randn(batch_size, segments, 1, F, Ta, device=device)
+    vis, aud = random_inputs(model, batch_size, segments, device)
     targets = torch.randint(0, cfg.data.num_off_cls, (batch_size,), device=device)
     run = torch.compile(model) if precision.compile else model
 
