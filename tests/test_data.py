@@ -23,6 +23,7 @@ from dataset.io import (
     audio_priming_drop,
     decode_audio,
     decode_skipping_nonref_before,
+    decode_video,
     decode_video_window,
     get_video_and_audio,
     reencode_video,
@@ -138,6 +139,18 @@ def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end, pix
         p_rgb, _, n_frames = decode_video_window(path, start, end, pixels_end)
         v2 = v1 if pixels_end is None else int(np.ceil(pixels_end * fps - 1e-6))
         assert torch.equal(p_rgb, rgb[v0:v2]) and n_frames == len(rgb[v0:v1])
+
+
+@pytest.mark.parametrize("path", [REF_CLIP, LRS_CLIP])  # one keyframe / a second one at 10 s (seeks)
+def test_decode_video_window_counts_like_a_full_decode(path):
+    rgb, fps = decode_video(path)
+    duration = len(rgb) / fps
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        start, pixels_end, end = np.sort(rng.uniform(0, duration, 3)).round(2).tolist()
+        window, _, n_frames = decode_video_window(path, start, end, pixels_end)
+        first, stop, last = (int(np.ceil(t * fps - 1e-6)) for t in (start, pixels_end, end))
+        assert n_frames == last - first and torch.equal(window, rgb[first:stop])
 
 
 @pytest.fixture(scope="module")
