@@ -15,7 +15,10 @@ class CLSTokenAggregator(nn.TransformerEncoderLayer):
     """Pools a sequence into the output of a learnable CLS token after one pre-norm encoder layer.
 
     Subclasses `nn.TransformerEncoderLayer` so that the state-dict names (`self_attn.in_proj_weight`,
-    `linear1`, `norm1`, ...) are those of the published checkpoints, and eval mode gets torch's fused path.
+    `linear1`, `norm1`, ...) are those of the published checkpoints. Only the CLS token's output is kept,
+    so only its row is computed after the keys and values: its query attends over every token, and the
+    output projection and the feed-forward run on it alone. The same function as the whole layer followed
+    by `[:, 0]`, at about a sixth of the layer's multiply-adds.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float = 0.0):
@@ -35,7 +38,11 @@ class CLSTokenAggregator(nn.TransformerEncoderLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prepend_cls(x)  # (N, 1+L, D)
-        return super().forward(x)[:, 0]  # (N, D)
+        h = self.norm1(x)
+        cls = h[:, :1]  # (N, 1, D): the only query
+        x = x[:, :1] + self.dropout1(self.self_attn(cls, h, h, need_weights=False)[0])  # (N, 1, D)
+        x = x + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(self.norm2(x))))))
+        return x[:, 0]  # (N, D)
 
     def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
