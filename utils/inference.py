@@ -63,8 +63,8 @@ def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(
             "quantize_for_cpu needs a model on the CPU: call it before moving the model, or drop --quantize."
         )
-    # nn.TransformerEncoderLayer (the extractors' pooling layers, little work) reads its Linear weights
-    # directly, which quantised Linear layers do not allow
+    # the extractors' pooling layers stay float32: their multi-head attention reads its projection weights
+    # directly (quantised Linear layers do not allow it), and the rest of them runs on one token per sequence
     pooling = [name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
     linears = {
         name
