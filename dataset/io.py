@@ -19,7 +19,8 @@ Windows (`start_sec`, `end_sec`) select video frames with `start <= t < end` and
 video is decoded from the last keyframe before the window (frames no other frame references are not
 decoded before the window), the audio (cheap) from the file start.
 (`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
-to 10 s by `EqualifyFromRight` anyway.)
+to 10 s by `EqualifyFromRight` anyway.) `decode_video_window` can stop decoding before the window's end
+and only count the frames after that, from their packets' timestamps.
 """
 
 import itertools
