@@ -114,6 +114,11 @@ class DecodeWindow(NamedTuple):
     video_pixels_end: float | None
     end: float | None
 
+    @classmethod
+    def whole(cls, max_clip_len_sec: float | None) -> "DecodeWindow":
+        """The whole clip, up to `max_clip_len_sec`."""
+        return cls(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
+
 
 def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> DecodeWindow:
     """Around each stream's crop when `targets` fix it (offset and video start), otherwise the whole clip
@@ -122,7 +127,7 @@ def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> 
     its crop (with a positive offset, the audio crop ends later) are counted, not decoded."""
     crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
     if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
-        return DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
+        return DecodeWindow.whole(max_clip_len_sec)
     v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
     v_end, end = (start + crop.crop_len_sec + WINDOW_MARGIN_SEC for start in (v_start, max(v_start, a_start)))
     if max_clip_len_sec is not None:
@@ -137,8 +142,8 @@ def load_item(
     """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
     fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
     `start_sample` / `end_frame` in the meta, so the output is identical to a full read."""
-    full = DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
-    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else full
+    whole = DecodeWindow.whole(max_clip_len_sec)
+    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else whole
     path_to_read = maybe_cache_file(path)
     rgb, fps, n_frames = decode_video_window(path_to_read, window.video_start, window.end, window.video_pixels_end)
     audio, sr = decode_audio(path_to_read, window.audio_start, window.end, audio_priming_compat)

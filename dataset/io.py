@@ -142,8 +142,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
                 for packet in container.demux(stream):
                     if packet.dts is not None and seconds(packet.dts) >= end_sec - _EPS_SEC:
                         break
-                    if packet.size:  # not the empty packet that ends the stream
-                        packets_pts.append(packet.pts)
+                    _record_pts(packet, packets_pts)
         except av.FFmpegError as e:
             raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
         counted = 0
@@ -153,7 +152,7 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
 
 
 def _record_pts(packet: av.Packet, seen: list) -> av.Packet:
-    if packet.size:
+    if packet.size:  # not the empty packet that ends the stream
         seen.append(packet.pts)
     return packet
 

@@ -188,17 +188,13 @@ def main() -> None:
     device, S = args.device, args.segments
     repeats, gemm_n = (1, 512) if args.tiny else (args.repeats, 4096)
     model = build_model(args.config, S, args.tiny).to(device)
-
-    def inputs(B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return random_inputs(model, B, S, device)
-
-    flops_per_clip = count_flops(model, *inputs(1))
+    flops_per_clip = count_flops(model, *random_inputs(model, 1, S, device))
     modes = {"float32": model, **({"int8": quantize_for_cpu(model)} if args.int8 else {})}
     for m in modes.values():
-        warm_up(m, *inputs(1))
+        warm_up(m, *random_inputs(model, 1, S, device))
     runs = []
     for B in args.batch_sizes:
-        vis, aud = inputs(B)
+        vis, aud = random_inputs(model, B, S, device)
         top1 = {}
         for mode, m in modes.items():
             result, logits = bench_forward(m, vis, aud, flops_per_clip, repeats, gemm_n, device)
