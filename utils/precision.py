@@ -1,0 +1,44 @@
+"""The numeric precision a model runs in, chosen by one `--precision` option everywhere.
+
+- fp32: float32 throughout; the default wherever exact parity with the original matters.
+- bf16 / fp16: autocast to that dtype around the forward (weights stay float32).
+- int8: int8 Linear layers with dynamically quantised activations, CPU only (see `utils.inference`).
+- auto: bf16 where the device runs it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else fp32.
+"""
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(name: str, device: str | torch.device) -> str:
+    """The concrete precision for `name` on `device` ('auto' decided); ValueError where it cannot run."""
+    if name not in PRECISIONS:
+        raise ValueError(f"Unknown precision '{name}'; choose one of {', '.join(PRECISIONS)}.")
+    device = torch.device(device)
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "int8" and device.type != "cpu":
+        raise ValueError(f"--precision int8 runs on the CPU only: pass --device cpu, not {device}.")
+    return name
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of a concrete precision (no-op for fp32 and int8)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
