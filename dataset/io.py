@@ -95,6 +95,45 @@ def decode_video_window(
     return torch.from_numpy(rgb).permute(0, 3, 1, 2), fps, len(by_pts) + counted  # (Tv, 3, H, W)
 
 
+def decode_video_at_fps(path, fps: float, max_frames: int | None = None) -> torch.Tensor:
+    """The first `max_frames` frames (all if None) at `fps`, picked by FFmpeg's `fps` filter (the frame
+    shown at each output time, duplicating or dropping input frames), as (T, 3, H, W) uint8 RGB. This is
+    what torchaudio's StreamingMediaDecoder gives for `frame_rate=fps, format='rgb24'` (av-benchmark's
+    video reader): the same filter graph, `fps=<fps>,format=rgb24`, fed the decoded frames in order."""
+    frames = []
+    with _open(path) as container:
+        stream = _stream(container, "video", path)
+        stream.thread_type = "AUTO"
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(template=stream), graph.add("fps", str(fps)), graph.add("format", "rgb24")]
+        chain.append(graph.add("buffersink"))
+        for a, b in itertools.pairwise(chain):
+            a.link_to(b)
+        graph.configure()
+
+        def pull_ready() -> bool:  # moves the filtered frames out; False once `max_frames` are out
+            while max_frames is None or len(frames) < max_frames:
+                try:
+                    frames.append(graph.pull())
+                except (av.error.BlockingIOError, av.error.EOFError):  # needs more input / no more output
+                    return True
+            return False
+
+        try:
+            for frame in container.decode(stream):
+                graph.push(frame)
+                if not pull_ready():
+                    break
+            else:
+                graph.push(None)  # end of stream: the filter emits the frames it still holds
+                pull_ready()
+        except av.FFmpegError as e:
+            raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
+    if not frames:
+        raise BadVideoError(path, "no video frames could be decoded", "the video stream is empty")
+    return torch.from_numpy(_to_rgb24(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+
+
 def _to_rgb24(frames: list) -> np.ndarray:
     """(T, H, W, 3) uint8, what `frame.to_ndarray(format='rgb24')` gives for each frame (the same swscale
     conversion), at a third of its cost: one single-threaded converter is reused and each frame is copied

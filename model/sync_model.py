@@ -126,6 +126,22 @@ class Synchformer(nn.Module):
             getattr(self, name).eval()
         return self
 
+    def extract_vfeats(self, vis: torch.Tensor, for_loop: bool = False) -> torch.Tensor:
+        """vis (B, S, Tv, C, H, W) -> segment features (B, S, tv, D). The name and layout av-benchmark
+        and MMAudio call."""
+        if vis.ndim != 6:
+            raise ValueError(f"extract_vfeats expects vis (B, S, Tv, C, H, W), got {tuple(vis.shape)}.")
+        # the extractor also returns a global (whole-clip) feature, not used for synchronisation
+        vfeat, _ = self.vfeat_extractor(vis.permute(0, 1, 3, 2, 4, 5), for_loop=for_loop)  # in: (B, S, C, Tv, H, W)
+        return vfeat
+
+    def extract_afeats(self, aud: torch.Tensor, for_loop: bool = False) -> torch.Tensor:
+        """aud (B, S, 1, F, Ta) log-mel segments -> segment features (B, S, ta, D)."""
+        if aud.ndim != 5 or aud.shape[2] != 1:
+            raise ValueError(f"extract_afeats expects aud (B, S, 1, F, Ta), got {tuple(aud.shape)}.")
+        afeat, _ = self.afeat_extractor(aud[:, :, 0].transpose(2, 3), for_loop=for_loop)  # in: (B, S, Ta, F)
+        return afeat
+
     def extract_features(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
         """vis (B, S, Tv, C, H, W), aud (B, S, 1, F, Ta) -> segment features (B, S, tv, D) and (B, S, ta, D).
 
@@ -136,13 +152,7 @@ class Synchformer(nn.Module):
                 f"Synchformer expects vis (B, S, Tv, C, H, W) and aud (B, S, 1, F, Ta), got {tuple(vis.shape)} and "
                 f"{tuple(aud.shape)}: check the PermuteStreams transform of the config."
             )
-        B, S, _, Fa, Ta = aud.shape
-        vis = vis.permute(0, 1, 3, 2, 4, 5)  # (B, S, C, Tv, H, W)
-        aud = aud.view(B, S, Fa, Ta).transpose(2, 3)  # (B, S, Ta, F)
-        # the extractors also return a global (whole-clip) feature, not used for synchronisation
-        vfeat, _ = self.vfeat_extractor(vis, for_loop=for_loop)
-        afeat, _ = self.afeat_extractor(aud, for_loop=for_loop)
-        return vfeat, afeat
+        return self.extract_vfeats(vis, for_loop), self.extract_afeats(aud, for_loop)
 
     def forward_head(self, vfeat: torch.Tensor, afeat: torch.Tensor) -> torch.Tensor:
         """vfeat (B, S, tv, Dv), afeat (B, S, ta, Da) -> logits (B, num_classes)."""
@@ -151,6 +161,9 @@ class Synchformer(nn.Module):
         ta = afeat.shape[2]
         # all segments form one sequence
         return self.transformer(vfeat.reshape(B, S * tv, D), afeat.reshape(B, S * ta, D))
+
+    # av-benchmark's and MMAudio's name for the head
+    compare_v_a = forward_head
 
     def forward(
         self, vis: torch.Tensor, aud: torch.Tensor, targets: torch.Tensor | None = None, for_loop: bool = False
