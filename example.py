@@ -18,6 +18,7 @@ from dataset.io import BadVideoError, probe_video, reencode_video
 from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
 from utils.inference import add_model_args, load_model_from_args, offset_grid
+from utils.precision import autocast
 from utils.utils import reuse_freed_memory
 
 VFPS, AFPS, IN_SIZE = 25, 16000, 256
@@ -42,12 +43,11 @@ def make_input(cfg: DictConfig, vid_path: str, offset_sec: float, v_start_i_sec:
 
 
 @torch.inference_mode()
-def predict(model: Synchformer, item: dict, device: torch.device, use_half: bool) -> torch.Tensor:
-    """Logits (num_classes,) of one transformed item."""
+def predict(model: Synchformer, item: dict, device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """Logits (num_classes,) of one transformed item, run in a concrete `precision` of `utils.precision`."""
     vid = item["video"].unsqueeze(0).to(device, torch.float32)  # (1, S, Tv, C, H, W)
     aud = item["audio"].unsqueeze(0).to(device, torch.float32)  # (1, S, 1, F, Ta)
-    # the published models were run in fp16 on GPUs; on CPU float32 is both exact and fast enough
-    with torch.autocast(device.type, dtype=torch.float16, enabled=use_half and device.type != "cpu"):
+    with autocast(precision, device):
         _, logits = model(vid, aud)
     return logits[0].float().cpu()
 
@@ -99,7 +99,8 @@ def main(args) -> None:
             "shifted by --offset_sec: both must lie inside the video (for a negative offset, start the visual "
             "window at least |offset| seconds in, e.g. --v_start_i_sec 2.0)."
         ) from e
-    logits = predict(model, item, device, bool(cfg.training.get("use_half_precision", False)))
+    logits = predict(model, item, device, args.precision)
+    print(f"Precision: {args.precision} on {device}")
 
     if len(logits) == 2:  # the synchronizability head: class 1 means "can be synchronised"
         print(f"Synchronizability: p={torch.softmax(logits, -1)[1]:.4f} (offset applied: {args.offset_sec:.2f} s)")

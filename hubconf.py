@@ -3,7 +3,9 @@
     model = torch.hub.load("<owner>/<repo>", "synchformer_audioset")  # eval mode, weights md5-verified
 
 Each returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Weights are downloaded
-once into `<torch.hub.get_dir()>/synchformer/<experiment>/`.
+once into `<torch.hub.get_dir()>/synchformer/<experiment>/`. `precision` (fp32, bf16, fp16, int8, auto)
+is decided at `model.precision`: int8 returns the int8 CPU model; for bf16/fp16 run the model under
+`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16), which its float32 weights expect.
 """
 
 from pathlib import Path
@@ -13,29 +15,32 @@ import torch
 dependencies = ["torch", "torchvision", "torchaudio", "omegaconf", "einops", "av", "transformers"]
 
 
-def _published(exp_name: str, device: str = "cpu"):
+def _published(exp_name: str, device: str, precision: str):
     from utils.inference import load_model
+    from utils.precision import resolve_precision
 
-    model, cfg = load_model(exp_name, device=device, logdir=Path(torch.hub.get_dir()) / "synchformer")
-    model.cfg = cfg
+    precision = resolve_precision(precision, device)
+    logdir = Path(torch.hub.get_dir()) / "synchformer"
+    model, cfg = load_model(exp_name, device=device, logdir=logdir, precision=precision)
+    model.cfg, model.precision = cfg, precision
     return model.eval()
 
 
-def synchformer_lrs3(device: str = "cpu"):
+def synchformer_lrs3(device: str = "cpu", precision: str = "fp32"):
     """Stage 2 trained on LRS3 ('Full Scene'): 86.6 / 99.6 Acc@1 / ±1 class on LRS3."""
-    return _published("23-12-23T18-33-57", device)
+    return _published("23-12-23T18-33-57", device, precision)
 
 
-def synchformer_vggsound(device: str = "cpu"):
+def synchformer_vggsound(device: str = "cpu", precision: str = "fp32"):
     """Stage 2 trained on VGGSound: 43.8 / 60.2 on VGGSound-Sparse."""
-    return _published("24-01-02T10-00-53", device)
+    return _published("24-01-02T10-00-53", device, precision)
 
 
-def synchformer_audioset(device: str = "cpu"):
+def synchformer_audioset(device: str = "cpu", precision: str = "fp32"):
     """Stage 2 trained on AudioSet: 47.2 / 67.4 on VGGSound-Sparse; the model behind DeSync."""
-    return _published("24-01-04T16-39-21", device)
+    return _published("24-01-04T16-39-21", device, precision)
 
 
-def synchformer_syncability(device: str = "cpu"):
+def synchformer_syncability(device: str = "cpu", precision: str = "fp32"):
     """Synchronizability (2 classes, 1 = can be synchronised), AudioSet: Acc 73.5, ROC AUC 0.83."""
-    return _published("24-01-22T20-34-52", device)
+    return _published("24-01-22T20-34-52", device, precision)

@@ -94,7 +94,7 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
         }
         for s, k, p, h in zip(starts, top, probs, entropy(probs))
     ]
-    summary = {"video": str(path), **summarise(starts, probs, grid)}
+    summary = {"video": str(path), "precision": predictor.precision, **summarise(starts, probs, grid)}
     stem = args.out_dir / path.stem
     write_csv(f"{stem}.csv", rows)
     plot_track(rows, summary, Path(f"{stem}.png"), path.name)
@@ -109,7 +109,7 @@ def main(args) -> int:
     src = Path(args.input)
     videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if src.is_dir() else [src]
     model, cfg = load_model_from_args(args)
-    predictor = WindowPredictor(model, cfg, args.batch_segments, args.batch_windows)
+    predictor = WindowPredictor(model, cfg, args.precision, args.batch_segments, args.batch_windows)
     summaries, failed = [], 0
     for path in tqdm(videos, desc="videos", disable=len(videos) == 1):
         done = args.out_dir / f"{path.stem}.json"
@@ -124,7 +124,8 @@ def main(args) -> int:
             continue
         s = summaries[-1]
         drift = " (DRIFT: the two halves disagree)" if s["drift"] else ""
-        print(f"{path.name}: offset {s['offset_sec']:+.2f} s, confidence {s['confidence']:.3f}{drift}")
+        confidence = f"confidence {s['confidence']:.3f} ({s['precision']})"
+        print(f"{path.name}: offset {s['offset_sec']:+.2f} s, {confidence}{drift}")
     if summaries:
         write_csv(args.out_dir / "summary.csv", summaries)
     print(f"{len(summaries)} videos done, {failed} failed; segments computed: {predictor.segments_computed}")

@@ -19,7 +19,7 @@ from scripts.bench_model import bench_config
 from tests.reference_data import REPO, SHARED
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.download import DownloadError
-from utils.inference import SegmentPipeline, WindowPredictor, load_model
+from utils.inference import SegmentPipeline, WindowPredictor, load_model, load_model_from_args
 from utils.utils import instantiate_from_config
 
 REAL_CLIP = SHARED / "data/vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
@@ -83,14 +83,38 @@ def test_example_on_a_real_clip(tiny_ckpt, tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
-def test_example_quantize_is_opt_in_and_cpu_only(tiny_ckpt, capsys):
-    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--quantize")
+@pytest.mark.parametrize(
+    "flags, ran",
+    [([], "fp32"), (["--quantize"], "int8"), (["--precision", "int8"], "int8"), (["--precision", "bf16"], "bf16")],
+)
+def test_example_precision_is_opt_in_and_printed(tiny_ckpt, capsys, flags, ran):
+    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--device", "cpu", *flags)
+    assert f"Precision: {ran} on cpu" in lines
     preds = [m for m in map(PREDICTION.match, lines) if m]
     assert len(preds) == 5 and sum(float(m[1]) for m in preds) < 1
+
+
+def test_load_model_precisions(tiny_ckpt):
     model, _ = load_model(ckpt_path=tiny_ckpt)
     assert any(type(m) is torch.nn.Linear for m in model.modules())  # float32 unless asked
+    int8, _ = load_model(ckpt_path=tiny_ckpt, precision="int8")
+    assert not any(type(m) is torch.nn.Linear for m in int8.transformer.modules())
     with pytest.raises(ValueError, match="--device cpu"):
-        load_model(ckpt_path=tiny_ckpt, device="meta", quantize=True)
+        load_model(ckpt_path=tiny_ckpt, device="meta", precision="int8")
+    with pytest.raises(ValueError, match="choose one of fp32, bf16"):
+        load_model(ckpt_path=tiny_ckpt, precision="fp8")
+
+
+def test_model_args_resolve_auto_and_keep_quantize_as_an_alias(tiny_ckpt, monkeypatch):
+    parser = example.get_parser()
+    base = ["--ckpt_path", str(tiny_ckpt), "--vid_path", "x.mp4", "--device", "cpu"]
+    assert parser.parse_args(base).precision == "fp32"
+    assert parser.parse_args([*base, "--quantize"]).precision == "int8"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("utils.precision.native_bf16", lambda device, native=native: native)
+        args = parser.parse_args([*base, "--precision", "auto"])
+        load_model_from_args(args)
+        assert args.precision == expected
 
 
 def test_example_takes_a_bare_state_dict_with_its_config(tiny_ckpt, tmp_path, capsys):
@@ -170,6 +194,15 @@ def test_feature_reuse_equals_per_window_computation(predictor, clips):
         with torch.inference_mode():
             _, expected = predictor.model(one["video"][None].float(), one["audio"][None].float())
         assert (logits - expected[0]).abs().max() <= 1e-4
+
+
+def test_bf16_windows_stay_close_to_float32(predictor, clips):
+    item = predictor.pipeline.prepare(*get_video_and_audio(clips / "long.mp4", get_meta=True), "long.mp4")
+    windows = [predictor.pipeline.window_segments(item, s) for s in predictor.window_starts(item, stride_sec=2.56)]
+    bf16 = WindowPredictor(predictor.model, predictor.cfg, "bf16", batch_segments=8, batch_windows=4)
+    fp32_logits, bf16_logits = predictor.predict(item, windows), bf16.predict(item, windows)
+    assert bf16_logits.dtype == torch.float32 and not torch.equal(bf16_logits, fp32_logits)  # autocast ran
+    assert (bf16_logits - fp32_logits).abs().max() < 0.05
 
 
 def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_path, capsys):

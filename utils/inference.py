@@ -25,6 +25,7 @@ from dataset.dataset_utils import get_transforms
 from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, TemporalCropAndOffset, make_class_grid
 from model.sync_model import Synchformer, load_synchformer
 from utils.download import get_published_model
+from utils.precision import PRECISIONS, autocast, resolve_precision
 
 
 def load_model(
@@ -33,13 +34,14 @@ def load_model(
     cfg_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     logdir: str | Path = "./logs/sync_models",
-    quantize: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Synchformer, DictConfig]:
     """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
-    downloaded into `<logdir>/<exp_name>/` when missing. `quantize`: the int8 CPU model of `quantize_for_cpu`."""
-    if quantize and torch.device(device).type != "cpu":
-        raise ValueError(f"The int8 mode (--quantize) runs on the CPU only: pass --device cpu, not {device}.")
+    downloaded into `<logdir>/<exp_name>/` when missing. `precision` (see `utils.precision`): 'int8' gives
+    the int8 CPU model of `quantize_for_cpu`; bf16 and fp16 keep float32 weights and run under
+    `utils.precision.autocast`, which the caller enters (as `WindowPredictor` does)."""
+    precision = resolve_precision(precision, device)
     if ckpt_path is None:
         if exp_name is None:
             raise ValueError("Pass a published experiment name or a local checkpoint path.")
@@ -48,7 +50,7 @@ def load_model(
         if not (cfg_path.is_file() and ckpt_path.is_file()):
             cfg_path, ckpt_path = get_published_model(exp_name, logdir)
     model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
-    return (quantize_for_cpu(model) if quantize else model.to(device)), cfg
+    return (quantize_for_cpu(model) if precision == "int8" else model.to(device)), cfg
 
 
 def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,16 +88,25 @@ def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> 
     parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
     parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
     parser.add_argument(
-        "--quantize", action="store_true", help="int8 Linear layers: faster on CPU, slightly different outputs"
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (exact, the default), bf16/fp16 autocast, int8 Linear layers (CPU), or auto: bf16 where the "
+        "device has it natively, else fp32",
+    )
+    parser.add_argument(
+        "--quantize", dest="precision", action="store_const", const="int8", help="the same as --precision int8"
     )
 
 
 def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
-    """`load_model` for the arguments of `add_model_args`; int8 runs on the CPU, else CUDA when available."""
+    """`load_model` for the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available.
+    Sets `args.precision` to the precision that runs ('auto' decided)."""
     if args.exp_name is None and args.ckpt_path is None:
         raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    device = args.device or ("cuda:0" if torch.cuda.is_available() and not args.quantize else "cpu")
-    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.quantize)
+    device = args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
+    args.precision = resolve_precision(args.precision, device)
+    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
 
 
 def offset_grid(cfg: DictConfig, num_classes: int) -> torch.Tensor:
@@ -163,8 +174,16 @@ class SegmentPipeline:
 class WindowPredictor:
     """Predicts offsets for many windows of one video, computing each distinct segment's features once."""
 
-    def __init__(self, model: Synchformer, cfg: DictConfig, batch_segments: int = 14, batch_windows: int = 16):
-        self.model, self.cfg = model.eval(), cfg
+    def __init__(
+        self,
+        model: Synchformer,
+        cfg: DictConfig,
+        precision: str = "fp32",
+        batch_segments: int = 14,
+        batch_windows: int = 16,
+    ):
+        """`precision`: a concrete one of `utils.precision` (int8: `model` is already quantised)."""
+        self.model, self.cfg, self.precision = model.eval(), cfg, precision
         self.pipeline = SegmentPipeline.from_config(cfg)
         self.device = next(model.parameters()).device
         self.batch_segments, self.batch_windows = batch_segments, batch_windows
@@ -184,7 +203,8 @@ class WindowPredictor:
             # the chunk goes in as one clip of N segments: the extractors treat segments independently
             vid = vid.unsqueeze(0).to(self.device, torch.float32)  # (1, N, Tv, C, H, W)
             aud = aud.unsqueeze(0).to(self.device, torch.float32)  # (1, N, 1, F, Ta)
-            vfeat, afeat = self.model.extract_features(vid, aud)  # (1, N, tv, D), (1, N, ta, D)
+            with autocast(self.precision, self.device):
+                vfeat, afeat = self.model.extract_features(vid, aud)  # (1, N, tv, D), (1, N, ta, D)
             for j, key in enumerate(chunk):
                 feats[key] = (vfeat[0, j], afeat[0, j])
         self.segments_computed += len(keys)
@@ -199,7 +219,8 @@ class WindowPredictor:
             chunk = windows[i : i + self.batch_windows]
             vfeat = torch.stack([torch.stack([feats[k][0] for k in w]) for w in chunk])  # (W, S, tv, D)
             afeat = torch.stack([torch.stack([feats[k][1] for k in w]) for w in chunk])  # (W, S, ta, D)
-            logits.append(self.model.forward_head(vfeat, afeat).float().cpu())
+            with autocast(self.precision, self.device):
+                logits.append(self.model.forward_head(vfeat, afeat).float().cpu())
         return torch.cat(logits)
 
     def window_starts(self, item: dict, stride_sec: float, crop_len_sec: float | None = None) -> list[float]:

@@ -15,11 +15,16 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware."""
+    """Whether `device` multiplies bf16 matrices in hardware (on the CPU: what torch's capability query,
+    `torch.cpu.get_capabilities`, finds; without AVX512-BF16 or AMX, bf16 matmuls are emulated and slow)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        if hasattr(torch.cpu, "get_capabilities"):
+            capabilities = torch.cpu.get_capabilities()
+            return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+        # the torch versions without the public query have these
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
