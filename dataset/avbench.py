@@ -32,9 +32,9 @@ MEL = dict(sample_rate=AFPS, win_length=400, hop_length=160, n_fft=1024, n_mels=
 SPEC_FRAMES, SPEC_MEAN, SPEC_STD = 66, -4.2677393, 4.5689974
 
 
-def segments(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
-    """(T, ...) -> (S, size, ...): the overlapping windows along the first dim, as a view."""
-    return x.unfold(0, size, step).movedim(-1, 1)
+def segments(x: torch.Tensor, size: int, step: int, dim: int = 0) -> torch.Tensor:
+    """(..., T, ...) -> (..., S, size, ...): the overlapping windows along `dim`, as a view."""
+    return x.unfold(dim, size, step).movedim(-1, dim + 1)
 
 
 def n_segments(n: int, size: int, step: int) -> int:

@@ -1,17 +1,27 @@
-"""DeSync: how far out of sync generated audio is from its video, as measured by Synchformer.
+"""DeSync: how far out of sync the audio of videos is, as Synchformer measures it (seconds, lower is better).
 
-    python scripts/desync.py VIDEO_DIR [--audio_dir AUDIO_DIR] [--out results.csv]
+    python scripts/desync.py VIDEO_DIR [--audio_dir AUDIO_DIR] [--out results.json | results.csv]
+    torchrun --nproc-per-node N scripts/desync.py VIDEO_DIR ...   # the videos are shared out over N processes
 
-For every video, Synchformer (by default the AudioSet model 24-01-04T16-39-21, as video-to-audio papers
-use) predicts the offset of the first 4.8 s and of the last 4.8 s (14 segments of 0.64 s with 50%
-overlap each); a video's DeSync is the mean absolute predicted offset of the two, and the score is the
-mean over videos. The audio comes from the video file itself, or from `AUDIO_DIR/<video stem>.*` (wav,
-flac, mp3, m4a, ...) when given, resampled to 16 kHz mono.
+`--protocol av-benchmark` (the default) is the number video-to-audio papers report (MMAudio and later), as
+`hkchengrex/av-benchmark` computes it with the AudioSet model 24-01-04T16-39-21 (see `dataset/avbench.py`):
+the first 8 s of every video and its audio, 24 segments, and the windows 0-4.8 s and 3.2-8.0 s.
+`--protocol synchformer` uses Synchformer's own test pipeline (the model config's transforms: 256 px,
+centre crop 224) on the first and the last 4.8 s of the whole video.
+Either way a video's DeSync is the mean |predicted offset| of its two windows, and the overall DeSync the
+mean over all windows of all scored videos.
+
+The audio is `AUDIO_DIR/<video stem>.<wav, flac, ...>` with `--audio_dir`, else the video's own track.
+Pairs that cannot be scored are listed with their reasons, never replaced by another file. Results are
+appended as each batch is scored, so an interrupted run resumes: videos already in `--out` are skipped.
 """
 
 import argparse
+import csv
+import json
 import logging
-import sys
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -19,12 +29,92 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dataset.avbench import (
+    SEGMENT_FRAMES,
+    STEP_FRAMES,
+    DesyncInputs,
+    Pair,
+    collate,
+    n_segments,
+    normalise_frames,
+    segments,
+    window_slices,
+    window_times,
+)
 from dataset.io import BadVideoError, decode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
+from utils import dist
+from utils.cli import UserError, report_skipped, run_cli
 from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
-from utils.utils import reuse_freed_memory, write_csv
+from utils.precision import autocast
+from utils.utils import reuse_freed_memory, write_csv, write_json
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".mp4", ".mkv", ".webm"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
+WINDOW_NAMES = ("first", "last")
+
+
+def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """The pairs to score, sorted by video name, and the videos without an audio file."""
+    if not video_dir.is_dir():
+        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
+    videos = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if audio_dir is None:
+        return [Pair(v.name, v) for v in videos], []
+    if not audio_dir.is_dir():
+        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
+    audio = {}
+    for p in sorted(audio_dir.iterdir()):
+        if p.suffix.lower() in AUDIO_SUFFIXES:
+            audio.setdefault(p.stem, p)
+    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
+    return [Pair(v.name, v, audio[v.stem]) for v in videos if v.stem in audio], missing
+
+
+def video_record(name: str, times: list[tuple[float, float]], logits: torch.Tensor, grid: torch.Tensor) -> dict:
+    """A scored video: each window's time span, offset (the class of the argmax), its probability and all
+    class probabilities; the video's DeSync is the mean |offset| of its windows."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (W, K)
+    windows = [
+        {"start_sec": s, "end_sec": e, "offset_sec": float(grid[k]), "prob": float(p[k]), "probs": p.tolist()}
+        for (s, e), p, k in zip(times, probs, probs.argmax(-1).tolist())
+    ]
+    return {"video": name, "desync": sum(abs(w["offset_sec"]) for w in windows) / len(windows), "windows": windows}
+
+
+class AVBenchScorer:
+    """av-benchmark's protocol: decoding and preprocessing in DataLoader workers, `batch_size` videos per
+    model call, each of the 24 segments computed once for both windows."""
+
+    def __init__(self, model, precision: str, duration_sec: float, batch_size: int, num_workers: int):
+        self.model, self.precision, self.device = model, precision, next(model.parameters()).device
+        self.duration_sec, self.batch_size, self.num_workers = duration_sec, batch_size, num_workers
+
+    @torch.inference_mode()
+    def logits(self, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, 224, 224) uint8, audio (B, S, 1, 128, 66) -> logits (B, 2 windows, K)."""
+        vis = segments(
+            normalise_frames(frames.to(self.device)), SEGMENT_FRAMES, STEP_FRAMES, dim=1
+        )  # (B, S, 16, 3, 224, 224)
+        with autocast(self.precision, self.device):
+            vfeat = self.model.extract_vfeats(vis)  # (B, S, tv, D)
+            afeat = self.model.extract_afeats(audio.to(self.device))  # (B, S, ta, D)
+            # each stream's first and last 14 segments, as av-benchmark slices them
+            windows = zip(window_slices(vfeat.shape[1]), window_slices(afeat.shape[1]))
+            return torch.stack([self.model.compare_v_a(vfeat[:, v], afeat[:, a]) for v, a in windows], 1).float()
+
+    def __call__(self, pairs: list[Pair]) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:
+        inputs = DesyncInputs(pairs, self.duration_sec)
+        loader = torch.utils.data.DataLoader(
+            inputs, self.batch_size, num_workers=self.num_workers, collate_fn=collate, persistent_workers=False
+        )
+        for batch in loader:
+            records = []
+            if batch["names"]:
+                logits = self.logits(batch["frames"], batch["audio"]).cpu()  # (B, 2, K)
+                times = window_times(n_segments(batch["frames"].shape[1], SEGMENT_FRAMES, STEP_FRAMES))
+                grid = offset_grid(self.model.cfg, logits.shape[-1])
+                records = [video_record(n, times, lg, grid) for n, lg in zip(batch["names"], logits)]
+            yield records, batch["skipped"]
 
 
 def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
@@ -55,70 +145,193 @@ def first_and_last_windows(n_frames: int, n_samples: int, cfg) -> list[list[tupl
     ]
 
 
-def desync_of(predictor: WindowPredictor, video: Path, audio_file: Path | None, work_dir: Path) -> dict:
-    cfg = predictor.cfg
-    if audio_file is None:
-        rgb, audio, meta = load_for_model(video, cfg, work_dir)
-    else:  # generated videos may have no audio track: read the frames alone
-        rgb, fps = decode_video(video)
-        if round(fps, 3) != cfg.data.vfps or min(rgb.shape[-2:]) != cfg.data.size_before_crop:
-            raise BadVideoError(
-                video,
-                f"is {fps:g} fps, {tuple(rgb.shape[-2:])} px",
-                f"re-encode it to {cfg.data.vfps} fps with {cfg.data.size_before_crop} px on the short side",
-            )
-        audio = read_audio(audio_file, cfg.data.afps)
-        meta = {"video": {"fps": [fps]}, "audio": {"framerate": [cfg.data.afps]}}
-    item = predictor.pipeline.prepare(rgb, audio, meta, str(video))
-    try:
-        windows = first_and_last_windows(item["video"].shape[0], item["audio"].shape[0], cfg)
-    except ValueError as e:
-        raise BadVideoError(video, str(e)) from e
-    logits = predictor.predict(item, windows)
-    grid = offset_grid(cfg, logits.shape[-1])
-    first, last = (float(grid[k]) for k in logits.argmax(-1))
-    desync = (abs(first) + abs(last)) / 2
-    return {"video": video.name, "offset_first_sec": first, "offset_last_sec": last, "desync": desync}
+class SynchformerScorer:
+    """Synchformer's own test pipeline on the first and the last window of each whole video, one video at
+    a time. Separate audio is resampled to the model's rate; such a video must be at the model's fps and size
+    (with its own audio track it is re-encoded when needed)."""
+
+    def __init__(self, model, precision: str, work_dir: Path):
+        self.predictor = WindowPredictor(model, model.cfg, precision)
+        self.work_dir = work_dir
+
+    def score(self, pair: Pair) -> dict:
+        cfg = self.predictor.cfg
+        if pair.audio is None:
+            rgb, audio, meta = load_for_model(pair.video, cfg, self.work_dir)
+        else:  # generated videos may have no audio track: read the frames alone
+            rgb, fps = decode_video(pair.video)
+            if round(fps, 3) != cfg.data.vfps or min(rgb.shape[-2:]) != cfg.data.size_before_crop:
+                raise BadVideoError(
+                    pair.video,
+                    f"is {fps:g} fps, {tuple(rgb.shape[-2:])} px",
+                    f"re-encode it to {cfg.data.vfps} fps with {cfg.data.size_before_crop} px on the short side, "
+                    "or use --protocol av-benchmark, which takes any frame rate and size",
+                )
+            audio = read_audio(pair.audio, cfg.data.afps)
+            meta = {"video": {"fps": [fps]}, "audio": {"framerate": [cfg.data.afps]}}
+        item = self.predictor.pipeline.prepare(rgb, audio, meta, str(pair.video))
+        try:
+            windows = first_and_last_windows(item["video"].shape[0], item["audio"].shape[0], cfg)
+        except ValueError as e:
+            raise BadVideoError(pair.video, str(e)) from e
+        logits = self.predictor.predict(item, windows)
+        span = cfg.data.crop_len_sec
+        times = [(w[0][0] / cfg.data.vfps, w[0][0] / cfg.data.vfps + span) for w in windows]
+        return video_record(pair.name, times, logits, offset_grid(cfg, logits.shape[-1]))
+
+    def __call__(self, pairs: list[Pair]) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:
+        for pair in pairs:
+            try:
+                yield [self.score(pair)], []
+            except BadVideoError as e:
+                yield [], [(pair.name, str(e))]
+
+
+class Results:
+    """The output file (`.json` or `.csv`) and the per-process logs of a run in progress beside it.
+
+    Every process appends its scored and skipped videos to `.<out name>.part-<rank>.jsonl` as it goes; rank 0
+    merges them with what `out` already held into `out` (written atomically) and removes the logs. A run
+    that stopped early left its logs, so the next run with the same `out` knows what is done."""
+
+    def __init__(self, out: Path):
+        if out.suffix not in (".json", ".csv"):
+            raise UserError(f"--out {out}: give a .json or a .csv file")
+        self.out = out
+
+    def part(self, rank: int) -> Path:
+        return self.out.with_name(f".{self.out.name}.part-{rank}.jsonl")
+
+    def load(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """(scored videos by name, skipped videos' reasons) from `out` and from any logs left beside it."""
+        scored, skipped = self._read_out()
+        for part in sorted(self.out.parent.glob(f".{self.out.name}.part-*.jsonl")):
+            for line in part.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a killed process
+                    continue
+                if "skip" in record:
+                    skipped[record["video"]] = record["skip"]
+                else:
+                    scored[record["video"]] = record
+        return scored, {name: why for name, why in skipped.items() if name not in scored}
+
+    def _read_out(self) -> tuple[dict[str, dict], dict[str, str]]:
+        if not self.out.is_file():
+            return {}, {}
+        try:
+            if self.out.suffix == ".json":
+                data = json.loads(self.out.read_text())
+                return {v["video"]: v for v in data["videos"]}, {s["video"]: s["reason"] for s in data["skipped"]}
+            with open(self.out, newline="") as f:
+                rows = list(csv.DictReader(f))
+            scored = {r["video"]: _record_from_row(r) for r in rows if not r["skipped_reason"]}
+            return scored, {r["video"]: r["skipped_reason"] for r in rows if r["skipped_reason"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.out}: not a DeSync results file to resume from ({e}); move it away") from e
+
+    def write(self, scored: dict[str, dict], skipped: dict[str, str], header: dict) -> None:
+        videos = [scored[name] for name in sorted(scored)]
+        skipped_list = [{"video": name, "reason": skipped[name]} for name in sorted(skipped)]
+        tmp = self.out.with_name(f".{self.out.name}.tmp")
+        if self.out.suffix == ".json":
+            write_json(tmp, {**header, **summary(videos), "videos": videos, "skipped": skipped_list})
+        else:
+            rows = [_row(v) for v in videos] + [_row({"video": s["video"]}, s["reason"]) for s in skipped_list]
+            write_csv(tmp, rows)
+        os.replace(tmp, self.out)
+        for part in self.out.parent.glob(f".{self.out.name}.part-*.jsonl"):
+            part.unlink()
+
+
+def summary(videos: list[dict]) -> dict:
+    n_windows = sum(len(v["windows"]) for v in videos)
+    desync = sum(abs(w["offset_sec"]) for v in videos for w in v["windows"]) / max(n_windows, 1)
+    return {"desync": desync if videos else None, "n_scored": len(videos), "n_windows": n_windows}
+
+
+WINDOW_KEYS = ("start_sec", "end_sec", "offset_sec", "prob")
+
+
+def _row(record: dict, reason: str = "") -> dict:
+    """A CSV row: the video, its DeSync and each window's span, offset and probability (or why it was skipped)."""
+    windows = record.get("windows", [{}] * len(WINDOW_NAMES))
+    cells = {f"{name}_{key}": w.get(key, "") for name, w in zip(WINDOW_NAMES, windows) for key in WINDOW_KEYS}
+    return {"video": record["video"], "desync": record.get("desync", ""), **cells, "skipped_reason": reason}
+
+
+def _record_from_row(row: dict) -> dict:
+    windows = [{**{key: float(row[f"{name}_{key}"]) for key in WINDOW_KEYS}, "probs": []} for name in WINDOW_NAMES]
+    return {"video": row["video"], "desync": float(row["desync"]), "windows": windows}
 
 
 def main(args) -> int:
     reuse_freed_memory()
-    videos = sorted(p for p in Path(args.video_dir).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    audio_files = {}
-    if args.audio_dir is not None:
-        audio_files = {p.stem: p for p in Path(args.audio_dir).iterdir() if p.suffix.lower() in AUDIO_SUFFIXES}
-        missing = [v.name for v in videos if v.stem not in audio_files]
-        if missing:
-            logging.warning(f"{len(missing)} videos have no audio file in {args.audio_dir}, e.g. {missing[:3]}")
-            videos = [v for v in videos if v.stem in audio_files]
-    if not videos:
-        raise SystemExit(f"No videos to score in {args.video_dir}.")
+    env = dist.init_distributed(device=args.device or ("cpu" if args.precision == "int8" else None))
+    args.device = str(env.device)
+    results = Results(Path(args.out))
+    pairs, unpaired = find_pairs(Path(args.video_dir), Path(args.audio_dir) if args.audio_dir else None)
+    if not pairs and not unpaired:
+        raise UserError(f"{args.video_dir}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) to score")
+    done, _ = results.load()
+    dist.barrier()  # every process has read what is done before rank 0 may rewrite it
+    todo = [p for p in pairs if p.name not in done]
+    mine = todo[env.rank :: env.world_size]
     model, cfg = load_model_from_args(args)
-    predictor = WindowPredictor(model, cfg)
-    rows = []
-    for video in tqdm(videos, desc="DeSync"):
-        try:
-            rows.append(desync_of(predictor, video, audio_files.get(video.stem), Path(args.work_dir)))
-        except BadVideoError as e:
-            logging.error(f"Skipping: {e}")
-    if not rows:
-        raise SystemExit("No video could be scored.")
-    write_csv(args.out, rows)
-    score = sum(r["desync"] for r in rows) / len(rows)
-    print(f"DeSync: {score:.4f} s over {len(rows)} videos ({len(videos) - len(rows)} skipped); per video: {args.out}")
-    return 0
+    model.cfg = cfg
+    if args.protocol == "av-benchmark":
+        batch_size = args.batch_size or (8 if env.device.type == "cuda" else 1)
+        scorer = AVBenchScorer(model, args.precision, args.duration, batch_size, args.num_workers)
+    else:
+        scorer = SynchformerScorer(model, args.precision, Path(args.work_dir))
+    if done:
+        logging.info(f"Resuming: {len(done)} videos already scored in {results.out}, {len(todo)} to go")
+    part = results.part(env.rank)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(mine), desc=f"DeSync ({args.protocol})", unit="video", disable=not env.is_main)
+    with open(part, "a") as log:
+        for records, skipped in scorer(mine):
+            for record in records:
+                log.write(json.dumps(record) + "\n")
+            for name, reason in skipped:
+                logging.warning(f"Skipping {name}: {reason}")
+                log.write(json.dumps({"video": name, "skip": reason}) + "\n")
+            log.flush()
+            bar.update(len(records) + len(skipped))
+    bar.close()
+    dist.barrier()
+    code = 0
+    if env.is_main:
+        scored, skipped = results.load()
+        skipped = {**skipped, **dict(unpaired)}
+        header = {"protocol": args.protocol, "model": args.ckpt_path or args.exp_name, "precision": args.precision}
+        results.write(scored, skipped, header)
+        s = summary(list(scored.values()))
+        if s["n_scored"]:
+            print(
+                f"DeSync: {s['desync']:.4f} s over {s['n_scored']} videos ({s['n_windows']} windows), "
+                f"{len(skipped)} skipped; protocol {args.protocol}, precision {args.precision}; results: {results.out}"
+            )
+        code = report_skipped(sorted(skipped.items()), s["n_scored"])
+    dist.cleanup()
+    return code
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video_dir", help="A folder of videos")
-    parser.add_argument("--audio_dir", help="A folder of generated audio files named like the videos")
-    parser.add_argument("--out", default="desync.csv", help="Per-video results")
-    parser.add_argument("--work_dir", default="./vis", help="Where re-encoded videos go")
+    parser.add_argument("--audio_dir", help="A folder of audio files named like the videos (else their own audio)")
+    parser.add_argument("--out", default="desync.json", help="Results: .json (everything) or .csv (a row per video)")
+    parser.add_argument("--protocol", choices=("av-benchmark", "synchformer"), default="av-benchmark")
+    parser.add_argument("--duration", type=float, default=8.0, help="av-benchmark: seconds of each video scored")
+    parser.add_argument("--batch_size", type=int, help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)")
+    parser.add_argument("--num_workers", type=int, default=2, help="av-benchmark: decoding processes")
+    parser.add_argument("--work_dir", default="./vis", help="synchformer: where re-encoded videos go")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main(get_parser().parse_args()))
+    run_cli(lambda: main(get_parser().parse_args()))

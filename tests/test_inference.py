@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import example
 from dataset.io import get_video_and_audio, probe_video
 from dataset.synthetic import ClipSpec, make_clip
-from scripts import desync, predict_offsets
+from scripts import predict_offsets
 from scripts.bench_model import bench_config
 from tests.reference_data import REPO, SHARED
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -221,28 +221,3 @@ def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_pa
     assert "segments computed: 34" in capsys.readouterr().out  # 6 windows, stride 4 segments: 14 + 5 * 4
     assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
     assert "segments computed: 0" in capsys.readouterr().out  # resumed: nothing left to do
-
-
-def test_desync_on_a_folder_with_and_without_separate_audio(tiny_ckpt, tmp_path, capsys):
-    videos, audios = tmp_path / "videos", tmp_path / "audio"
-    videos.mkdir(), audios.mkdir()
-    for i in range(2):
-        make_clip(videos / f"v{i}.mp4", ClipSpec(duration_sec=8.0, seed=10 + i))
-        # the audio the video file decodes to, as a separate float WAV file
-        write_wav(audios / f"v{i}.wav", get_video_and_audio(videos / f"v{i}.mp4")[1], 16000)
-    results = []
-    for extra in ([], ["--audio_dir", str(audios)]):
-        out = tmp_path / f"desync{len(extra)}.csv"
-        argv = [str(videos), "--ckpt_path", str(tiny_ckpt), "--out", str(out), "--device", "cpu", *extra]
-        desync.main(desync.get_parser().parse_args(argv))
-        with open(out) as f:
-            rows = list(csv.DictReader(f))
-        assert [r["video"] for r in rows] == ["v0.mp4", "v1.mp4"]
-        for r in rows:
-            first, last = float(r["offset_first_sec"]), float(r["offset_last_sec"])
-            assert float(r["desync"]) == pytest.approx((abs(first) + abs(last)) / 2)
-        mean = sum(float(r["desync"]) for r in rows) / 2
-        assert f"DeSync: {mean:.4f} s over 2 videos" in capsys.readouterr().out
-        results.append(rows)
-    # a separate file with the same samples gives the same result
-    assert [r["desync"] for r in results[0]] == [r["desync"] for r in results[1]]

@@ -1,0 +1,291 @@
+"""DeSync (scripts/desync.py): av-benchmark's numbers, the folder run's bookkeeping, and the model API
+that av-benchmark and MMAudio call."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.avbench import AudioSegments, video_frames
+from dataset.synthetic import ClipSpec, make_clip
+from scripts import desync
+from scripts.bench_model import bench_config
+from tests.detfill import det_state_dict
+from tests.reference_data import REFERENCE, REPO
+from utils.checkpoint import save_checkpoint
+from utils.utils import instantiate_from_config
+
+FIXTURES = REPO / "tests" / "fixtures" / "desync"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """configs/sync.yaml with 1-layer, 32-wide extractors at the published input sizes (224 px, 16 frames)."""
+    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint({"model": model.state_dict(), "args": cfg, "epoch": 0}, path)
+    return path
+
+
+def write_wav(path, samples: np.ndarray, sample_rate: int = 16000) -> None:
+    """A 16-bit mono WAV file of float samples in [-1, 1]."""
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(sample_rate)
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three 8.5 s generated videos without audio and their audio files, plus the cases av-benchmark
+    drops: an audio file of 5 s, a video that does not decode and a video without an audio file."""
+    root = tmp_path_factory.mktemp("desync")
+    videos, audio = root / "videos", root / "audio"
+    videos.mkdir(), audio.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        make_clip(videos / f"v{i}.mp4", ClipSpec(duration_sec=8.5, seed=20 + i))
+        write_wav(audio / f"v{i}.wav", rng.standard_normal(int(8.5 * 16000)) * 0.1)
+    make_clip(videos / "short_audio.mp4", ClipSpec(duration_sec=8.5, seed=30))
+    write_wav(audio / "short_audio.wav", rng.standard_normal(5 * 16000) * 0.1)
+    (videos / "broken.mp4").write_bytes(os.urandom(4096))
+    write_wav(audio / "broken.wav", rng.standard_normal(9 * 16000) * 0.1)
+    make_clip(videos / "no_audio_file.mp4", ClipSpec(duration_sec=8.5, seed=31))
+    return videos, audio
+
+
+def run_desync(*argv) -> int:
+    return desync.main(desync.get_parser().parse_args([str(a) for a in argv]))
+
+
+def test_folder_run_lists_what_it_cannot_score_and_never_substitutes(tiny_ckpt, folder, tmp_path, capsys):
+    videos, audio = folder
+    out = tmp_path / "r.json"
+    assert run_desync(videos, "--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--out", out, "--device", "cpu") == 0
+    result = json.loads(out.read_text())
+    assert [v["video"] for v in result["videos"]] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    reasons = {s["video"]: s["reason"] for s in result["skipped"]}
+    assert set(reasons) == {"short_audio.mp4", "broken.mp4", "no_audio_file.mp4"}
+    assert "audio is shorter than 8 s" in reasons["short_audio.mp4"] and "short_audio.wav" in reasons["short_audio.mp4"]
+    assert "broken.mp4" in reasons["broken.mp4"]
+    assert "no audio file no_audio_file.*" in reasons["no_audio_file.mp4"]
+    for v in result["videos"]:
+        assert [(w["start_sec"], w["end_sec"]) for w in v["windows"]] == [(0.0, 4.8), (3.2, 8.0)]
+        for w in v["windows"]:
+            assert len(w["probs"]) == 21 and sum(w["probs"]) == pytest.approx(1, abs=1e-5)
+            assert w["prob"] == max(w["probs"]) and -2 <= w["offset_sec"] <= 2
+        assert v["desync"] == pytest.approx(np.mean([abs(w["offset_sec"]) for w in v["windows"]]))
+    windows = [w for v in result["videos"] for w in v["windows"]]
+    assert result["desync"] == pytest.approx(np.mean([abs(w["offset_sec"]) for w in windows]))
+    assert (result["n_scored"], result["protocol"], result["precision"]) == (3, "av-benchmark", "fp32")
+    captured = capsys.readouterr()
+    assert f"DeSync: {result['desync']:.4f} s over 3 videos (6 windows), 3 skipped" in captured.out
+    assert "short_audio.mp4" in captured.err and "no_audio_file.mp4" in captured.err
+
+
+def test_nothing_scored_exits_1(tiny_ckpt, folder, tmp_path):
+    videos, _ = folder
+    empty_audio = tmp_path / "no_audio"
+    empty_audio.mkdir()
+    out = tmp_path / "r.csv"
+    assert run_desync(videos, "--audio_dir", empty_audio, "--ckpt_path", tiny_ckpt, "--out", out) == 1
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all("no audio file" in r["skipped_reason"] for r in rows)
+
+
+def test_resume_scores_only_what_is_missing(tiny_ckpt, folder, tmp_path, capsys):
+    """A finished results file and the log an interrupted run left beside it both count as done: their
+    records (marked here with impossible values) come back unchanged, the rest is scored."""
+    videos, audio = folder
+    args = ["--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--device", "cpu"]
+    for suffix in (".json", ".csv"):
+        out = tmp_path / f"r{suffix}"
+        run_desync(videos, *args, "--out", out)
+        first = out.read_text()
+        assert run_desync(videos, *args, "--out", out) == 0 and out.read_text() == first  # nothing left to do
+    out = tmp_path / "r.json"
+    result = json.loads(out.read_text())
+    v0, v1 = result["videos"][:2]
+    v0["desync"] = 99.0
+    result["videos"] = [v0]
+    out.write_text(json.dumps(result))
+    v1["desync"] = 98.0
+    (tmp_path / ".r.json.part-0.jsonl").write_text(json.dumps(v1) + "\n" + '{"video": "v2.mp4", "des')  # killed
+    capsys.readouterr()
+    run_desync(videos, *args, "--out", out)
+    resumed = {v["video"]: v for v in json.loads(out.read_text())["videos"]}
+    assert resumed["v0.mp4"]["desync"] == 99.0 and resumed["v1.mp4"]["desync"] == 98.0
+    assert resumed["v2.mp4"]["desync"] <= 2  # scored again: its line was cut off
+    assert not list(tmp_path.glob(".r.json.part-*"))
+
+
+def test_csv_has_a_row_per_video(tiny_ckpt, folder, tmp_path):
+    videos, audio = folder
+    run_desync(videos, "--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--out", tmp_path / "r.json")
+    run_desync(videos, "--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--out", tmp_path / "r.csv")
+    result = json.loads((tmp_path / "r.json").read_text())
+    with open(tmp_path / "r.csv") as f:
+        rows = {r["video"]: r for r in csv.DictReader(f)}
+    for v in result["videos"]:
+        row = rows[v["video"]]
+        assert float(row["desync"]) == pytest.approx(v["desync"]) and row["skipped_reason"] == ""
+        for name, w in zip(("first", "last"), v["windows"]):
+            assert float(row[f"{name}_offset_sec"]) == pytest.approx(w["offset_sec"])
+            assert float(row[f"{name}_prob"]) == pytest.approx(w["prob"])
+    assert rows["broken.mp4"]["skipped_reason"] and rows["broken.mp4"]["desync"] == ""
+
+
+def test_two_torchrun_processes_give_the_same_results_as_one(tiny_ckpt, folder, tmp_path):
+    videos, audio = folder
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"r{n}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+        cmd += [str(REPO / "scripts" / "desync.py"), str(videos), "--audio_dir", str(audio), "--out", str(out)]
+        cmd += ["--ckpt_path", str(tiny_ckpt), "--device", "cpu", "--num_workers", "0"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(json.loads(out.read_text()))
+    assert outs[0] == outs[1]
+
+
+def test_the_api_of_av_benchmark_and_mmaudio_agrees_with_forward(tiny_ckpt):
+    """extract_vfeats / extract_afeats / compare_v_a on the layouts av-benchmark passes give forward's logits."""
+    from model.sync_model import load_synchformer
+
+    model, _ = load_synchformer(tiny_ckpt)
+    torch.manual_seed(1)
+    vis, aud = torch.randn(2, 14, 16, 3, 224, 224), torch.randn(2, 14, 1, 128, 66)
+    with torch.inference_mode():
+        _, logits = model(vis, aud)
+        # av-benchmark: each segment as a clip of its own, (B*S, 1, T, C, H, W)
+        vfeat = model.extract_vfeats(vis.flatten(0, 1).unsqueeze(1)).unflatten(0, (2, 14)).squeeze(2)
+        afeat = model.extract_afeats(aud)
+        assert vfeat.shape[:2] == afeat.shape[:2] == (2, 14)
+        torch.testing.assert_close(model.compare_v_a(vfeat, afeat), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bare_state_dict_av_benchmark_redistributes_loads(tiny_ckpt, tmp_path):
+    """synchformer_state_dict.pth is the published checkpoint's 'model' entry alone: it loads with the config."""
+    from model.sync_model import load_synchformer
+    from utils.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    torch.save(ckpt["model"], tmp_path / "synchformer_state_dict.pth")
+    model, _ = load_synchformer(tmp_path / "synchformer_state_dict.pth", cfg=ckpt["args"])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ckpt["model"][k], rtol=0, atol=0)
+
+
+# --- av-benchmark's own numbers (tests/fixtures/desync/avbench_cases.json, see its "what") ---
+
+
+def avbench_cases() -> dict:
+    path = FIXTURES / "avbench_cases.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return json.loads(path.read_text())["cases"]
+
+
+CASE_MEDIA = {  # (video, audio) of each case, as avbench_cases.json's "what" describes them
+    "a": (
+        REFERENCE / "desync/videos/a_insync_3qesirWAGt4_20000_30000.mp4",
+        REFERENCE / "desync/audio/a_insync_3qesirWAGt4_20000_30000.wav",
+    ),
+    "b": (FIXTURES / "b_30fps_640x360.mp4", REFERENCE / "desync/audio/a_insync_3qesirWAGt4_20000_30000.wav"),
+    "c": (REFERENCE / "desync/videos/a_insync_3qesirWAGt4_20000_30000.mp4", FIXTURES / "c_44k1_stereo.flac"),
+}
+
+
+def case_paths(name: str):
+    if not all(p.is_file() for p in CASE_MEDIA[name]):
+        pytest.skip(f"media of case {name} not found: {CASE_MEDIA[name]}")
+    return CASE_MEDIA[name]
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_inputs_equal_av_benchmarks(name):
+    case = avbench_cases()[name]
+    video, audio = case_paths(name)
+    frames = video_frames(video, 8.0)  # (200, 3, 224, 224) uint8
+    from dataset.avbench import normalise_frames
+
+    sums = normalise_frames(frames).double().sum((1, 2, 3))
+    np.testing.assert_allclose(sums.numpy(), case["video_frame_sums"], rtol=0, atol=2e-2)
+    mel = AudioSegments(8.0)(audio)  # (24, 1, 128, 66)
+    np.testing.assert_allclose(mel.double().sum((1, 2, 3)).numpy(), case["mel_segment_sums"], rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(mel[:, 0, 10, 20].numpy(), case["mel_probe"], rtol=0, atol=1e-4)
+
+
+def depth1_model(ckpt_dir):
+    """The published architecture with one block in each deep stack, filled with det_state_dict(seed=0)."""
+    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=False)
+    cfg.model.params.vfeat_extractor.params.depth = 1
+    cfg.model.params.afeat_extractor.params.num_hidden_layers = 1
+    cfg.model.params.transformer.params.n_layer = 1
+    model = instantiate_from_config(cfg.model)
+    path = ckpt_dir / "depth1.pt"
+    save_checkpoint({"model": det_state_dict(model.state_dict(), seed=0), "args": cfg}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def avbench_folder(tmp_path_factory):
+    """The fixture cases laid out as av-benchmark reads them: videos and audio in two folders, paired by stem."""
+    root = tmp_path_factory.mktemp("avbench")
+    (root / "videos").mkdir(), (root / "audio").mkdir()
+    for name in avbench_cases():
+        video, audio = case_paths(name)
+        (root / "videos" / f"{name}.mp4").symlink_to(video)
+        (root / "audio" / f"{name}{audio.suffix}").symlink_to(audio)
+    return root
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_desync_equals_av_benchmarks(avbench_folder, precision, tmp_path):
+    """Probabilities within 2e-4 of av-benchmark's own, the same offsets and the same DeSync (reduced-depth
+    model, every input pipeline); bf16 keeps every window's argmax."""
+    cases = avbench_cases()
+    out = tmp_path / "r.json"
+    ckpt = depth1_model(tmp_path)
+    args = ["--audio_dir", avbench_folder / "audio", "--ckpt_path", ckpt, "--out", out, "--precision", precision]
+    assert run_desync(avbench_folder / "videos", *args, "--device", "cpu", "--num_workers", "0") == 0
+    result = json.loads(out.read_text())
+    for video in result["videos"]:
+        expected = cases[video["video"].removesuffix(".mp4")]["depth1"]
+        for w, key, offset in zip(video["windows"], ("logits_first", "logits_last"), expected["offsets_signed"]):
+            probs = torch.softmax(torch.tensor(expected[key], dtype=torch.float64), -1).numpy()
+            if precision == "fp32":
+                np.testing.assert_allclose(w["probs"], probs, rtol=0, atol=2e-4)
+            assert w["offset_sec"] == pytest.approx(offset, abs=1e-6)
+        assert video["desync"] == pytest.approx(expected["desync"], abs=1e-6)
+    assert result["desync"] == pytest.approx(np.mean([cases[n]["depth1"]["desync"] for n in cases]), abs=1e-6)
+
+
+@pytest.mark.skipif(not os.environ.get("SYNCHFORMER_LONG_TESTS"), reason="full-size model: SYNCHFORMER_LONG_TESTS=1")
+def test_desync_equals_av_benchmarks_full_size(avbench_folder, tmp_path):
+    cases = avbench_cases()
+    from model.sync_model import Synchformer  # noqa: F401  (the full published architecture)
+
+    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=False)
+    model = instantiate_from_config(cfg.model)
+    ckpt = tmp_path / "full.pt"
+    save_checkpoint({"model": det_state_dict(model.state_dict(), seed=0), "args": cfg}, ckpt)
+    out = tmp_path / "r.json"
+    args = ["--audio_dir", avbench_folder / "audio", "--ckpt_path", ckpt, "--out", out, "--device", "cpu"]
+    assert run_desync(avbench_folder / "videos", *args) == 0
+    for video in json.loads(out.read_text())["videos"]:
+        expected = cases[video["video"].removesuffix(".mp4")]["full"]
+        for w, key in zip(video["windows"], ("logits_first", "logits_last")):
+            probs = torch.softmax(torch.tensor(expected[key], dtype=torch.float64), -1).numpy()
+            np.testing.assert_allclose(w["probs"], probs, rtol=0, atol=2e-4)
+        assert video["desync"] == pytest.approx(expected["desync"], abs=1e-6)
