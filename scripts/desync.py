@@ -175,8 +175,8 @@ class SynchformerScorer:
         except ValueError as e:
             raise BadVideoError(pair.video, str(e)) from e
         logits = self.predictor.predict(item, windows)
-        span = cfg.data.crop_len_sec
-        times = [(w[0][0] / cfg.data.vfps, w[0][0] / cfg.data.vfps + span) for w in windows]
+        seg_v, fps = cfg.data.segment_size_vframes, cfg.data.vfps
+        times = [(w[0][0] / fps, (w[-1][0] + seg_v) / fps) for w in windows]  # the frames its segments cover
         return video_record(pair.name, times, logits, offset_grid(cfg, logits.shape[-1]))
 
     def __call__(self, pairs: list[Pair]) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:

@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import wave
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -35,11 +35,14 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
-def write_wav(path, samples: np.ndarray, sample_rate: int = 16000) -> None:
-    """A 16-bit mono WAV file of float samples in [-1, 1]."""
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1), f.setsampwidth(2), f.setframerate(sample_rate)
-        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+def write_wav(path, samples, sample_rate: int = 16000) -> None:
+    """A float32 mono WAV file of `samples` (Ta,)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_f32le", rate=sample_rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples, dtype=np.float32)[None], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +292,32 @@ def test_desync_equals_av_benchmarks_full_size(avbench_folder, tmp_path):
             probs = torch.softmax(torch.tensor(expected[key], dtype=torch.float64), -1).numpy()
             np.testing.assert_allclose(w["probs"], probs, rtol=0, atol=2e-4)
         assert video["desync"] == pytest.approx(expected["desync"], abs=1e-6)
+
+
+def test_synchformer_protocol_with_and_without_separate_audio(tmp_path):
+    """--protocol synchformer: the original test pipeline (its own tiny model at 32 px); a separate file
+    with the samples the video's track decodes to gives the same result."""
+    from dataset.io import get_video_and_audio
+    from tests.test_inference import tiny_sync_cfg
+
+    cfg = tiny_sync_cfg()
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint({"model": instantiate_from_config(cfg.model).state_dict(), "args": cfg}, ckpt)
+    videos, audio = tmp_path / "videos", tmp_path / "audio"
+    videos.mkdir(), audio.mkdir()
+    for i in range(2):
+        make_clip(videos / f"v{i}.mp4", ClipSpec(duration_sec=8.0, seed=10 + i))
+        write_wav(audio / f"v{i}.wav", get_video_and_audio(videos / f"v{i}.mp4")[1])
+    results = []
+    for extra in ([], ["--audio_dir", audio]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert run_desync(videos, "--protocol", "synchformer", "--ckpt_path", ckpt, "--out", out, *extra) == 0
+        result = json.loads(out.read_text())
+        assert result["protocol"] == "synchformer" and result["n_scored"] == 2
+        for v in result["videos"]:
+            # the first and the last 4.8 s of the 8 s video (its decoded audio ends 64 ms early: upstream issue #11)
+            (s0, e0), (s1, e1) = [(w["start_sec"], w["end_sec"]) for w in v["windows"]]
+            assert (s0, e0) == (0.0, 4.8) and e1 - s1 == pytest.approx(4.8) and 7.9 <= e1 <= 8.0
+        results.append([v["windows"] for v in result["videos"]])
+    assert results[0] == results[1]

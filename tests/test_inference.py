@@ -6,7 +6,6 @@ import csv
 import json
 import re
 
-import av
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -49,15 +48,6 @@ def clips(tmp_path_factory):
     make_clip(root / "odd.mp4", ClipSpec(duration_sec=8.0, vfps=30, afps=44100, n_audio_channels=2, height=360,
                                          width=640, seed=4))  # fmt: skip
     return root
-
-
-def write_wav(path, wave: torch.Tensor, sample_rate: int) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_f32le", rate=sample_rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(wave.numpy()[None], format="flt", layout="mono")
-        frame.sample_rate = sample_rate
-        container.mux(stream.encode(frame))
-        container.mux(stream.encode())
 
 
 def run_example(capsys, *argv):
