@@ -102,3 +102,18 @@ def test_quantize_for_cpu_keeps_the_model_and_stays_close():
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max() + 1e-3
     with pytest.raises(ValueError, match="on the CPU"):
         quantize_for_cpu(model.to("meta"))
+
+
+def test_bench_desync_tiny(capsys, tmp_path):
+    from scripts import bench_desync
+
+    out = tmp_path / "result.json"
+    result = bench_desync.main(
+        ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--out", str(out)]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_desync (tiny, 1 videos") and "fp32" in lines[0]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["one_video_at_a_time_fp32"]["videos_per_sec"] > 0
+    folder = result["folder_fp32"]
+    assert folder["speedup"] > 0 and folder["top1_agreement"] == 1.0 and folder["max_prob_diff"] < 1e-5
