@@ -7,6 +7,8 @@ Items keep the original's layout:
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
 `offset_target` (and `sync_target` for synchronisability).
 
+`get_video_and_audio` and `reencode_video` (in `dataset.io`) can also be imported from here, as in the original.
+
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
 batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
@@ -28,6 +30,8 @@ import torchvision
 from torch.utils.data import default_collate
 
 from dataset.io import BadVideoError, decode_audio, decode_video_window
+from dataset.io import get_video_and_audio as get_video_and_audio  # the original's import path
+from dataset.io import reencode_video as reencode_video  # the original's import path
 from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config

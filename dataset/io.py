@@ -33,22 +33,24 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from utils.cli import UserError
+
 # a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
 _EPS_SEC = 1e-6
 
 
-class BadVideoError(ValueError):
+class BadVideoError(ValueError, UserError):
     """A media file that cannot be used: missing, empty, corrupt, lacking a stream, or too short."""
 
     def __init__(self, path, problem: str, fix: str = ""):
-        self.path, self.problem = str(path), problem
+        self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"{path}: {problem}" + (f" ({fix})" if fix else ""))
 
 
 def _open(path) -> av.container.InputContainer:
     path = Path(path)
     if not path.is_file():
-        raise BadVideoError(path, "file does not exist", "check `vids_dir` / the split files")
+        raise BadVideoError(path, "file does not exist", "check the path; in a dataset, `vids_dir` and the split files")
     if path.stat().st_size == 0:
         raise BadVideoError(path, "file is empty (0 bytes)", "re-download or re-encode it")
     try:

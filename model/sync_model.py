@@ -16,6 +16,7 @@ from torch import nn
 
 from model.modules.transformer import Block, NoPosEncoding
 from utils.checkpoint import CheckpointError, config_of, load_checkpoint
+from utils.config import read_yaml
 from utils.utils import instantiate_from_config
 
 
@@ -180,8 +181,13 @@ def load_synchformer(
                 "load_synchformer(path, cfg='configs/sync.yaml')."
             )
     elif not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.load(cfg)
+        cfg = read_yaml(cfg)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if OmegaConf.select(cfg, "model.params.transformer.target") is None:
+        raise CheckpointError(
+            f"The config of {ckpt_path} describes a {OmegaConf.select(cfg, 'model.target')}, not a stage-2 "
+            "Synchformer (a stage-1 checkpoint holds only the feature extractors): pass a stage-2 checkpoint."
+        )
     for extractor in ("afeat_extractor", "vfeat_extractor"):
         cfg.model.params[extractor].params.ckpt_path = None
     # early checkpoints name the transformer's module differently

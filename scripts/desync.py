@@ -11,7 +11,6 @@ flac, mp3, m4a, ...) when given, resampled to 16 kHz mono.
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import av
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, decode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
+from utils.cli import UserError, run_cli
 from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
 from utils.utils import reuse_freed_memory, write_csv
 
@@ -92,7 +92,7 @@ def main(args) -> int:
             logging.warning(f"{len(missing)} videos have no audio file in {args.audio_dir}, e.g. {missing[:3]}")
             videos = [v for v in videos if v.stem in audio_files]
     if not videos:
-        raise SystemExit(f"No videos to score in {args.video_dir}.")
+        raise UserError(f"No videos to score in {args.video_dir}: no {', '.join(sorted(VIDEO_SUFFIXES))} files.")
     model, cfg = load_model_from_args(args)
     predictor = WindowPredictor(model, cfg)
     rows = []
@@ -121,4 +121,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main(get_parser().parse_args()))
+    run_cli(lambda: main(get_parser().parse_args()))

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from dataset.dataset_utils import get_transforms
 from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, TemporalCropAndOffset, make_class_grid
 from model.sync_model import Synchformer, load_synchformer
+from utils.cli import SettingError, UserError
 from utils.download import get_published_model
+from utils.precision import resolve_device
 
 
 def load_model(
@@ -39,7 +41,7 @@ def load_model(
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
     downloaded into `<logdir>/<exp_name>/` when missing. `quantize`: the int8 CPU model of `quantize_for_cpu`."""
     if quantize and torch.device(device).type != "cpu":
-        raise ValueError(f"The int8 mode (--quantize) runs on the CPU only: pass --device cpu, not {device}.")
+        raise SettingError(f"The int8 mode (--quantize) runs on the CPU only: pass --device cpu, not {device}.")
     if ckpt_path is None:
         if exp_name is None:
             raise ValueError("Pass a published experiment name or a local checkpoint path.")
@@ -93,8 +95,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> 
 def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
     """`load_model` for the arguments of `add_model_args`; int8 runs on the CPU, else CUDA when available."""
     if args.exp_name is None and args.ckpt_path is None:
-        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    device = args.device or ("cuda:0" if torch.cuda.is_available() and not args.quantize else "cpu")
+        raise UserError("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    device = resolve_device(args.device or ("cuda:0" if torch.cuda.is_available() and not args.quantize else "cpu"))
     return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.quantize)
 
 
