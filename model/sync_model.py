@@ -177,8 +177,8 @@ def load_synchformer(
         cfg = config_of(ckpt)
         if cfg is None:
             raise CheckpointError(
-                f"{ckpt_path} is a bare state dict without the config it was trained with: pass it, e.g. "
-                "load_synchformer(path, cfg='configs/sync.yaml')."
+                f"{ckpt_path} is a bare state dict without the config it was trained with: pass that config "
+                "(--cfg_path on the command line, `cfg=` of load_synchformer), e.g. configs/sync.yaml."
             )
     elif not isinstance(cfg, DictConfig):
         cfg = read_yaml(cfg)
@@ -207,5 +207,6 @@ def load_synchformer(
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {e}\n{fix}") from e
+        problem = " ".join(str(e).split())  # one line: load_state_dict lists the mismatches on several
+        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {problem}. {fix}") from e
     return model.eval(), cfg

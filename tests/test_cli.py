@@ -71,14 +71,25 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
     case("unknown model", "example.py", [*clip, "--exp_name", "24-13-99", "--logdir", work / "models"], "24-13-99")
     case("window outside", "example.py", [*clip, "--v_start_i_sec", "8.0", *tiny], REAL_CLIP.name, "--v_start_i_sec")
     if not torch.cuda.is_available():
-        case("no GPU", "example.py", [*clip, "--device", "cuda", *tiny[:2]], "--device cuda", "--device cpu")
-        case("no GPU bench", "scripts/bench_model.py", ["--tiny", "--device", "cuda:1"], "--device cuda:1")
-    case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device gpu0")
+        case("no GPU", "example.py", [*clip, "--device", "cuda", *tiny[:2]], "--device=cuda", "--device=cpu")
+        case("no GPU bench", "scripts/bench_model.py", ["--tiny", "--device", "cuda:1"], "--device=cuda:1")
+    case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device=gpu0")
     case("empty folder", "scripts/predict_offsets.py", [work / "vis", *tiny], f"No videos in {work / 'vis'}")
     case("no config", "main.py", [f"config={root / 'none.yaml'}"], "none.yaml")
     case("broken config", "main.py", [f"config={root / 'broken.yaml'}"], "broken.yaml")
-    case("unknown key", "main.py", [f"config={REPO / 'configs' / 'tiny' / 'sync.yaml'}", "trainig.lr=1"], "trainig.lr")
-    case("unknown action", "main.py", [f"config={REPO / 'configs' / 'tiny' / 'sync.yaml'}", "action=fly"], "fly")
+    train = [f"config={REPO / 'configs' / 'tiny' / 'sync.yaml'}", f"logging.logdir={work / 'logs'}"]
+    case("unknown key", "main.py", [*train, "trainig.lr=1"], "trainig.lr")
+    case("unknown action", "main.py", [*train, "action=fly"], "fly")
+    case("bad value", "main.py", [*train, "model.params.transformer.params.n_head=5"], "GlobalTransformer", "n_head=5")
+    case("override typo", "main.py", [*train, "model.params.transformer.params.n_heads=4"], "n_heads")
+    typo = (REPO / "configs" / "tiny" / "sync.yaml").read_text().replace("n_head: 4", "n_heads: 4")
+    (root / "typo.yaml").write_text(typo)
+    case("yaml typo", "main.py", [f"config={root / 'typo.yaml'}", *train[1:]], "GlobalTransformer", "n_heads")
+    case("extractor checkpoint", "main.py", [*train, f"model.params.vfeat_extractor.params.ckpt_path={root}/no.pt"],
+         f"{root}/no.pt")  # fmt: skip
+    case("no metadata", "main.py", train, "vggsound.csv", "download_metadata")
+    if not torch.cuda.is_available():
+        case("no GPU training", "main.py", [*train, "training.device=cuda"], "training.device=cuda")
     case("syncability", "scripts/test_syncability.py", [], "config_sync=")
     case("demo", "scripts/demo.py", ["--offset_sec", "3"], "--offset_sec 3")
     case("metadata offline", "scripts/download_metadata.py", ["--out", work / "meta", "--only", "lrs3_test.txt",

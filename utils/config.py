@@ -19,8 +19,7 @@ from datetime import datetime, timedelta
 
 from omegaconf import DictConfig, OmegaConf
 
-from utils.cli import UserError
-from utils.utils import get_obj_from_str
+from utils.utils import ConfigError, get_obj_from_str
 
 RUNTIME_KEYS = {
     "config",
@@ -50,10 +49,6 @@ OPTIONAL_KEYS = {
 }
 
 
-class ConfigError(ValueError, UserError):
-    """A malformed config file or an override that does not fit the config."""
-
-
 def read_yaml(path: str | os.PathLike) -> DictConfig:
     """The mapping in the YAML file `path`; ConfigError naming the file when it is missing or malformed."""
     if not os.path.isfile(path):
@@ -61,7 +56,7 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(f"Malformed config file {path}: {e}") from e
+        raise ConfigError(f"Malformed config file {path}: {' '.join(str(e).split())}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
     return cfg

@@ -46,8 +46,8 @@ def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractC
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """The device named by `--device` (e.g. 'cpu', 'cuda:1'), checked to exist on this machine; None: the
+def resolve_device(name: str | torch.device | None, setting: str = "--device") -> torch.device:
+    """The device named by `setting` (e.g. 'cpu', 'cuda:1'), checked to exist on this machine; None: the
     current accelerator if there is one, else the CPU."""
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if name is None:
@@ -55,13 +55,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise SettingError(f"--device {name} is not a device name; pass e.g. --device cpu or --device cuda:0.") from e
+        raise SettingError(f"{setting}={name} is not a device name; use e.g. cpu or cuda:0.") from e
     if device.type in ("cpu", "meta"):
         return device
     count = torch.accelerator.device_count() if accelerator is not None and accelerator.type == device.type else 0
     if (device.index or 0) >= count:
         raise SettingError(
-            f"--device {name}: this machine has {count} {device.type} device(s) that torch can use; "
-            "pass --device cpu (or leave --device out to use what is there)."
+            f"{setting}={name}: this machine has {count} {device.type} device(s) that torch can use; "
+            f"use {setting}=cpu, or leave {setting} unset to use what is there."
         )
     return device
