@@ -1,4 +1,5 @@
-"""The bad files a new user tries first, written with PyAV: each name maps to a part of the error it must get."""
+"""The bad files a new user tries first, written with PyAV: each name maps to a part of the error it must get.
+Beyond the 8 of issue 14, a file whose middle is corrupt and which needs re-encoding."""
 
 from pathlib import Path
 
@@ -37,7 +38,14 @@ def write_bad_videos(folder: Path) -> dict[str, str]:
     _write_one_stream(folder / "no_audio.mp4", "video")
     _write_one_stream(folder / "no_video.mp4", "audio")
     make_clip(folder / "short.mp4", ClipSpec(duration_sec=2.0, seed=0))  # decodes, but is shorter than a window
-    (folder / "short.json").unlink()  # the label sidecar: not a video
+    # not in the model's format (re-encoded first), with random bytes over the first half of its media data
+    corrupt = folder / "corrupt_30fps.mp4"
+    make_clip(corrupt, ClipSpec(duration_sec=3.0, vfps=30, height=64, width=64, seed=2))
+    data = bytearray(corrupt.read_bytes())
+    data[1000 : len(data) // 2] = np.random.default_rng(0).integers(0, 256, len(data) // 2 - 1000, np.uint8).tobytes()
+    corrupt.write_bytes(bytes(data))
+    for sidecar in folder.glob("*.json"):  # the clips' labels: not videos
+        sidecar.unlink()
     return {
         "empty.mp4": "empty",
         "truncated.mp4": "cannot be opened",
@@ -46,5 +54,6 @@ def write_bad_videos(folder: Path) -> dict[str, str]:
         "no_audio.mp4": "no audio stream",
         "no_video.mp4": "no video stream",
         "short.mp4": "",
+        "corrupt_30fps.mp4": "corrupt",
         "missing.mp4": "does not exist",
     }
