@@ -48,10 +48,10 @@ def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractC
 
 def resolve_device(name: str | torch.device | None, setting: str = "--device") -> torch.device:
     """The device named by `setting` (e.g. 'cpu', 'cuda:1'), checked to exist on this machine; None: the
-    current accelerator if there is one, else the CPU."""
+    type of the current accelerator if there is one (no index: a DDP process adds its own), else the CPU."""
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if name is None:
-        return accelerator or torch.device("cpu")
+        return torch.device(accelerator.type if accelerator is not None else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
