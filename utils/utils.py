@@ -44,6 +44,8 @@ def instantiate_from_config(config: Mapping) -> Any:
     try:
         target = get_obj_from_str(config["target"])
     except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and not config["target"].startswith(f"{e.name}."):
+            raise  # a dependency of the target's module is missing, the target itself is fine
         raise ConfigError(f"Cannot build the config's target: {e}. Check its `target:` spelling.") from e
     try:
         signature = inspect.signature(target)
@@ -58,7 +60,7 @@ def instantiate_from_config(config: Mapping) -> Any:
             raise ConfigError(f"The params of {config['target']} do not fit it: {problem}. Check the config.") from e
     try:
         return target(**params)
-    except ConfigError:
+    except UserError:
         raise
     except ValueError as e:  # the constructors check their arguments with ValueError: here, the config's values
         raise ConfigError(f"{config['target']}: {e}") from e
