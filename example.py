@@ -17,6 +17,7 @@ from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import BadVideoError, probe_video, reencode_video
 from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
+from utils.cli import run_cli
 from utils.inference import add_model_args, load_model_from_args, offset_grid
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory
@@ -86,19 +87,19 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 
 def main(args) -> None:
     reuse_freed_memory()
+    print(f"Using video: {args.vid_path}")
+    vid_path = ensure_model_format(args.vid_path, args.reencode_dir)  # a bad file fails here, before the model loads
     model, cfg = load_model_from_args(args, args.logdir)
     device = next(model.parameters()).device
-
-    print(f"Using video: {args.vid_path}")
-    vid_path = ensure_model_format(args.vid_path, args.reencode_dir)
     try:
         item = make_input(cfg, vid_path, args.offset_sec, args.v_start_i_sec)
     except BadVideoError as e:
-        raise SystemExit(
-            f"{e}\nThe {cfg.data.crop_len_sec} s visual window starts at --v_start_i_sec and the audio window is "
-            "shifted by --offset_sec: both must lie inside the video (for a negative offset, start the visual "
-            "window at least |offset| seconds in, e.g. --v_start_i_sec 2.0)."
-        ) from e
+        window = (
+            f"the {cfg.data.crop_len_sec} s visual window starts at --v_start_i_sec and the audio window is shifted "
+            "by --offset_sec: both must lie inside the video; for a negative offset, start the visual window at "
+            "least |offset| seconds in, e.g. --v_start_i_sec 2.0"
+        )
+        raise BadVideoError(e.path, e.problem, f"{e.fix}; {window}" if e.fix else window) from e
     logits = predict(model, item, device, args.precision)
     print(f"Precision: {args.precision} on {device}")
 
@@ -126,4 +127,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run_cli(lambda: main(get_parser().parse_args()))

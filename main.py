@@ -3,6 +3,7 @@
 import importlib
 import sys
 
+from utils.cli import run_cli
 from utils.config import ConfigError, load_config, set_env_from_slurm
 from utils.utils import reuse_freed_memory
 
@@ -35,7 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"Config error: {e}")
+    run_cli(lambda: main(sys.argv[1:]))

@@ -5,7 +5,7 @@ tags do not collate), only offsets."""
 import csv
 from pathlib import Path
 
-from dataset.dataset_utils import AudioVisualDataset, read_id_lists
+from dataset.dataset_utils import AudioVisualDataset, MissingDataError, read_id_lists
 
 SPLIT2SHORT = {"train": "unbalanced", "valid": "balanced", "test": "eval"}
 SHORT2LONG = {"unbalanced": "unbalanced_train_segments", "balanced": "balanced_train_segments", "eval": "eval_segments"}
@@ -27,7 +27,7 @@ class AudioSet(AudioVisualDataset):
 
     def list_clips(self) -> list[str]:
         if not self.meta_path.is_file():
-            raise FileNotFoundError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
+            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         rows = []
         with open(self.meta_path) as f:
             for short_vid, start, end, tags, _ in csv.reader(f, quotechar='"'):

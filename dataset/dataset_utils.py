@@ -7,6 +7,8 @@ Items keep the original's layout:
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
 `offset_target` (and `sync_target` for synchronisability).
 
+`get_video_and_audio` and `reencode_video` (in `dataset.io`) can also be imported from here, as in the original.
+
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
 batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
@@ -28,12 +30,19 @@ import torchvision
 from torch.utils.data import default_collate
 
 from dataset.io import BadVideoError, decode_audio, decode_video_window
+from dataset.io import get_video_and_audio as get_video_and_audio  # the original's import path
+from dataset.io import reencode_video as reencode_video  # the original's import path
 from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
+from utils.cli import UserError
 from utils.config import cfg_get
 from utils.utils import get_obj_from_str, instantiate_from_config
 
 # decode this much more than the crop on each side of a fixed-offset window (covers the audio wiggle)
 WINDOW_MARGIN_SEC = 0.2
+
+
+class MissingDataError(FileNotFoundError, UserError):
+    """A split, metadata or fixed-offset file that a dataset needs is not where the config points."""
 
 
 def fixed_offsets_fname(transforms, split: str) -> str:
@@ -59,7 +68,7 @@ def get_fixed_offsets(transforms, split: str, splits_path, dataset_name: str) ->
     pattern = os.path.join(splits_path, f"fixed_offsets_{dataset_name}", fname.replace(split, "*", 1))
     paths = sorted(glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"No fixed offsets match {pattern}: run scripts/download_metadata.py or make them")
+        raise MissingDataError(f"No fixed offsets match {pattern}: run scripts/download_metadata.py or make them")
     vid2params = {}
     for path in paths:
         with open(path) as f:

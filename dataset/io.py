@@ -33,22 +33,24 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from utils.cli import UserError
+
 # a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
 _EPS_SEC = 1e-6
 
 
-class BadVideoError(ValueError):
+class BadVideoError(ValueError, UserError):
     """A media file that cannot be used: missing, empty, corrupt, lacking a stream, or too short."""
 
     def __init__(self, path, problem: str, fix: str = ""):
-        self.path, self.problem = str(path), problem
+        self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"{path}: {problem}" + (f" ({fix})" if fix else ""))
 
 
 def _open(path) -> av.container.InputContainer:
     path = Path(path)
     if not path.is_file():
-        raise BadVideoError(path, "file does not exist", "check `vids_dir` / the split files")
+        raise BadVideoError(path, "file does not exist", "check the path; in a dataset, `vids_dir` and the split files")
     if path.stat().st_size == 0:
         raise BadVideoError(path, "file is empty (0 bytes)", "re-download or re-encode it")
     try:
@@ -340,7 +342,7 @@ def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256
             resampler = av.AudioResampler(format="fltp", layout="mono", rate=afps)
             next_out_i, last_rgb = 0, None
             v_time_base, v_start = v_in.time_base, v_in.start_time or 0
-            for frame in src.decode(v_in, a_in):
+            for frame in _decode_or_fail(src, (v_in, a_in), path):
                 if isinstance(frame, av.AudioFrame):
                     for resampled in resampler.resample(frame):
                         dst.mux(a_out.encode(resampled))
@@ -363,6 +365,14 @@ def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256
     return new_path
 
 
+def _decode_or_fail(container, streams, path):
+    """The frames of `streams`; BadVideoError when the data in the middle of the file are corrupt."""
+    try:
+        yield from container.decode(*streams)
+    except av.FFmpegError as e:
+        raise BadVideoError(path, f"is corrupt: {e}", "re-encode or drop the file") from e
+
+
 def _rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
     frame.pts = pts
@@ -373,6 +383,8 @@ def probe_video(path) -> dict:
     """What a file holds, without decoding it: `fps`, `sample_rate`, `height`, `width`, `duration_sec`."""
     with _open(path) as container:
         video, audio = _stream(container, "video", path), _stream(container, "audio", path)
+        if not video.average_rate or not audio.codec_context.sample_rate:
+            raise BadVideoError(path, "has no frame rate or sample rate", "re-encode it with a constant fps")
         duration = container.duration / av.time_base if container.duration else None
         return {
             "fps": float(video.average_rate),

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from dataset.dataset_utils import AudioVisualDataset, read_id_lists
+from dataset.dataset_utils import AudioVisualDataset, MissingDataError, read_id_lists
 
 
 class LRS3(AudioVisualDataset):
@@ -23,7 +23,7 @@ class LRS3(AudioVisualDataset):
         # filtered only when it had to create them), so they need no filtering here
         split_file = self.splits_path / f"lrs3_{self.split}.txt"
         if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} is missing: run `python -m scripts.download_metadata`")
+            raise MissingDataError(f"{split_file} is missing: run `python -m scripts.download_metadata`")
         return [str(Path(self.vids_dir) / f"{v}.mp4") for v in sorted(split_file.read_text().splitlines())]
 
     def clip_id(self, path: str) -> str:

@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from dataset.dataset_utils import AudioVisualDataset, read_id_lists
+from dataset.dataset_utils import AudioVisualDataset, MissingDataError, read_id_lists
 
 
 def _clip_id(row) -> str:
@@ -34,7 +34,7 @@ class VGGSound(AudioVisualDataset):
 
     def read_meta(self) -> list[list[str]]:
         if not self.meta_path.is_file():
-            raise FileNotFoundError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
+            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         with open(self.meta_path) as f:
             meta = list(csv.reader(f, quotechar='"'))
         if self.to_filter_bad_examples:
@@ -50,7 +50,7 @@ class VGGSound(AudioVisualDataset):
         self.video2target = {row[0]: self.label2target[row[2]] for row in meta}
         split_file = self.splits_path / f"vggsound_{self.split}.txt"
         if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} is missing: run `python -m scripts.download_metadata`")
+            raise MissingDataError(f"{split_file} is missing: run `python -m scripts.download_metadata`")
         in_split = set(split_file.read_text().splitlines())
         clip_ids = in_split.intersection(_clip_id(row) for row in meta)
         paths = sorted(str(Path(self.vids_dir) / f"{c}.mp4") for c in clip_ids)

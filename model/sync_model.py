@@ -16,6 +16,7 @@ from torch import nn
 
 from model.modules.transformer import Block, NoPosEncoding
 from utils.checkpoint import CheckpointError, config_of, load_checkpoint
+from utils.config import read_yaml
 from utils.utils import instantiate_from_config
 
 
@@ -189,12 +190,17 @@ def load_synchformer(
         cfg = config_of(ckpt)
         if cfg is None:
             raise CheckpointError(
-                f"{ckpt_path} is a bare state dict without the config it was trained with: pass it, e.g. "
-                "load_synchformer(path, cfg='configs/sync.yaml')."
+                f"{ckpt_path} is a bare state dict without the config it was trained with: pass that config "
+                "(--cfg_path on the command line, `cfg=` of load_synchformer), e.g. configs/sync.yaml."
             )
     elif not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.load(cfg)
+        cfg = read_yaml(cfg)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if OmegaConf.select(cfg, "model.params.transformer.target") is None:
+        raise CheckpointError(
+            f"The config of {ckpt_path} describes a {OmegaConf.select(cfg, 'model.target')}, not a stage-2 "
+            "Synchformer (a stage-1 checkpoint holds only the feature extractors): pass a stage-2 checkpoint."
+        )
     for extractor in ("afeat_extractor", "vfeat_extractor"):
         cfg.model.params[extractor].params.ckpt_path = None
     # early checkpoints name the transformer's module differently
@@ -214,5 +220,6 @@ def load_synchformer(
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {e}\n{fix}") from e
+        problem = " ".join(str(e).split())  # one line: load_state_dict lists the mismatches on several
+        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {problem}. {fix}") from e
     return model.eval(), cfg

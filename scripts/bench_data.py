@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import decode_audio
+from utils.cli import run_cli
 from utils.utils import reuse_freed_memory, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

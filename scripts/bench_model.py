@@ -27,7 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.cli import run_cli
+from utils.config import read_yaml
 from utils.inference import quantize_for_cpu
+from utils.precision import resolve_device
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 # Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
@@ -71,7 +74,7 @@ FLOAT32 = Precision("float32")
 
 def bench_config(config: str | Path, tiny: bool, tiny_inputs: bool = True) -> DictConfig:
     """The config (resolved) with random extractor weights; `tiny`: TINY_WIDTHS (and TINY_INPUTS)."""
-    cfg = OmegaConf.load(config)
+    cfg = read_yaml(config)
     for sizes in (TINY_WIDTHS, TINY_INPUTS if tiny_inputs else {}) if tiny else ():
         for path, values in sizes.items():
             OmegaConf.select(cfg, path).update(values)
@@ -185,7 +188,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device, S = args.device, args.segments
+    device, S = resolve_device(args.device), args.segments
     repeats, gemm_n = (1, 512) if args.tiny else (args.repeats, 4096)
     model = build_model(args.config, S, args.tiny).to(device)
     flops_per_clip = count_flops(model, *random_inputs(model, 1, S, device))
@@ -229,4 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

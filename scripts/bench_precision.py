@@ -21,6 +21,8 @@ import torch
 
 from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
 from scripts.bench_train import bench_training
+from utils.cli import run_cli
+from utils.precision import resolve_device
 from utils.utils import reuse_freed_memory, write_json
 
 ORIGINAL = Precision("fp16 + unfused attention", torch.float16, fused_attention=False)
@@ -71,7 +73,7 @@ def main() -> None:
     reuse_freed_memory()
 
     torch.set_num_threads(args.threads)
-    device, S = args.device, args.segments
+    device, S = resolve_device(args.device), args.segments
     repeats = 1 if args.tiny else args.repeats
     settings = [ORIGINAL, OURS] + ([OURS_COMPILED] if args.compile else [])
     torch.manual_seed(0)
@@ -104,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
 from scripts.bench_model import bench_config, timed
+from utils.cli import run_cli
 from utils.inference import WindowPredictor
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,9 +14,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
+from utils.cli import run_cli
+from utils.config import read_yaml
+from utils.precision import resolve_device
 from utils.utils import reuse_freed_memory, write_json
 
 
@@ -24,7 +26,7 @@ def bench_training(
     config: str, tiny: bool, batch_size: int, iterations: int, segments: int, device, precision: Precision = FLOAT32
 ) -> dict:
     """Iterations per second over `iterations` steps after one warm-up step (float16 with a loss scaler)."""
-    cfg = OmegaConf.load(config)
+    cfg = read_yaml(config)
     torch.manual_seed(0)
     model = build_model(config, segments, tiny).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="only the tiny config, 2 iterations (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    args.device = resolve_device(args.device)
     reuse_freed_memory()
 
     torch.set_num_threads(args.threads)
@@ -91,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,7 @@ import torch
 import example
 import main as trainer
 from dataset.synthetic import make_vggsound_like
+from utils.cli import SettingError, run_cli
 from utils.logger import read_metrics
 from utils.utils import write_json
 
@@ -58,7 +59,7 @@ def run_stage(config: str, workdir: Path, name: str, overrides: list[str]) -> Pa
 
 def main(args) -> dict:
     if not -2.0 <= args.offset_sec <= 2.0:
-        raise SystemExit(f"--offset_sec {args.offset_sec}: the model predicts offsets in [-2, 2] s; pick one there.")
+        raise SettingError(f"--offset_sec {args.offset_sec}: the model predicts offsets in [-2, 2] s; pick one there.")
     # two threads on a busy 2-core machine spin against each other: one is ~10x faster there
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
@@ -143,4 +144,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run_cli(lambda: main(get_parser().parse_args()) and None)  # the summary is for the tests, not the exit status

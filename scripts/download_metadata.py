@@ -8,10 +8,12 @@ Files already present with the expected size are skipped; partial downloads resu
 """
 
 import argparse
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from utils.cli import run_cli
+from utils.download import DownloadError
 
 BASE_URL = "https://raw.githubusercontent.com/v-iashin/Synchformer/main/data/"
 # relative path -> size in bytes (None: size unknown upstream, only checked to be non-empty)
@@ -58,10 +60,6 @@ FILES = {
 }  # fmt: skip
 
 
-class DownloadError(RuntimeError):
-    pass
-
-
 def is_complete(path: Path, size: int | None) -> bool:
     return path.is_file() and (path.stat().st_size == size if size is not None else path.stat().st_size > 0)
 
@@ -92,21 +90,16 @@ def fetch(rel_path: str, out_dir: Path, base_url: str = BASE_URL, timeout: float
     return "downloaded"
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="./data")
     parser.add_argument("--only", nargs="*", default=None, help="relative paths to fetch (default: all)")
     parser.add_argument("--base-url", default=BASE_URL)
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
-    try:
-        for rel_path in args.only or list(FILES):
-            print(f"{fetch(rel_path, out_dir, args.base_url)}: {rel_path}")
-    except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    for rel_path in args.only or list(FILES):
+        print(f"{fetch(rel_path, out_dir, args.base_url)}: {rel_path}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -21,6 +21,7 @@ from dataset.synthetic import ClipSpec, make_clip
 from example import make_input
 from scripts.bench_model import bench_config
 from tests.detfill import det_state_dict
+from utils.cli import run_cli
 from utils.inference import load_model, quantize_for_cpu
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
@@ -88,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,6 +11,7 @@ python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300
 import argparse
 
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like
+from utils.cli import run_cli
 
 
 def main() -> None:
@@ -58,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

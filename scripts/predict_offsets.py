@@ -14,13 +14,13 @@ videos whose JSON exists, so an interrupted run resumes, and writes `summary.csv
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
+from utils.cli import UserError, report_skipped, run_cli
 from utils.inference import WindowPredictor, add_model_args, entropy, load_model_from_args, offset_grid
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
@@ -77,7 +77,8 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
     item = predictor.pipeline.prepare(rgb, audio, meta, str(path))
     starts = predictor.window_starts(item, args.stride_sec)
     if not starts:
-        raise BadVideoError(path, f"shorter than one {predictor.cfg.data.crop_len_sec} s window")
+        crop = predictor.cfg.data.crop_len_sec
+        raise BadVideoError(path, f"shorter than one {crop} s window", f"the model needs a video of at least {crop} s")
     windows = [predictor.pipeline.window_segments(item, s, args.offset_sec) for s in starts]
     logits = predictor.predict(item, windows, progress=args.progress)
     grid = offset_grid(predictor.cfg, logits.shape[-1])
@@ -107,11 +108,14 @@ def main(args) -> int:
     args.out_dir = Path(args.out_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(args.input)
-    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if src.is_dir() else [src]
+    is_folder = src.is_dir()
+    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if is_folder else [src]
+    if not videos:
+        raise UserError(f"No videos in {src}: it holds no {', '.join(sorted(VIDEO_SUFFIXES))} files.")
     model, cfg = load_model_from_args(args)
     predictor = WindowPredictor(model, cfg, args.precision, args.batch_segments, args.batch_windows)
-    summaries, failed = [], 0
-    for path in tqdm(videos, desc="videos", disable=len(videos) == 1):
+    summaries, skipped = [], []
+    for path in tqdm(videos, desc="videos", disable=not is_folder):
         done = args.out_dir / f"{path.stem}.json"
         if done.is_file():  # resume: this video was finished in an earlier run
             summaries.append({k: v for k, v in json.loads(done.read_text()).items() if k != "windows"})
@@ -119,8 +123,10 @@ def main(args) -> int:
         try:
             summaries.append(track_video(predictor, path, args))
         except BadVideoError as e:
-            logging.error(f"Skipping {path}: {e}")
-            failed += 1
+            if not is_folder:
+                raise
+            logging.error(f"Skipping {e}")
+            skipped.append((path.name, str(e).removeprefix(f"{path}: ")))
             continue
         s = summaries[-1]
         drift = " (DRIFT: the two halves disagree)" if s["drift"] else ""
@@ -128,8 +134,8 @@ def main(args) -> int:
         print(f"{path.name}: offset {s['offset_sec']:+.2f} s, {confidence}{drift}")
     if summaries:
         write_csv(args.out_dir / "summary.csv", summaries)
-    print(f"{len(summaries)} videos done, {failed} failed; segments computed: {predictor.segments_computed}")
-    return 1 if failed and not summaries else 0
+    print(f"{len(summaries)} videos done, {len(skipped)} skipped; segments computed: {predictor.segments_computed}")
+    return report_skipped(skipped, len(summaries))
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -147,4 +153,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main(get_parser().parse_args()))
+    run_cli(lambda: main(get_parser().parse_args()))

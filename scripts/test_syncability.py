@@ -19,6 +19,7 @@ from sklearn.metrics import roc_curve
 
 from dataset.dataset_utils import get_datasets
 from scripts.train_utils import build_loader, build_model, load_weights, mixed_precision, setup_run
+from utils.cli import run_cli
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
 from utils.metrics import classification_metrics
@@ -124,7 +125,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"Config error: {e}")
+    run_cli(lambda: main(sys.argv[1:]))

@@ -124,7 +124,7 @@ def build_optimizer(params, opt_cfg: DictConfig, lr: float, eps: float) -> torch
         return torch.optim.AdamW(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
-    raise ValueError(f"Unknown optimizer '{name}' (training.optimizer.name): expected adam, adamw or sgd.")
+    raise ConfigError(f"Unknown optimizer '{name}' (training.optimizer.name): expected adam, adamw or sgd.")
 
 
 def lr_factor_fn(
@@ -164,7 +164,7 @@ def lr_factor_fn(
                 return 1.0
             decay = (1 - (step - start) / max(1, total_steps - start)) ** cooldown_power
             return decay * (1 - cooldown_end) + cooldown_end
-        raise ValueError(
+        raise ConfigError(
             f"Unknown lr schedule '{name}': expected constant_with_warmup, constant, cosine, const, const-cooldown."
         )
 

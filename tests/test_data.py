@@ -40,6 +40,8 @@ from dataset.synthetic import (
 )
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
 from scripts import bench_data, download_metadata
+from tests.bad_media import write_bad_videos
+from utils.download import DownloadError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -247,40 +249,10 @@ def test_reencode_variants(tmp_path, vfps, afps, channels, hw):
 # ---------------------------------------------------------------- bad inputs
 
 
-def _bad_files(tmp_path):
-    frames, wave = np.zeros((10, 32, 32, 3), np.uint8), np.zeros((1, 4000), np.float32)
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all" * 100)
-    write_mp4(tmp_path / "ok.mp4", frames, wave, 25, 16000)
-    (tmp_path / "truncated.mp4").write_bytes((tmp_path / "ok.mp4").read_bytes()[:600])
-    import av
-
-    with av.open(str(tmp_path / "video_only.mp4"), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width = s.height = 32
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts = i
-            c.mux(s.encode(vf))
-        c.mux(s.encode())
-    with av.open(str(tmp_path / "audio_only.mp4"), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        af = av.AudioFrame.from_ndarray(wave[:, :1024], format="fltp", layout="mono")
-        af.sample_rate, af.pts = 16000, 0
-        c.mux(s.encode(af))
-        c.mux(s.encode())
-    return {
-        "missing.mp4": "does not exist",
-        "empty.mp4": "empty",
-        "corrupt.mp4": "cannot be opened",
-        "truncated.mp4": "truncated.mp4",
-        "video_only.mp4": "no audio stream",
-        "audio_only.mp4": "no video stream",
-    }
-
-
 def test_bad_inputs_raise_bad_video_error_naming_the_file(tmp_path):
-    for name, problem in _bad_files(tmp_path).items():
+    for name, problem in write_bad_videos(tmp_path).items():
+        if name == "short.mp4":  # decodes: too short only for a window
+            continue
         with pytest.raises(BadVideoError, match=problem) as e:
             get_video_and_audio(tmp_path / name)
         assert name in str(e.value)
@@ -555,12 +527,10 @@ def test_sparse_dataset_relabels_to_sparse_classes(vgg_like):
 def test_download_metadata_skips_present_files_and_fails_clearly_offline(tmp_path, capsys):
     rel = "vggsound_test.txt"
     (tmp_path / rel).write_bytes((SHARED / "data" / rel).read_bytes())
-    assert download_metadata.main(["--out", str(tmp_path), "--only", rel]) == 0
+    download_metadata.main(["--out", str(tmp_path), "--only", rel])
     assert "skipped" in capsys.readouterr().out
-    code = download_metadata.main(
-        ["--out", str(tmp_path), "--only", "lrs3_test.txt", "--base-url", "http://127.0.0.1:9/"]
-    )
-    assert code == 1 and "Could not download" in capsys.readouterr().err
+    with pytest.raises(DownloadError, match="Could not download http://127.0.0.1:9/lrs3_test.txt"):
+        download_metadata.main(["--out", str(tmp_path), "--only", "lrs3_test.txt", "--base-url", "http://127.0.0.1:9/"])
 
 
 def test_consecutive_pixelwise_ops_fuse_into_one_lookup():

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import example
-from dataset.io import get_video_and_audio, probe_video
+from dataset.io import BadVideoError, get_video_and_audio, probe_video
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import predict_offsets
 from scripts.bench_model import bench_config
@@ -130,7 +130,7 @@ def test_example_reencodes_other_formats(tiny_ckpt, clips, tmp_path, capsys, mon
 
 def test_example_explains_a_window_outside_the_video(tiny_ckpt):
     args = ["--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--offset_sec", "-2.0", "--device", "cpu"]
-    with pytest.raises(SystemExit, match="v_start_i_sec"):
+    with pytest.raises(BadVideoError, match="before the file start.*--v_start_i_sec 2.0"):
         example.main(example.get_parser().parse_args(args))
 
 

@@ -20,6 +20,8 @@ import omegaconf
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from utils.cli import UserError
+
 # Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
 SAFE_GLOBALS = [
     omegaconf.DictConfig,
@@ -50,8 +52,15 @@ SAFE_GLOBALS = [
 STATE_DICT_ALIASES = ("state_dict", "model_state")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A checkpoint that is missing, unreadable or not in a format we know."""
+
+
+def _gist(error: Exception) -> str:
+    """The first line of a `torch.load` error; for a weights-only unpickling error, the line that names
+    what was refused (its advice to load without `weights_only` is not for us)."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -69,7 +78,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError, pickle.UnpicklingError) as e:
         raise CheckpointError(
-            f"Could not read the checkpoint {path} ({type(e).__name__}: {e}). The file may be truncated "
+            f"Could not read the checkpoint {path} ({type(e).__name__}: {_gist(e)}). The file may be truncated "
             "or not a torch checkpoint: download it again."
         ) from e
     if not isinstance(ckpt, dict):

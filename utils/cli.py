@@ -16,6 +16,10 @@ class UserError(Exception):
     """A problem with the user's input or environment (a bad file, setting or device), not with the code."""
 
 
+class SettingError(UserError, ValueError):
+    """A command-line setting that cannot work here, e.g. `--device cuda` on a machine without a GPU."""
+
+
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Runs `main` and exits with its return value (None: 0), or with 2 after one line for a `UserError`."""
     try:

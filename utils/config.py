@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from omegaconf import DictConfig, OmegaConf
 
-from utils.utils import get_obj_from_str
+from utils.utils import ConfigError, get_obj_from_str
 
 RUNTIME_KEYS = {
     "config",
@@ -49,8 +49,17 @@ OPTIONAL_KEYS = {
 }
 
 
-class ConfigError(ValueError):
-    """A malformed config file or an override that does not fit the config."""
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    """The mapping in the YAML file `path`; ConfigError naming the file when it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"Malformed config file {path}: {' '.join(str(e).split())}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+    return cfg
 
 
 def curr_time_with_random_shift() -> str:
@@ -122,14 +131,7 @@ def load_config(argv: list[str]) -> DictConfig:
     if "config" not in cfg_cli:
         raise ConfigError("Pass the config file as `config=configs/<name>.yaml`.")
     yaml_path = cfg_cli.config
-    if not os.path.isfile(yaml_path):
-        raise ConfigError(f"Config file not found: {yaml_path}")
-    try:
-        cfg_yml = OmegaConf.load(yaml_path)
-    except Exception as e:
-        raise ConfigError(f"Malformed config file {yaml_path}: {e}") from e
-    if not isinstance(cfg_yml, DictConfig):
-        raise ConfigError(f"Config file {yaml_path} must hold a mapping at the top level.")
+    cfg_yml = read_yaml(yaml_path)
     check_overrides(cfg_yml, cfg_cli, yaml_path)
     cfg = OmegaConf.merge(cfg_yml, cfg_cli)  # the latter wins
     if cfg.get("start_time") is None:

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from utils.precision import resolve_device
+
 
 @dataclass
 class DistEnv:
@@ -28,11 +30,7 @@ class DistEnv:
 
 def pick_device(device: str | None, local_rank: int) -> torch.device:
     """The configured device, else this process's accelerator (CUDA, ROCm, XPU, MPS...) or the CPU."""
-    if device is None:
-        if not torch.accelerator.is_available():
-            return torch.device("cpu")
-        device = torch.accelerator.current_accelerator().type
-    device = torch.device(device)
+    device = resolve_device(device, "training.device")
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, local_rank)
     if device.type != "cpu":

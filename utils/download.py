@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils.cli import UserError
+
 PARENT_URL = "https://a3s.fi/swift/v1/AUTH_a235c0f452d648828f745589cde1219a/sync/sync_models"
 # experiment id -> what it is and the md5 prefix of its checkpoint, as published in the original README
 PUBLISHED_MODELS = {
@@ -25,7 +27,7 @@ def _ckpt_relpath(exp_name: str) -> str:
     return "checkpoints/epoch_best.pt" if exp_name in STAGE1_IDS else f"{exp_name}.pt"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RuntimeError, UserError):
     """A file that could not be fetched or failed its checksum."""
 
 

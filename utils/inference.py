@@ -24,8 +24,9 @@ from tqdm import tqdm
 from dataset.dataset_utils import get_transforms
 from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, TemporalCropAndOffset, make_class_grid
 from model.sync_model import Synchformer, load_synchformer
+from utils.cli import UserError
 from utils.download import get_published_model
-from utils.precision import PRECISIONS, autocast, resolve_precision
+from utils.precision import PRECISIONS, autocast, resolve_device, resolve_precision
 
 
 def load_model(
@@ -103,8 +104,10 @@ def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/
     """`load_model` for the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available.
     Sets `args.precision` to the precision that runs ('auto' decided)."""
     if args.exp_name is None and args.ckpt_path is None:
-        raise SystemExit("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
-    device = args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
+        raise UserError("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    device = resolve_device(
+        args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
+    )
     args.precision = resolve_precision(args.precision, device)
     return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
 

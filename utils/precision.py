@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from utils.cli import SettingError
+
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,14 +32,14 @@ def native_bf16(device: str | torch.device) -> bool:
 
 
 def resolve_precision(name: str, device: str | torch.device) -> str:
-    """The concrete precision for `name` on `device` ('auto' decided); ValueError where it cannot run."""
+    """The concrete precision for `name` on `device` ('auto' decided); SettingError where it cannot run."""
     if name not in PRECISIONS:
-        raise ValueError(f"Unknown precision '{name}'; choose one of {', '.join(PRECISIONS)}.")
+        raise SettingError(f"Unknown precision '{name}'; choose one of {', '.join(PRECISIONS)}.")
     device = torch.device(device)
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "int8" and device.type != "cpu":
-        raise ValueError(f"--precision int8 runs on the CPU only: pass --device cpu, not {device}.")
+        raise SettingError(f"--precision int8 runs on the CPU only: pass --device cpu, not {device}.")
     return name
 
 
@@ -47,3 +49,24 @@ def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def resolve_device(name: str | torch.device | None, setting: str = "--device") -> torch.device:
+    """The device named by `setting` (e.g. 'cpu', 'cuda:1'), checked to exist on this machine; None: the
+    type of the current accelerator if there is one (no index: a DDP process adds its own), else the CPU."""
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if name is None:
+        return torch.device(accelerator.type if accelerator is not None else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SettingError(f"{setting}={name} is not a device name; use e.g. cpu or cuda:0.") from e
+    if device.type in ("cpu", "meta"):
+        return device
+    count = torch.accelerator.device_count() if accelerator is not None and accelerator.type == device.type else 0
+    if (device.index or 0) >= count:
+        raise SettingError(
+            f"{setting}={name}: this machine has {count} {device.type} device(s) that torch can use; "
+            f"use {setting}=cpu, or leave {setting} unset to use what is there."
+        )
+    return device

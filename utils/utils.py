@@ -4,6 +4,7 @@ result files, and the process setting that keeps CPU work from waiting on the ke
 import csv
 import ctypes
 import importlib
+import inspect
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -11,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from utils.cli import UserError
+
+
+class ConfigError(ValueError, UserError):
+    """A malformed config file, an override that does not fit the config, or a `target` that cannot be built
+    from its `params` (imported from `utils.config`, its home; defined here, where objects are built)."""
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
@@ -33,7 +41,29 @@ def instantiate_from_config(config: Mapping) -> Any:
     if isinstance(params, DictConfig):
         # plain containers: OmegaConf's are slow to read in hot paths (e.g. `torch.as_tensor(ListConfig)`)
         params = OmegaConf.to_container(params, resolve=True)
-    return get_obj_from_str(config["target"])(**params)
+    try:
+        target = get_obj_from_str(config["target"])
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and not config["target"].startswith(f"{e.name}."):
+            raise  # a dependency of the target's module is missing, the target itself is fine
+        raise ConfigError(f"Cannot build the config's target: {e}. Check its `target:` spelling.") from e
+    try:
+        signature = inspect.signature(target)
+    except ValueError:  # no signature to check (a builtin): the call below tells
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**params)
+        except TypeError as e:
+            unknown = [k for k in params if k not in signature.parameters]
+            problem = f"it takes no {unknown}" if unknown else str(e)
+            raise ConfigError(f"The params of {config['target']} do not fit it: {problem}. Check the config.") from e
+    try:
+        return target(**params)
+    except UserError:
+        raise
+    except ValueError as e:  # the constructors check their arguments with ValueError: here, the config's values
+        raise ConfigError(f"{config['target']}: {e}") from e
 
 
 def write_json(path: str | Path, obj: Any) -> None:
