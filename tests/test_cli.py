@@ -75,6 +75,9 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
         case("no GPU bench", "scripts/bench_model.py", ["--tiny", "--device", "cuda:1"], "--device=cuda:1")
     case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device=gpu0")
     case("empty folder", "scripts/predict_offsets.py", [work / "vis", *tiny], f"No videos in {work / 'vis'}")
+    case("desync no folder", "scripts/desync.py", [work / "nowhere", *tiny], str(work / "nowhere"), "not a folder")
+    case("desync output", "scripts/desync.py", [root / "good", "--out", work / "r.txt", *tiny], "r.txt", ".json")
+    case("desync checkpoint", "scripts/desync.py", [root / "good", "--ckpt_path", root / "truncated.pt"], "truncated")
     case("no config", "main.py", [f"config={root / 'none.yaml'}"], "none.yaml")
     case("broken config", "main.py", [f"config={root / 'broken.yaml'}"], "broken.yaml")
     train = [f"config={REPO / 'configs' / 'tiny' / 'sync.yaml'}", f"logging.logdir={work / 'logs'}"]
