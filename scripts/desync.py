@@ -30,7 +30,10 @@ import torch
 from tqdm import tqdm
 
 from dataset.avbench import (
+    MEL,
     SEGMENT_FRAMES,
+    SIZE,
+    SPEC_FRAMES,
     STEP_FRAMES,
     DesyncInputs,
     Pair,
@@ -86,6 +89,12 @@ class AVBenchScorer:
     model call, each of the 24 segments computed once for both windows."""
 
     def __init__(self, model, precision: str, duration_sec: float, batch_size: int, num_workers: int):
+        shapes = (tuple(model.vfeat_extractor.segment_shape), tuple(model.afeat_extractor.segment_shape))
+        if shapes != ((3, SEGMENT_FRAMES, SIZE, SIZE), (SPEC_FRAMES, MEL["n_mels"])):
+            raise UserError(
+                f"--protocol av-benchmark feeds 16-frame 224 px segments and 128x66 spectrograms, but this model takes "
+                f"(C, T, H, W) {shapes[0]} and (T, F) {shapes[1]}: use --protocol synchformer for it"
+            )
         self.model, self.precision, self.device = model, precision, next(model.parameters()).device
         self.duration_sec, self.batch_size, self.num_workers = duration_sec, batch_size, num_workers
 
