@@ -38,10 +38,10 @@ from utils.precision import PRECISIONS, autocast
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CLIPS = [
+CLIPS = [  # --clips 2 covers both datasets
     "vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4",
-    "vggsound/h264_video_25fps_256side_16000hz_aac/ZYc410CE4Rg_0_10000.mp4",
     "lrs3/h264_uncropped_25fps_256side_16000hz_aac/pretrain/C8zY0oAdQrs/00018.mp4",
+    "vggsound/h264_video_25fps_256side_16000hz_aac/ZYc410CE4Rg_0_10000.mp4",
 ]
 OFFSETS = (-1.6, -0.8, 0.0, 0.8, 1.6)
 V_START_SEC = 2.0  # leaves room for the audio window of every offset
