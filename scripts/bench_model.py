@@ -1,14 +1,18 @@
-"""Times the stage-2 forward pass (feature extractors + transformer) on random inputs against the
-physical limit: the model's FLOPs (counted with `torch.utils.flop_counter`) over the seconds it takes,
-as a fraction of the dense GEMM throughput the same device reaches in the same run (a large float32
-matmul on CPU, bfloat16 on an accelerator). The GEMM is timed right before and after every forward, so
-a machine shared with other jobs is compared with itself at the same moment.
+"""Times the stage-2 forward pass (feature extractors + transformer) in float32, bf16 autocast and int8
+(`utils.inference.quantize_for_cpu`) in one run, against the physical limit: the model's FLOPs (counted
+with `torch.utils.flop_counter`) over the seconds it takes, as a fraction of both the float32 and the
+bfloat16 dense GEMM throughput that the same device reaches in the same run. The GEMMs are timed right
+before and after every forward, so a machine shared with other jobs is compared with itself at the same
+moment. Then how far bf16 and int8 move the outputs: top-1 agreement with float32 and the largest logit
+difference on the real sample clips at several audio offsets, with the deterministic `tests/detfill.py`
+weights (no trained weights are available offline; with --ckpt_path, a trained model's).
 
-    python -m scripts.bench_model                          # full size, 14 segments, B=1 and B=4, float32
-    python -m scripts.bench_model --batch-sizes 1 --int8   # also the opt-in int8 CPU mode, same run
+    python -m scripts.bench_model                          # full size, 14 segments, B=1, fp32 bf16 int8
+    python -m scripts.bench_model --batch-sizes 1 4 --precisions fp32 bf16
     python -m scripts.bench_model --tiny --out b.json      # reduced model, one repetition (CI)
 
-Prints one summary line and, with --out, writes the measurements as JSON.
+Prints one summary line (with the CPU's name and its relevant instruction-set flags) and, with --out,
+writes the measurements as JSON.
 """
 
 import argparse
@@ -27,11 +31,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from example import make_input
+from tests.detfill import det_state_dict
 from utils.cli import run_cli
 from utils.config import read_yaml
-from utils.inference import quantize_for_cpu
-from utils.precision import resolve_device
+from utils.inference import for_precision, load_model
+from utils.precision import PRECISIONS, autocast, resolve_device
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CLIPS = [  # --clips 2 covers both datasets
+    "vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4",
+    "lrs3/h264_uncropped_25fps_256side_16000hz_aac/pretrain/C8zY0oAdQrs/00018.mp4",
+    "vggsound/h264_video_25fps_256side_16000hz_aac/ZYc410CE4Rg_0_10000.mp4",
+]
+OFFSETS = (-1.6, -0.8, 0.0, 0.8, 1.6)
+V_START_SEC = 2.0  # leaves room for the audio window of every offset
+GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 # Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
 # says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
@@ -83,15 +100,24 @@ def bench_config(config: str | Path, tiny: bool, tiny_inputs: bool = True) -> Di
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 
+def resized_for_segments(model: torch.nn.Module, cfg: DictConfig, n_segments: int) -> torch.nn.Module:
+    """`model` if its position embedding fits `n_segments`, else a copy with a fresh transformer that does."""
+    # one position per token: OFF, the visual tokens of all segments, MOD, the audio ones
+    tokens_per_segment = model.vfeat_extractor.grid[0] + model.afeat_extractor.grid[1]  # t of (t, h, w), (f, t)
+    pos_emb = getattr(model.transformer.pos_emb_cfg, "pos_emb", None)
+    if pos_emb is not None and pos_emb.shape[1] == 1 + n_segments * tokens_per_segment + 1:
+        return model
+    resized = copy.deepcopy(model)
+    transformer = copy.deepcopy(cfg.model.params.transformer)
+    transformer.params.pos_emb_cfg.params.block_shape = [1 + n_segments * tokens_per_segment + 1]
+    resized.transformer = instantiate_from_config(transformer).to(next(model.parameters()).device).eval()
+    return resized
+
+
 def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
     """The stage-2 model of `config` with random weights and a transformer sized for `n_segments`."""
     cfg = bench_config(config, tiny)
-    model = instantiate_from_config(cfg.model).eval()
-    # one position per token: OFF, the visual tokens of all segments, MOD, the audio ones
-    tokens_per_segment = model.vfeat_extractor.grid[0] + model.afeat_extractor.grid[1]  # t of (t, h, w), (f, t)
-    cfg.model.params.transformer.params.pos_emb_cfg.params.block_shape = [1 + n_segments * tokens_per_segment + 1]
-    model.transformer = instantiate_from_config(cfg.model.params.transformer).eval()
-    return model
+    return resized_for_segments(instantiate_from_config(cfg.model).eval(), cfg, n_segments)
 
 
 def random_inputs(model: torch.nn.Module, batch_size: int, n_segments: int, device) -> tuple[torch.Tensor, ...]:
@@ -121,12 +147,30 @@ def timed(fn, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def gemm_gflops(device: torch.device, n: int, repeats: int = 2) -> float:
-    """Best GFLOP/s of an (n x n) @ (n x n) matmul: float32 on CPU, bfloat16 on an accelerator."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+def gemm_gflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 2) -> float:
+    """Best GFLOP/s of an (n x n) @ (n x n) matmul in `dtype`."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
     return 2 * n**3 / seconds / 1e9
+
+
+def gemm_peaks(device: torch.device, n: int) -> dict[str, float]:
+    return {name: gemm_gflops(device, n, dtype) for name, dtype in GEMM_DTYPES.items()}
+
+
+def cpu_description() -> str:
+    """The CPU's model name (family and model number) and the instruction sets that decide bf16 and int8 speed."""
+    info = {}
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    flags = [f for f in CPU_FLAGS if capabilities.get(f)]
+    return f"{name}, {' '.join(flags) or 'no AVX-512/AMX flags'}"
 
 
 def count_flops(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) -> int:
@@ -139,46 +183,89 @@ def count_flops(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) ->
     return counter.get_total_flops()
 
 
-def warm_up(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) -> None:
+def warm_up(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor, precision: str, device) -> None:
     """One segment through the extractors: kernel selection and allocations happen before the timing."""
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, device):
         model.extract_features(vis[:1, :1], aud[:1, :1])
 
 
-def bench_forward(model, vis, aud, flops_per_clip: int, repeats: int, gemm_n: int, device) -> tuple[dict, torch.Tensor]:
-    """Seconds per clip (median of `repeats` forwards) and achieved GFLOP/s, as a fraction of the GEMM
-    throughput measured around each forward; and the logits."""
-    seconds, gemm = [], [gemm_gflops(device, gemm_n)]
-    with torch.inference_mode():
+def bench_forward(model, vis, aud, precision, flops_per_clip, repeats, gemm_n, device) -> tuple[dict, torch.Tensor]:
+    """Seconds per clip (median of `repeats` forwards) and achieved GFLOP/s, as fractions of the float32 and
+    bf16 GEMM throughputs measured around each forward; and the logits."""
+    seconds, gemm = [], [gemm_peaks(device, gemm_n)]
+    with torch.inference_mode(), autocast(precision, device):
         for _ in range(repeats):
             forward_seconds, (_, logits) = timed(lambda: model(vis, aud), device)
             seconds.append(forward_seconds)
-            gemm.append(gemm_gflops(device, gemm_n))
+            gemm.append(gemm_peaks(device, gemm_n))
     B = vis.shape[0]
     per_clip = statistics.median(seconds) / B
-    gflops = flops_per_clip / per_clip / 1e9
     # each forward against the mean of the GEMM runs right before and after it
-    fractions = [flops_per_clip * B / s / 1e9 / ((g0 + g1) / 2) for s, g0, g1 in zip(seconds, gemm, gemm[1:])]
+    fractions = {
+        f"fraction_of_{name}_gemm": statistics.median(
+            flops_per_clip * B / s / 1e9 / ((g0[name] + g1[name]) / 2) for s, g0, g1 in zip(seconds, gemm, gemm[1:])
+        )
+        for name in GEMM_DTYPES
+    }
     return {
+        "precision": precision,
         "batch_size": B,
         "seconds_per_clip": per_clip,
         "seconds_per_forward": seconds,
-        "gflops": gflops,
+        "gflops": flops_per_clip / per_clip / 1e9,
         "gemm_gflops": gemm,
-        "fraction_of_gemm_peak": statistics.median(fractions),
-    }, logits
+        **fractions,
+    }, logits.float()
+
+
+@torch.inference_mode()
+def offset_logits(model, vis: torch.Tensor, aud: torch.Tensor, precision: str) -> torch.Tensor:
+    """Logits (N, K) of one visual window vis (1, S, Tv, C, H, W) with N audio windows aud (N, S, 1, F, Ta)."""
+    N, S, _, Fa, Ta = aud.shape
+    with autocast(precision, vis.device):
+        vfeat, _ = model.extract_features(vis, aud[:1])  # (1, S, tv, D)
+        afeat, _ = model.afeat_extractor(aud.view(N, S, Fa, Ta).transpose(2, 3))  # (N, S, ta, D), as extract_features
+        return model.forward_head(vfeat.expand(N, -1, -1, -1), afeat).float()
+
+
+def agreement(models: dict, cfg: DictConfig, clips: list[Path], offsets: list[float], device) -> list[dict]:
+    """Per clip: the top-1 class of every precision at each audio offset (one visual window, so the video
+    extractor runs once per clip and precision) and each precision's largest logit difference from fp32."""
+    rows = []
+    for path in clips:
+        items = [make_input(cfg, str(path), off, V_START_SEC) for off in offsets]
+        vis = items[0]["video"][None].float().to(device)  # the same visual window for every offset
+        aud = torch.stack([item["audio"] for item in items]).float().to(device)
+        logits = {p: offset_logits(m, vis, aud, p) for p, m in models.items()}
+        rows.append({
+            "clip": path.name,
+            "offsets_sec": offsets,
+            **{f"top1_{p}": lg.argmax(-1).tolist() for p, lg in logits.items()},
+            **{f"max_abs_logit_diff_{p}": (lg - logits["fp32"]).abs().max().item() for p, lg in logits.items()},
+            "fp32_logit_range": (logits["fp32"].max() - logits["fp32"].min()).item(),
+        })  # fmt: skip
+    return rows
+
+
+def agreement_summary(rows: list[dict], precision: str) -> str:
+    agree = sum(a == b for r in rows for a, b in zip(r["top1_fp32"], r[f"top1_{precision}"]))
+    total = sum(len(r["offsets_sec"]) for r in rows)
+    diff = max(r[f"max_abs_logit_diff_{precision}"] for r in rows)
+    return f"{precision} top-1 = fp32 on {agree}/{total}, max logit diff {diff:.3g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sync.yaml")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--ckpt_path", help="a trained checkpoint (default: deterministic detfill weights)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--segments", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS[:-1], default=["fp32", "bf16", "int8"])
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size and precision")
+    parser.add_argument("--clips", type=int, default=len(CLIPS), help="how many sample clips to check agreement on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", type=torch.device, default=default_device())
-    parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 CPU mode (quantize_for_cpu)")
-    parser.add_argument("--tiny", action="store_true", help="reduced model and input size, one repetition (CI)")
+    parser.add_argument("--tiny", action="store_true", help="reduced model, one repetition, one clip (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--default-malloc", action="store_true", help="time without `reuse_freed_memory` (the page-fault baseline)"
@@ -189,44 +276,63 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, S = resolve_device(args.device), args.segments
-    repeats, gemm_n = (1, 512) if args.tiny else (args.repeats, 4096)
-    model = build_model(args.config, S, args.tiny).to(device)
-    flops_per_clip = count_flops(model, *random_inputs(model, 1, S, device))
-    modes = {"float32": model, **({"int8": quantize_for_cpu(model)} if args.int8 else {})}
-    for m in modes.values():
-        warm_up(m, *random_inputs(model, 1, S, device))
+    repeats, gemm_n, clips, offsets = (
+        (1, 512, 1, OFFSETS[1:4:2]) if args.tiny else (args.repeats, 4096, args.clips, OFFSETS)
+    )
+    precisions = ["fp32", *(p for p in args.precisions if p != "fp32")]  # fp32: the reference
+    if args.ckpt_path:
+        model, cfg = load_model(ckpt_path=args.ckpt_path, device=device)
+    else:
+        # the real clips need the real input sizes, also in the tiny mode
+        cfg = bench_config(args.config, args.tiny, tiny_inputs=False)
+        model = instantiate_from_config(cfg.model).eval()
+        model.load_state_dict(det_state_dict(model.state_dict(), seed=0))
+        model.to(device)
+    timed_model = resized_for_segments(model, cfg, S)
+    flops_per_clip = count_flops(timed_model, *random_inputs(timed_model, 1, S, device))
+    # each precision's model as the commands run it (copies: the float32 one stays)
+    models = {p: for_precision(model, p) for p in precisions}
+    timed_models = {p: for_precision(timed_model, p) for p in precisions}
+    for p, m in timed_models.items():
+        warm_up(m, *random_inputs(timed_model, 1, S, device), p, device)
     runs = []
     for B in args.batch_sizes:
-        vis, aud = random_inputs(model, B, S, device)
-        top1 = {}
-        for mode, m in modes.items():
-            result, logits = bench_forward(m, vis, aud, flops_per_clip, repeats, gemm_n, device)
-            runs.append({"mode": mode, **result})
-            top1[mode] = logits.argmax(-1)
-        if args.int8:  # on these random inputs
-            runs[-1]["top1_agreement_with_float32"] = (top1["int8"] == top1["float32"]).float().mean().item()
+        vis, aud = random_inputs(timed_model, B, S, device)
+        for p, m in timed_models.items():
+            runs.append(bench_forward(m, vis, aud, p, flops_per_clip, repeats, gemm_n, device)[0])
+    rows = agreement(models, cfg, [SHARED / c for c in CLIPS[:clips]], list(offsets), device)
     load = os.getloadavg()
     result = {
         "config": args.config,
+        "weights": args.ckpt_path or "detfill",
         "tiny": args.tiny,
         "segments": S,
         "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "threads": args.threads,
         "reuse_freed_memory": reuses_memory,
         "torch": torch.__version__,
         "gflop_per_clip": flops_per_clip / 1e9,
         "load_average": load,
         "runs": runs,
+        "agreement": rows,
     }
+
+    def peaks(r: dict) -> str:
+        mean = {n: statistics.mean(g[n] for g in r["gemm_gflops"]) for n in GEMM_DTYPES}
+        return ", ".join(f"{r[f'fraction_of_{n}_gemm']:.0%} of {n} GEMM {mean[n]:.0f}" for n in GEMM_DTYPES)
+
+    fp32_seconds = {r["batch_size"]: r["seconds_per_clip"] for r in runs if r["precision"] == "fp32"}
     summary = " | ".join(
-        f"{r['mode']} B={r['batch_size']}: {r['seconds_per_clip']:.3f} s/clip, {r['gflops']:.1f} GFLOP/s, "
-        f"{r['fraction_of_gemm_peak']:.0%} of GEMM {statistics.mean(r['gemm_gflops']):.1f}"
+        f"{r['precision']} B={r['batch_size']}: {r['seconds_per_clip']:.3f} s/clip "
+        f"({fp32_seconds[r['batch_size']] / r['seconds_per_clip']:.2f}x fp32), {r['gflops']:.1f} GFLOP/s = {peaks(r)}"
         for r in runs
     )
+    agreements = "; ".join(agreement_summary(rows, p) for p in precisions[1:])
     malloc = "" if reuses_memory else ", default malloc"
     print(f"bench_model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
-          f"{device}, {args.threads} threads{malloc}, load {load[0]:.2f}): {summary}")  # fmt: skip
+          f"{device}, {cpu_description()}, {args.threads} threads{malloc}, load {load[0]:.2f}): {summary}; "
+          f"on {len(rows)} real clips x {len(offsets)} offsets: {agreements or 'fp32 only'}")  # fmt: skip
     if args.out:
         write_json(args.out, result)
 

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
         model.eval()
 
     loader = build_loader(cfg, get_datasets(cfg, ["test"])["test"], "test", env)
-    autocast, _ = mixed_precision(cfg, cfg.training.use_half_precision, env.device)
+    autocast, _ = mixed_precision(cfg, env.device)
     n_seg_sync = cfg.data.n_segments  # the transforms may cut more, for the offset model
     outputs = []
     with torch.no_grad(), autocast():

@@ -81,7 +81,7 @@ class AVCLIPTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skip_scheduler = training.get("skip_scheduler", False)
-        self.autocast, self.scaler = mixed_precision(cfg, training.precision.startswith("amp"), env.device)
+        self.autocast, self.scaler = mixed_precision(cfg, env.device)
         self.stopper = EarlyStopper(training.patience, training.to_max_metric, training.metric_name)
         self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
         self.loss_weights = {

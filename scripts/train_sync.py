@@ -61,7 +61,7 @@ class Trainer:
         sched = cfg.training.lr_scheduler
         factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.autocast, self.scaler = mixed_precision(cfg, use_half, env.device)
+        self.autocast, self.scaler = mixed_precision(cfg, env.device)
         self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
         self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
         self.net = wrap_ddp(model, env)

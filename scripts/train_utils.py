@@ -23,6 +23,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, cfg_get
 from utils.dist import DistEnv, broadcast_object, init_distributed
 from utils.logger import RunLogger, setup_logging
+from utils.precision import AUTOCAST_DTYPES, autocast, resolve_precision
 from utils.utils import instantiate_from_config
 
 
@@ -172,25 +173,32 @@ def lr_factor_fn(
     return factor
 
 
-def mixed_precision(cfg: DictConfig, enabled: bool, device: torch.device):
-    """(autocast context factory, GradScaler). On accelerators: bf16 where supported, else fp16 (with a
-    loss scaler); on the CPU: off unless `training.autocast_dtype=bfloat16`."""
-    dtype_name = cfg_get(cfg, "training.autocast_dtype")
-    if dtype_name is not None:
-        dtype = getattr(torch, dtype_name)
-    elif device.type == "cpu":
-        enabled = False
-        dtype = torch.bfloat16
-    elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    else:
-        dtype = torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+def training_precision(cfg: DictConfig, device: torch.device) -> str:
+    """The concrete precision of a run (the names of `utils.precision`): `training.precision` if set (fp32,
+    bf16, fp16, auto, or stage 1's '32' and 'amp'), else the published stage-2 configs'
+    `training.use_half_precision`. 'amp' and `use_half_precision: True` keep the original's meaning, half
+    precision on accelerators (bf16 where supported, else fp16) and float32 on the CPU; bf16 on the CPU is
+    asked for by name (`training.precision=bf16`, or `auto` where the CPU has native bf16)."""
+    name = cfg_get(cfg, "training.precision")
+    if name is None:
+        name = "amp" if cfg_get(cfg, "training.use_half_precision") else "fp32"
+    name = {"32": "fp32"}.get(str(name), str(name))
+    if name == "amp":
+        if device.type == "cpu":
+            return "fp32"
+        return "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+    if name not in AUTOCAST_DTYPES and name not in ("fp32", "auto"):
+        raise ValueError(f"training.precision={name} is none of fp32, bf16, fp16, auto, amp, 32.")
+    return resolve_precision(name, device)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
-    return autocast, scaler
+def mixed_precision(cfg: DictConfig, device: torch.device):
+    """(autocast context factory, GradScaler) of the run's `training_precision`; the loss scaler is on for
+    fp16 only (bf16 has float32's range)."""
+    precision = training_precision(cfg, device)
+    logging.info(f"Precision: {precision} on {device}")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return (lambda: autocast(precision, device)), scaler
 
 
 def optimizer_step(

@@ -27,15 +27,19 @@ def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]
 
 
 def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--int8", "--batch-sizes", "2")
-    assert [(r["mode"], r["batch_size"]) for r in result["runs"]] == [("float32", 2), ("int8", 2)]
-    assert all(0 <= r["top1_agreement_with_float32"] <= 1 for r in result["runs"] if r["mode"] == "int8")
-    assert result["gflop_per_clip"] > 0.01
+    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2")
+    assert [(r["precision"], r["batch_size"]) for r in result["runs"]] == [("fp32", 1), ("bf16", 1), ("int8", 1)]
+    assert result["gflop_per_clip"] > 0.01 and result["weights"] == "detfill"
     for r in result["runs"]:
-        assert r["seconds_per_clip"] > 0 and all(g > 0 for g in r["gemm_gflops"])
+        assert r["seconds_per_clip"] > 0 and all(g["fp32"] > 0 and g["bf16"] > 0 for g in r["gemm_gflops"])
         assert math.isclose(r["gflops"], result["gflop_per_clip"] / r["seconds_per_clip"])
-        assert 0 < r["fraction_of_gemm_peak"]
-    assert line.startswith("bench_model (configs/sync.yaml tiny, S=14") and "of GEMM" in line
+        assert r["fraction_of_fp32_gemm"] > 0 and r["fraction_of_bf16_gemm"] > 0
+    (row,) = result["agreement"]  # one real clip at two offsets
+    assert row["clip"] == "3qesirWAGt4_20000_30000.mp4" and row["max_abs_logit_diff_fp32"] == 0
+    assert all(len(row[f"top1_{p}"]) == 2 for p in ("fp32", "bf16", "int8"))
+    assert 0 < row["max_abs_logit_diff_bf16"] < 0.1 and 0 < row["max_abs_logit_diff_int8"] < 0.1
+    assert line.startswith("bench_model (configs/sync.yaml tiny, S=2") and "of bf16 GEMM" in line
+    assert result["cpu"] in line and "bf16 top-1 = fp32 on" in line
 
 
 def test_bench_train_tiny(monkeypatch, capsys, tmp_path):
@@ -79,25 +83,28 @@ def test_precision_settings_switch_the_attention_kernel(precision):
 
 
 def test_quantize_for_cpu_keeps_the_model_and_stays_close():
+    from torchao.quantization import Int8Tensor
+
     model = bench_model.build_model("configs/sync.yaml", n_segments=14, tiny=True)
     vis, aud = torch.randn(2, 14, *VIS_SEGMENT), torch.randn(2, 14, *AUD_SEGMENT)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the deprecation warnings of torch.ao are handled inside
+        warnings.simplefilter("error")  # no deprecated API underneath
         quantized = quantize_for_cpu(model)
-    with torch.inference_mode():
-        _, expected = model(vis, aud)
-        _, logits = quantized(vis, aud)
+        with torch.inference_mode():
+            _, expected = model(vis, aud)
+            _, logits = quantized(vis, aud)
 
-    def float_linears(m: torch.nn.Module) -> set:
-        return {name for name, layer in m.named_modules() if isinstance(layer, torch.nn.Linear)}
+    def linears(m: torch.nn.Module, int8: bool) -> set:
+        return {
+            name
+            for name, layer in m.named_modules()
+            if isinstance(layer, torch.nn.Linear) and isinstance(layer.weight, Int8Tensor) == int8
+        }
 
     # the float32 model is untouched; in the copy only the pooling layers' Linears (see quantize_for_cpu) stay
-    int8 = {
-        name for name, layer in quantized.named_modules() if isinstance(layer, torch.ao.nn.quantized.dynamic.Linear)
-    }
-    kept = float_linears(quantized)
-    assert kept and all("attn_agg" in name for name in kept)
-    assert kept | int8 == float_linears(model) and not kept & int8
+    kept, int8 = linears(quantized, int8=False), linears(quantized, int8=True)
+    assert kept and int8 and all("attn_agg" in name for name in kept)
+    assert kept | int8 == linears(model, int8=False) and not linears(model, int8=True)
     assert logits.shape == expected.shape and torch.isfinite(logits).all()
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max() + 1e-3
     with pytest.raises(ValueError, match="on the CPU"):

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torchao.quantization import Int8Tensor
 
 import example
 from dataset.io import BadVideoError, get_video_and_audio, probe_video
@@ -18,7 +19,7 @@ from scripts.bench_model import bench_config
 from tests.reference_data import REPO, SHARED
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.download import DownloadError
-from utils.inference import SegmentPipeline, WindowPredictor, load_model, load_model_from_args
+from utils.inference import SegmentPipeline, WindowPredictor, for_precision, load_model, load_model_from_args
 from utils.utils import instantiate_from_config
 
 REAL_CLIP = SHARED / "data/vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
@@ -88,7 +89,9 @@ def test_load_model_precisions(tiny_ckpt):
     model, _ = load_model(ckpt_path=tiny_ckpt)
     assert any(type(m) is torch.nn.Linear for m in model.modules())  # float32 unless asked
     int8, _ = load_model(ckpt_path=tiny_ckpt, precision="int8")
-    assert not any(type(m) is torch.nn.Linear for m in int8.transformer.modules())
+    assert isinstance(int8.transformer.blocks[0].mlp[0].weight, Int8Tensor)  # torchao's int8 weights
+    bf16, _ = load_model(ckpt_path=tiny_ckpt, precision="bf16")
+    assert bf16.transformer.blocks[0].mlp[0].weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="--device cpu"):
         load_model(ckpt_path=tiny_ckpt, device="meta", precision="int8")
     with pytest.raises(ValueError, match="choose one of fp32, bf16"):
@@ -193,6 +196,14 @@ def test_bf16_windows_stay_close_to_float32(predictor, clips):
     fp32_logits, bf16_logits = predictor.predict(item, windows), bf16.predict(item, windows)
     assert bf16_logits.dtype == torch.float32 and not torch.equal(bf16_logits, fp32_logits)  # autocast ran
     assert (bf16_logits - fp32_logits).abs().max() < 0.05
+    # weights stored in bf16 once (as load_model does) give exactly what autocast's casts at every call give
+    stored = for_precision(predictor.model, "bf16")
+    assert stored.transformer.blocks[0].mlp[0].weight.dtype == torch.bfloat16
+    assert next(predictor.model.parameters()).dtype == torch.float32  # a copy
+    stored_logits = WindowPredictor(stored, predictor.cfg, "bf16", batch_segments=8, batch_windows=4).predict(
+        item, windows
+    )
+    assert torch.equal(stored_logits, bf16_logits)
 
 
 def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_path, capsys):

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import main
 from dataset.synthetic import make_vggsound_like
 from scripts import test_syncability
+from scripts.train_utils import mixed_precision, training_precision
 from utils.checkpoint import load_checkpoint
 from utils.logger import read_metrics
 
@@ -164,3 +166,39 @@ def test_avclip_trains_validates_resumes_and_initialises_stage2(data, tmp_path):
                            ("a_encoder.ast.encoder.layer.0.attention.attention.query.weight",
                             "afeat_extractor.ast.encoder.layer.0.attention.attention.query.weight")]:  # fmt: skip
         assert torch.equal(s1[s1_key], s2[s2_key]) and s1[s1_key].abs().sum() > 0, s1_key
+
+
+@pytest.mark.parametrize(
+    "training, expected",
+    [
+        ({"use_half_precision": True}, "fp32"),  # the published stage-2 configs: half precision on accelerators only
+        ({"use_half_precision": False}, "fp32"),
+        ({"precision": "amp"}, "fp32"),  # stage 1's strings
+        ({"precision": "32"}, "fp32"),
+        ({"precision": "bf16", "use_half_precision": False}, "bf16"),
+        ({"precision": "fp16"}, "fp16"),
+    ],
+)
+def test_training_precision_on_the_cpu(training, expected):
+    cfg = OmegaConf.create({"training": training})
+    assert training_precision(cfg, torch.device("cpu")) == expected
+    autocast, scaler = mixed_precision(cfg, torch.device("cpu"))
+    assert scaler.is_enabled() == (expected == "fp16")  # bf16 needs no loss scaling
+    with autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 or expected != "bf16"
+        assert torch.is_autocast_enabled("cpu") == (expected != "fp32")
+    with pytest.raises(ValueError, match="none of fp32"):
+        training_precision(OmegaConf.create({"training": {"precision": "int8"}}), torch.device("cpu"))
+
+
+def test_bf16_training_and_test_only_on_the_cpu(stage2_run, data, tmp_path):
+    main.main(tiny_args("sync.yaml", tmp_path, "bf16", data, "training.precision=bf16", "training.num_epochs=1",
+                        "training.skip_test=True"))  # fmt: skip
+    assert "Precision: bf16 on cpu" in (tmp_path / "bf16" / "train.log").read_text()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / "bf16", "train"))
+    # the float32 run's checkpoint tested in bf16: the same metrics up to rounding
+    (expected,) = read_metrics(stage2_run, "test")
+    main.main([f"config={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path={stage2_run / 's2_best.pt'}", "start_time=t",
+               "training.run_test_only=True", "training.precision=bf16", f"logging.logdir={tmp_path}"])  # fmt: skip
+    (got,) = read_metrics(tmp_path / "t", "test")
+    assert got["loss"] == pytest.approx(expected["loss"], abs=0.05) and got["accuracy_1"] == expected["accuracy_1"]

@@ -38,7 +38,7 @@ OPTIONAL_KEYS = {
     "data.audio_priming_compat": True,
     "training.max_bad_loss_steps": 5,
     "training.device": None,
-    "training.autocast_dtype": None,
+    "training.precision": None,
     "training.max_train_iters": None,
     "training.max_eval_iters": None,
     "logging.use_wandb": False,

@@ -11,8 +11,8 @@ tensors (frame and sample numbers instead of pixels), so the windows are exactly
 """
 
 import argparse
+import copy
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, Temp
 from model.sync_model import Synchformer, load_synchformer
 from utils.cli import UserError
 from utils.download import get_published_model
-from utils.precision import PRECISIONS, autocast, resolve_device, resolve_precision
+from utils.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_device, resolve_precision
 
 
 def load_model(
@@ -39,9 +39,9 @@ def load_model(
 ) -> tuple[Synchformer, DictConfig]:
     """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
-    downloaded into `<logdir>/<exp_name>/` when missing. `precision` (see `utils.precision`): 'int8' gives
-    the int8 CPU model of `quantize_for_cpu`; bf16 and fp16 keep float32 weights and run under
-    `utils.precision.autocast`, which the caller enters (as `WindowPredictor` does)."""
+    downloaded into `<logdir>/<exp_name>/` when missing. `precision` (see `utils.precision`): the model of
+    `for_precision`; bf16/fp16 run under `utils.precision.autocast`, which the caller enters (as
+    `WindowPredictor` does)."""
     precision = resolve_precision(precision, device)
     if ckpt_path is None:
         if exp_name is None:
@@ -51,35 +51,53 @@ def load_model(
         if not (cfg_path.is_file() and ckpt_path.is_file()):
             cfg_path, ckpt_path = get_published_model(exp_name, logdir)
     model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
-    return (quantize_for_cpu(model) if precision == "int8" else model.to(device)), cfg
+    return for_precision(model if precision == "int8" else model.to(device), precision, keep=False), cfg
+
+
+def linears_outside_pooling(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The `nn.Linear` layers that a precision stores in its own dtype: all but those of the extractors'
+    pooling layers, whose multi-head attention reads its projection weights directly (and which run on
+    one token per sequence, so they cost little in float32)."""
+    pooling = [name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(name.startswith(f"{p}.") for p in pooling)
+    ]
+
+
+def for_precision(model: torch.nn.Module, precision: str, keep: bool = True) -> torch.nn.Module:
+    """`model` as it runs in a concrete `precision`: fp32 the model itself; int8 the copy of
+    `quantize_for_cpu`; bf16/fp16 the model with its Linear weights stored in that dtype (a copy if
+    `keep`), which autocast uses as they are instead of casting every weight again at every call (the
+    same numbers, half the memory); run it under `utils.precision.autocast(precision, device)`."""
+    if precision == "int8":
+        return quantize_for_cpu(model)
+    if precision not in AUTOCAST_DTYPES:
+        return model
+    low = copy.deepcopy(model) if keep else model
+    for linear in linears_outside_pooling(low):
+        linear.to(AUTOCAST_DTYPES[precision])
+    return low
 
 
 def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 copy of `model` for fast CPU inference (opt-in; float32 stays the default): its
-    `nn.Linear` layers get int8 weights and dynamically quantised int8 activations, which x86 CPUs
-    multiply several times faster than float32. Outputs differ from float32 by quantisation noise, so predictions
-    may differ where the top classes are close. CPU only; the float32 `model` is left unchanged.
+    """An int8 copy of `model` (`--precision int8`; float32 stays the default): its `nn.Linear` layers
+    (see `linears_outside_pooling`) get int8 weights (per output channel) and dynamically quantised int8
+    activations (per token), through torchao's `quantize_` (the successor of the deprecated
+    `torch.ao.quantization.quantize_dynamic`). Outputs differ from float32 by quantisation noise, so
+    predictions may differ where the top classes are close. CPU only; the float32 `model` is left
+    unchanged. See the README for its speed."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    Uses `torch.ao.quantization.quantize_dynamic`: torch >= 2.10 marks it deprecated in favour of the
-    separate `torchao` package, but it still works, so its deprecation warnings are silenced here."""
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(
-            "quantize_for_cpu needs a model on the CPU: call it before moving the model, or drop --quantize."
+            "quantize_for_cpu needs a model on the CPU: call it before moving the model, or use another --precision."
         )
-    # the extractors' pooling layers stay float32: their multi-head attention reads its projection weights
-    # directly (quantised Linear layers do not allow it), and the rest of them runs on one token per sequence
-    pooling = [name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
-    linears = {
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not any(name.startswith(f"{p}.") for p in pooling)
-    }
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*torch\.ao\.quantization is deprecated", category=DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8).eval()
+    int8 = copy.deepcopy(model)
+    chosen = {id(m) for m in linears_outside_pooling(int8)}
+    quantize_(int8, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, name: id(m) in chosen)
+    return int8.eval()
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
