@@ -3,7 +3,8 @@ with `data.vids_path=DST/h264_video_25fps_256side_16000hz_aac`.
 
 - Clips are the rows of the manifests (`manifest*.csv`, one per shard) next to the videos folder whose
   status is not `bad`.
-- Splits: the ids listed in `split_files` (`{split: path to a text file of ids}`), or deterministic ones:
+- Splits: the ids listed in `split_files` (a path with `{split}` in it, e.g. `/data/mine_{split}.txt`:
+  one id per line for each of train, valid and test), or deterministic ones:
   source videos are ordered by a hash of the seed and their name and cut by `split_ratios` (train,
   valid, test), so clips cut from one video stay in one split and the splits do not depend on the
   order of the files.
@@ -73,7 +74,7 @@ class VideoFolder(AudioVisualDataset):
     def __init__(self, split, vids_dir, transforms=None, splits_path="./data", seed=1337,
                  load_fixed_offsets_on=("valid", "test"), vis_load_backend="read_video", size_ratio=None,
                  attr_annot_path=None, max_attr_per_vid=None, to_filter_bad_examples=True,
-                 split_ratios=(0.8, 0.1, 0.1), split_files: dict | None = None, min_len_sec: float | None = None,
+                 split_ratios=(0.8, 0.1, 0.1), split_files: str | None = None, min_len_sec: float | None = None,
                  manifest_dir=None, **kwargs):  # fmt: skip
         """`manifest_dir` defaults to the parent of `vids_dir` (prepare_data's DST); `splits_path` is unused
         (kept so that configs made for the other datasets work unchanged); `kwargs` go to `AudioVisualDataset`."""
@@ -87,12 +88,14 @@ class VideoFolder(AudioVisualDataset):
     def list_clips(self) -> list[str]:
         self.rows = read_manifests(self.manifest_dir)
         if self.split_files is not None:
-            if self.split not in self.split_files:
-                raise KeyError(f"split_files has no '{self.split}' entry: give one text file of ids per split")
-            in_split = set(Path(self.split_files[self.split]).read_text().split())
+            split_file = Path(str(self.split_files).format(split=self.split))
+            if "{split}" not in str(self.split_files) or not split_file.is_file():
+                raise FileNotFoundError(f"split_files={self.split_files}: expected a path with {{split}} that names "
+                                        f"a file of ids for each split; {split_file} is not one")  # fmt: skip
+            in_split = set(split_file.read_text().split())
             unknown = in_split - set(self.rows)
             if unknown:
-                logging.warning(f"{len(unknown)} ids of {self.split_files[self.split]} are not in the manifest")
+                logging.warning(f"{len(unknown)} ids of {split_file} are not in the manifest")
             ids = sorted(in_split & set(self.rows))
         else:
             clip2split = split_by_ratios(self.rows, self.split_ratios, self.seed)

@@ -145,6 +145,14 @@ def prepare_one(job: Job, src: Path, out_dir: Path, vfps: float, afps: int, size
         return {**row, "status": "bad", "reason": reason}
 
 
+def run_jobs(jobs: list[Job], src: Path, out_dir: Path, vfps: float, afps: int, size: int, workers: int) -> list[dict]:
+    """The manifest rows of `jobs`, prepared by `workers` processes (in this one for 1)."""
+    work = partial(prepare_one, src=src, out_dir=out_dir, vfps=vfps, afps=afps, size=size)
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(work, jobs) if pool else map(work, jobs)
+        return list(tqdm(results, total=len(jobs), desc="videos", unit="video"))
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     src, dst = Path(args.src), Path(args.dst)
@@ -158,10 +166,7 @@ def main(args) -> int:
     logging.info(f"Shard {index}/{count}: {len(jobs)} videos from {src} to {out_dir}")
 
     started = time.time()
-    work = partial(prepare_one, src=src, out_dir=out_dir, vfps=args.vfps, afps=args.afps, size=args.size)
-    with ProcessPoolExecutor(args.workers) if args.workers > 1 else nullcontext() as pool:
-        results = pool.map(work, jobs) if pool else map(work, jobs)
-        rows = list(tqdm(results, total=len(jobs), desc="videos", unit="video"))
+    rows = run_jobs(jobs, src, out_dir, args.vfps, args.afps, args.size, args.workers)
     seconds = time.time() - started
 
     bad_rows += [{"id": r["id"], "source": r["source"], "reason": r.pop("reason")} for r in rows if "reason" in r]

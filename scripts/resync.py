@@ -196,7 +196,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--offset_sec", type=float, help="Apply this offset (positive: audio ahead) instead of predicting it"
     )
-    parser.add_argument("--min_confidence", type=float, default=0.3, help="Refuse below this mean probability")
+    parser.add_argument("--min_confidence", type=float, default=0.2, help="Refuse below this mean probability")
     parser.add_argument("--force", action="store_true", help="Correct even with low confidence or drift")
     parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
     parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")

@@ -2,7 +2,9 @@
 (splits, length filter, fixed offsets, a tiny stage 2 with its test-only run)."""
 
 import csv
+import json
 import os
+import sys
 from pathlib import Path
 
 import av
@@ -13,7 +15,7 @@ import main
 from dataset.folder import VideoFolder, split_by_ratios
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
-from scripts import prepare_data
+from scripts import bench_prepare, prepare_data
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.logger import read_metrics
 
@@ -178,9 +180,11 @@ def test_video_folder_filters_short_clips_and_fixes_offsets(tmp_path):
     assert len(VideoFolder("train", vids_dir, split_ratios=(0.5, 0.25, 0.25), size_ratio=0.5)) == 5
     # given split files instead of ratios, and a repeated test set
     (tmp_path / "test.txt").write_text("c00\nc01\nshort\nunknown\n")
-    ds = VideoFolder("test", vids_dir, get_transforms(cfg, "test"), split_files={"test": tmp_path / "test.txt"},
+    ds = VideoFolder("test", vids_dir, get_transforms(cfg, "test"), split_files=f"{tmp_path}/{{split}}.txt",
                      iter_times=3)  # fmt: skip
     assert [Path(p).stem for p in ds.dataset] == ["c00", "c01"] and len(ds) == 6
+    with pytest.raises(FileNotFoundError, match="valid.txt"):
+        VideoFolder("valid", vids_dir, split_files=f"{tmp_path}/{{split}}.txt")
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +229,13 @@ def test_stage1_stage2_and_syncability_on_a_prepared_folder(folder_data, tmp_pat
     main.main([tiny("ft_synchability.yaml"), "start_time=ft", "training.finetune=True",
                f"ckpt_path={tmp_path / 's2' / 's2_best.pt'}", *common])  # fmt: skip
     assert "mROCAUC" in read_metrics(tmp_path / "ft", "test")[0]
+
+
+def test_bench_prepare_quick(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", ["bench_prepare", "--quick", "--out", str(out)])
+    bench_prepare.main()
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["runs"]] == [1, 2] and result["clips"] == 2
+    assert all(r["clips_per_second"] > 0 for r in result["runs"]) and "2 worker(s)" in line
