@@ -210,9 +210,9 @@ def tiny(config: str) -> str:
 
 
 def test_tiny_stage2_and_test_only_on_a_prepared_folder(folder_data, tmp_path):
-    main.main([tiny("sync.yaml"), f"logging.logdir={tmp_path}", "start_time=s2", "training.num_epochs=2", *folder_data])
+    main.main([tiny("sync.yaml"), f"logging.logdir={tmp_path}", "start_time=s2", "training.num_epochs=1", *folder_data])
     (test,) = read_metrics(tmp_path / "s2", "test")
-    assert [r["epoch"] for r in read_metrics(tmp_path / "s2", "train")] == [0, 1] and 0 <= test["accuracy_1"] <= 1
+    assert [r["epoch"] for r in read_metrics(tmp_path / "s2", "train")] == [0] and 0 <= test["accuracy_1"] <= 1
     main.main([f"config={tmp_path / 's2' / 'cfg-s2.yaml'}", f"ckpt_path={tmp_path / 's2' / 's2_best.pt'}",
                "training.run_test_only=True", f"logging.logdir={tmp_path}", "start_time=again"])  # fmt: skip
     assert read_metrics(tmp_path / "again", "test")[0] == pytest.approx(test, abs=1e-5)
