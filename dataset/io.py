@@ -310,7 +310,10 @@ def get_video_and_audio(
     return rgb, audio, meta
 
 
-def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256, out_dir=None) -> Path:
+def reencode_video(
+    path, vfps: float = 25, afps: int = 16000, in_size: int = 256, out_dir=None,
+    start_sec: float = 0.0, end_sec: float | None = None, out_path=None,
+) -> Path:  # fmt: skip
     """Re-encodes `path` to what the models expect: `vfps` fps, the shorter side `in_size` (aspect kept,
     both sides even), mono `afps` Hz AAC. Mirrors the original's ffmpeg call
     (`fps=`, `scale=iw*S/min(iw,ih):ih*S/min(iw,ih)`, `crop=trunc(iw/2)*2:trunc(ih/2)*2`, `-ar`):
@@ -321,12 +324,18 @@ def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256
     - audio resampled with libswresample to `afps` and down-mixed to mono (the original kept the
       channels in the mp4 but every reader here averages them).
 
-    Returns the new path `<out_dir>/<stem>_<vfps>fps_<in_size>side_<afps>hz.mp4` (`out_dir` defaults
-    to `./vis`, as in the original's `example.py`).
+    `start_sec` / `end_sec` cut a clip: output frame n shows time `start_sec + n/vfps` of the input, the
+    audio keeps the resampled samples from `round(start_sec*afps)` to `round(end_sec*afps)`.
+    Returns the new path: `out_path`, else `<out_dir>/<stem>_<vfps>fps_<in_size>side_<afps>hz.mp4`
+    (`out_dir` defaults to `./vis`, as in the original's `example.py`).
     """
-    out_dir = Path("vis") if out_dir is None else Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    new_path = out_dir / f"{Path(path).stem}_{vfps}fps_{in_size}side_{afps}hz.mp4"
+    if out_path is None:
+        out_dir = Path("vis") if out_dir is None else Path(out_dir)
+        out_path = out_dir / f"{Path(path).stem}_{vfps}fps_{in_size}side_{afps}hz.mp4"
+    new_path = Path(out_path)
+    new_path.parent.mkdir(parents=True, exist_ok=True)
+    n_ticks = math.inf if end_sec is None else round((end_sec - start_sec) * vfps)  # output frames of a cut
+    first_sample, stop_sample = round(start_sec * afps), math.inf if end_sec is None else round(end_sec * afps)
     with _open(path) as src:
         v_in, a_in = _stream(src, "video", path), _stream(src, "audio", path)
         h, w = v_in.codec_context.height, v_in.codec_context.width
@@ -334,32 +343,57 @@ def reencode_video(path, vfps: float = 25, afps: int = 16000, in_size: int = 256
         scaled_h, scaled_w = int(h * scale), int(w * scale)
         out_h, out_w = scaled_h // 2 * 2, scaled_w // 2 * 2
         top, left = (scaled_h - out_h) // 2, (scaled_w - out_w) // 2
+
+        def to_rgb(frame) -> np.ndarray:
+            scaled = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24", interpolation="BICUBIC")
+            return scaled.to_ndarray()[top : top + out_h, left : left + out_w]
+
         with av.open(str(new_path), "w") as dst:
             v_out = dst.add_stream("libx264", rate=Fraction(vfps).limit_denominator(1001))
             v_out.height, v_out.width, v_out.pix_fmt = out_h, out_w, "yuv420p"
             a_out = dst.add_stream("aac", rate=afps)
             a_out.layout = "mono"
             resampler = av.AudioResampler(format="fltp", layout="mono", rate=afps)
-            next_out_i, last_rgb = 0, None
+            samples_in, samples_out = 0, 0  # resampled samples seen / encoded
+
+            def encode_audio(frames) -> None:
+                nonlocal samples_in, samples_out
+                for resampled in frames:
+                    n, lo = resampled.samples, samples_in
+                    samples_in += n
+                    keep = slice(max(0, first_sample - lo), min(n, stop_sample - lo))
+                    if keep.stop <= keep.start:
+                        continue
+                    if keep != slice(0, n):  # a cut's boundary: keep part of the frame
+                        resampled = av.AudioFrame.from_ndarray(
+                            np.ascontiguousarray(resampled.to_ndarray()[:, keep]), format="fltp", layout="mono"
+                        )
+                        resampled.sample_rate = afps
+                    resampled.pts = samples_out
+                    samples_out += resampled.samples
+                    dst.mux(a_out.encode(resampled))
+
+            next_out_i, last, last_rgb = 0, None, None  # the latest input frame and its converted pixels
             v_time_base, v_start = v_in.time_base, v_in.start_time or 0
             for frame in _decode_or_fail(src, (v_in, a_in), path):
                 if isinstance(frame, av.AudioFrame):
-                    for resampled in resampler.resample(frame):
-                        dst.mux(a_out.encode(resampled))
+                    encode_audio(resampler.resample(frame))
                     continue
-                t = float((frame.pts - v_start) * v_time_base)
+                t = float((frame.pts - v_start) * v_time_base) - start_sec
                 # emit every output tick up to this frame's start with the previous frame
-                while last_rgb is not None and next_out_i / vfps < t - 0.5 / vfps:
+                while last is not None and next_out_i / vfps < t - 0.5 / vfps and next_out_i < n_ticks:
+                    last_rgb = to_rgb(last) if last_rgb is None else last_rgb
                     dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
                     next_out_i += 1
-                scaled = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24", interpolation="BICUBIC")
-                last_rgb = scaled.to_ndarray()[top : top + out_h, left : left + out_w]
-            duration = float(src.duration / av.time_base) if src.duration else (next_out_i + 1) / vfps
-            while last_rgb is not None and next_out_i < round(duration * vfps):
+                last, last_rgb = frame, None
+                if next_out_i >= n_ticks and samples_in >= stop_sample:
+                    break  # the cut is complete
+            duration = float(src.duration / av.time_base) - start_sec if src.duration else (next_out_i + 1) / vfps
+            while last is not None and next_out_i < min(round(duration * vfps), n_ticks):
+                last_rgb = to_rgb(last) if last_rgb is None else last_rgb
                 dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
                 next_out_i += 1
-            for resampled in resampler.resample(None):
-                dst.mux(a_out.encode(resampled))
+            encode_audio(resampler.resample(None))
             dst.mux(v_out.encode())
             dst.mux(a_out.encode())
     return new_path

@@ -22,6 +22,7 @@ import torch
 import example
 import main as trainer
 from dataset.synthetic import make_vggsound_like
+from scripts import prepare_data
 from utils.cli import SettingError, run_cli
 from utils.logger import read_metrics
 from utils.utils import write_json
@@ -70,9 +71,19 @@ def main(args) -> dict:
         print(f"Writing {n_clips} synthetic clips to {data_root} ...", flush=True)
         make_vggsound_like(data_root, n_clips=n_clips, seed=args.seed, **EASY_CLIPS)
     vids_dir = data_root / "h264_video_25fps_256side_16000hz_aac"
+    dataset = [f"data.dataset.params.splits_path={data_root / 'data'}"]
+    if args.folder:  # the same clips and splits as a folder of your own videos
+        prepared = workdir / f"prepared_{n_clips}"
+        print(f"\n$ python scripts/prepare_data.py {vids_dir} {prepared} --size 32 --workers 2", flush=True)
+        prepare_data.main(
+            prepare_data.get_parser().parse_args([str(vids_dir), str(prepared), "--size", "32", "--workers", "2"])
+        )
+        vids_dir = prepared / "h264_video_25fps_32side_16000hz_aac"
+        split_files = data_root / "data" / "vggsound_{split}.txt"
+        dataset = ["data.dataset.target=dataset.folder.VideoFolder", f"data.dataset.params.split_files={split_files}"]
     data = [
         f"data.vids_path={vids_dir}",
-        f"data.dataset.params.splits_path={data_root / 'data'}",
+        *dataset,
         # the clips are muxed in exact sync: no need to imitate the published models' 64 ms audio lead
         "data.audio_priming_compat=False",
         # a few hundred small clips fit in memory: decode each once, not once per epoch
@@ -140,6 +151,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1338)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="A smoke run: few clips, few iterations")
+    parser.add_argument(
+        "--folder", action="store_true", help="Prepare the clips with prepare_data.py and train on a VideoFolder"
+    )
     return parser
 
 

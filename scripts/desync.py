@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,13 +242,11 @@ class Results:
     def write(self, scored: dict[str, dict], skipped: dict[str, str], header: dict) -> None:
         videos = [scored[name] for name in sorted(scored)]
         skipped_list = [{"video": name, "reason": skipped[name]} for name in sorted(skipped)]
-        tmp = self.out.with_name(f".{self.out.name}.tmp")
-        if self.out.suffix == ".json":
-            write_json(tmp, {**header, **summary(videos), "videos": videos, "skipped": skipped_list})
+        if self.out.suffix == ".json":  # both writers are atomic
+            write_json(self.out, {**header, **summary(videos), "videos": videos, "skipped": skipped_list})
         else:
             rows = [_row(v) for v in videos] + [_row({"video": s["video"]}, s["reason"]) for s in skipped_list]
-            write_csv(tmp, rows)
-        os.replace(tmp, self.out)
+            write_csv(self.out, rows)
         for part in self.out.parent.glob(f".{self.out.name}.part-*.jsonl"):
             part.unlink()
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, get_video_and_audio, probe_video, reencode_video
 from utils.cli import UserError, report_skipped, run_cli
+from utils.config import cfg_get
 from utils.inference import WindowPredictor, add_model_args, entropy, load_model_from_args, offset_grid
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
@@ -28,13 +29,14 @@ VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
 
 def load_for_model(path: Path, cfg, work_dir: Path):
-    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed."""
+    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed; the
+    audio decoded as the model was trained (`data.audio_priming_compat`, default True as published)."""
     info = probe_video(path)
     vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
     if (info["fps"], info["sample_rate"], min(info["height"], info["width"])) != (vfps, afps, size):
         logging.info(f"Re-encoding {path} to {vfps} fps, {afps} Hz, {size} px")
         path = reencode_video(path, vfps, afps, size, out_dir=work_dir)
-    return get_video_and_audio(path, get_meta=True)
+    return get_video_and_audio(path, get_meta=True, audio_priming_compat=cfg_get(cfg, "data.audio_priming_compat"))
 
 
 def summarise(starts: list[float], probs: torch.Tensor, grid: torch.Tensor) -> dict:
@@ -72,15 +74,20 @@ def plot_track(rows: list[dict], summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
-    rgb, audio, meta = load_for_model(path, predictor.cfg, args.out_dir / "reencoded")
+def predict_track(
+    predictor: WindowPredictor, path: Path, work_dir: Path, stride_sec: float, offset_sec: float = 0.0,
+    progress: bool = False,
+) -> tuple[list[dict], dict]:  # fmt: skip
+    """`(one row per window, the summary)` of the windows every `stride_sec` over the video, with the
+    audio shifted earlier by `offset_sec` first; `work_dir` takes re-encoded copies."""
+    rgb, audio, meta = load_for_model(path, predictor.cfg, work_dir)
     item = predictor.pipeline.prepare(rgb, audio, meta, str(path))
-    starts = predictor.window_starts(item, args.stride_sec)
+    starts = predictor.window_starts(item, stride_sec)
     if not starts:
         crop = predictor.cfg.data.crop_len_sec
         raise BadVideoError(path, f"shorter than one {crop} s window", f"the model needs a video of at least {crop} s")
-    windows = [predictor.pipeline.window_segments(item, s, args.offset_sec) for s in starts]
-    logits = predictor.predict(item, windows, progress=args.progress)
+    windows = [predictor.pipeline.window_segments(item, s, offset_sec) for s in starts]
+    logits = predictor.predict(item, windows, progress=progress)
     grid = offset_grid(predictor.cfg, logits.shape[-1])
     probs = torch.softmax(logits, -1)
     top = probs.argmax(-1)
@@ -95,7 +102,12 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
         }
         for s, k, p, h in zip(starts, top, probs, entropy(probs))
     ]
-    summary = {"video": str(path), "precision": predictor.precision, **summarise(starts, probs, grid)}
+    return rows, {"video": str(path), "precision": predictor.precision, **summarise(starts, probs, grid)}
+
+
+def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
+    rows, summary = predict_track(predictor, path, args.out_dir / "reencoded", args.stride_sec, args.offset_sec,
+                                  args.progress)  # fmt: skip
     stem = args.out_dir / path.stem
     write_csv(f"{stem}.csv", rows)
     plot_track(rows, summary, Path(f"{stem}.png"), path.name)

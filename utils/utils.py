@@ -6,6 +6,7 @@ import ctypes
 import importlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,19 +67,28 @@ def instantiate_from_config(config: Mapping) -> Any:
         raise ConfigError(f"{config['target']}: {e}") from e
 
 
+def _temp_name(path: Path) -> Path:
+    """A temporary name next to `path` for writing it atomically (rename it to `path` when complete)."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Writes `obj` as indented JSON, creating the parent folders."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    """Writes `obj` as indented JSON, creating the parent folders; atomic (a temporary name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _temp_name(path).write_text(json.dumps(obj, indent=1))
+    os.replace(_temp_name(path), path)
 
 
-def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
-    """Writes dicts with the same keys as CSV rows under a header of the first row's keys."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+def write_csv(path: str | Path, rows: Sequence[Mapping], fieldnames: Sequence[str] | None = None) -> None:
+    """Writes dicts as CSV rows under a header of `fieldnames` (default: the first row's keys); atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(_temp_name(path), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames or rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(_temp_name(path), path)
 
 
 def reuse_freed_memory() -> bool:
