@@ -292,7 +292,7 @@ def main() -> None:
     flops_per_clip = count_flops(timed_model, *random_inputs(timed_model, 1, S, device))
     # each precision's model as the commands run it (copies: the float32 one stays)
     models = {p: for_precision(model, p) for p in precisions}
-    timed_models = {p: for_precision(timed_model, p) for p in precisions}
+    timed_models = models if timed_model is model else {p: for_precision(timed_model, p) for p in precisions}
     for p, m in timed_models.items():
         warm_up(m, *random_inputs(timed_model, 1, S, device), p, device)
     runs = []
@@ -300,6 +300,7 @@ def main() -> None:
         vis, aud = random_inputs(timed_model, B, S, device)
         for p, m in timed_models.items():
             runs.append(bench_forward(m, vis, aud, p, flops_per_clip, repeats, gemm_n, device)[0])
+    del timed_models, timed_model  # the full model's copies add up: free what the agreement does not use
     rows = agreement(models, cfg, [SHARED / c for c in CLIPS[:clips]], list(offsets), device)
     load = os.getloadavg()
     result = {
