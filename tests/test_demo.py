@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from matplotlib import pyplot as plt
 
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import demo, predict_offsets
@@ -21,6 +22,12 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     assert (tmp_path / "example_probs.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "Prediction Results" in out and "Held-out test: accuracy@1" in out
+    # both stages' curves in one PNG (two panels), each run's own from main.py (logging.plot_curves)
+    assert f"Learning curves of both stages: {tmp_path / 'learning_curves.png'}" in out
+    assert (
+        plt.imread(tmp_path / "learning_curves.png").shape[1] > plt.imread(tmp_path / "stage2" / "curves.png").shape[1]
+    )
+    assert (tmp_path / "stage1" / "curves.png").is_file()
 
 
 @pytest.mark.skipif(
