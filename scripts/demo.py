@@ -6,7 +6,8 @@
 2. pre-trains tiny feature extractors with the segment-level contrastive loss (stage 1);
 3. trains the synchronisation transformer on the frozen extractors (stage 2), which ends by testing the
    best checkpoint on held-out clips with fixed offsets;
-4. runs `example.py` on a held-out clip with a chosen offset and saves its class-probability plot.
+4. runs `example.py` on a held-out clip with a chosen offset and saves its class-probability plot;
+5. draws both stages' learning curves (train loss, valid accuracy per epoch) to one PNG.
 
 It prints the held-out accuracy@1 and accuracy@1 within one class (chance: 1/21 and about 3/21). Each
 step is the same command a user would type (`main.py config=... key=value`), shown before it runs.
@@ -24,7 +25,7 @@ import main as trainer
 from dataset.synthetic import make_vggsound_like
 from scripts import prepare_data
 from utils.cli import SettingError, run_cli
-from utils.logger import read_metrics
+from utils.logger import plot_learning_curves, read_metrics
 from utils.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,12 +126,19 @@ def main(args) -> dict:
     print(f"\n$ python example.py {' '.join(argv)}", flush=True)
     example.main(example.get_parser().parse_args(argv))
 
+    curves = plot_learning_curves(
+        {"stage 1: AVCLIP (extractors)": stage1, "stage 2: offsets (frozen extractors)": stage2},
+        workdir / "learning_curves.png",
+    )
+    print(f"\nLearning curves of both stages: {curves}")
+
     summary = {
         "held_out_accuracy_1": test["accuracy_1"],
         "held_out_accuracy_1_tol1": test["accuracy_1_tol1"],
         "n_clips": n_clips,
         "minutes": round((time.time() - started) / 60, 1),
         "stage2_run": str(stage2),
+        "learning_curves": str(curves),
     }
     write_json(workdir / "demo_summary.json", summary)
     print(

@@ -43,7 +43,7 @@ from scripts.train_utils import (
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
-from utils.logger import save_similarity_matrices
+from utils.logger import save_similarity_matrices, segment_similarities
 from utils.metrics import classification_metrics
 
 
@@ -92,16 +92,13 @@ class Trainer:
 
     @torch.no_grad()
     def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
-        """How similar the (frozen) extractors find the segments of the batch: each segment's features
-        averaged over its tokens and L2-normalised, (B*S, B*S) cross- and self-similarities."""
+        """How similar the (frozen) extractors find the segments of the batch (`segment_similarities`)."""
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
         self.model.train(was_training)
-        v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
-        a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
-        save_similarity_matrices({"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}, path)
+        save_similarity_matrices(segment_similarities(vfeat, afeat), path)
 
     def draw_similarity(self, epoch: int) -> bool:
         """Whether to draw this epoch's segment similarities: frozen extractors give the same picture

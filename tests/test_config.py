@@ -1,12 +1,13 @@
-"""Config loading: merge semantics, interpolation, the `add` resolver, typo rejection, SLURM mapping."""
+"""Config loading: merge semantics, overlays, interpolation, the `add` resolver, typo rejection, SLURM mapping."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import main
-from utils.config import ConfigError, load_config, set_env_from_slurm
+from utils.config import ConfigError, load_config, load_yaml, set_env_from_slurm
 from utils.utils import get_obj_from_str, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,45 @@ def test_published_config_loads_and_resolves():
     assert cfg.model.params.aproj.params.out_features == 768
     assert cfg.model.params.transformer.params.off_head_cfg.params.out_features == 21
     assert cfg.training.base_batch_size == 2
+
+
+def test_tiny_overlays_hold_only_differences_and_resolve_onto_their_base(tmp_path):
+    for name, base in [("sync", "sync"), ("ft_synchability", "ft_synchability"), ("segment_avclip", "segment_avclip")]:
+        tiny = load_config([f"config={ROOT / 'configs' / 'tiny' / f'{name}.yaml'}", "start_time=t"])
+        full = load_config([f"config={ROOT / 'configs' / f'{base}.yaml'}", "start_time=t"])
+        assert "defaults" not in tiny and tiny.action == full.action
+        assert list(tiny.transform_sequence_train) != list(full.transform_sequence_train)  # n_mels follows the AST
+        for seq in (tiny.transform_sequence_train, tiny.transform_sequence_test):
+            (mel,) = [t for t in seq if t.target.endswith("AudioMelSpectrogram")]
+            assert mel.params.n_mels == 32
+        assert tiny.model.params.afeat_extractor.params.hidden_size == 32 and tiny.data.input_size == 32
+        # the resolved config a run saves loads again on its own, unchanged
+        OmegaConf.save(tiny, tmp_path / f"cfg-{name}.yaml")
+        saved = load_config([f"config={tmp_path / f'cfg-{name}.yaml'}"])
+        assert {**saved, "config": None} == {**tiny, "config": None}
+    assert load_config([f"config={SYNC_CFG}"]).transform_sequence_test[6].params.n_mels == 128
+    assert load_yaml(ROOT / "configs" / "tiny" / "ft_synchability.yaml").logging.vis_segment_sim is False
+
+
+def test_overlay_keys_are_strict_and_defaults_relative(tmp_path, small_yaml):
+    (tmp_path / "sub").mkdir()
+    overlay = tmp_path / "sub" / "over.yaml"
+    overlay.write_text("defaults: [../cfg.yaml]\na: {b: 2}\nhead: {params: {bias: false}}\ndata: {iter_times: 3}\n")
+    cfg = load_config([f"config={overlay}", "width=5"])
+    assert (cfg.a.b, list(cfg.a.c), cfg.total, cfg.data.iter_times) == (2, [1, 2], 9, 3)
+    assert "defaults" not in cfg and cfg.head.params.bias is False
+    overlay.write_text("defaults: [../cfg.yaml]\ntraining: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="training.lrr.*cfg.yaml.*Did you mean 'training.lr'"):
+        load_config([f"config={overlay}"])
+    overlay.write_text("defaults: [over.yaml]\n")
+    with pytest.raises(ConfigError, match="lists itself"):
+        load_config([f"config={overlay}"])
+    overlay.write_text("defaults: ../cfg.yaml\n")
+    with pytest.raises(ConfigError, match="must be a list"):
+        load_config([f"config={overlay}"])
+    overlay.write_text("defaults: [../missing.yaml]\n")
+    with pytest.raises(ConfigError, match="not found.*missing.yaml"):
+        load_config([f"config={overlay}"])
 
 
 def test_bad_config_files(tmp_path):

@@ -83,6 +83,25 @@ def test_for_loop_over_segments_gives_the_same_logits():
         torch.testing.assert_close(model(vis, aud, for_loop=True)[1], model(vis, aud)[1], atol=1e-5, rtol=1e-5)
 
 
+def test_standardized_features_ignore_each_channels_offset_and_scale():
+    """With `standardize_features` the head sees each clip's features relative to their own mean and spread
+    per channel, so a per-clip, per-channel affine change of the features leaves the logits as they are."""
+    torch.manual_seed(0)
+    vfeat, afeat = torch.randn(2, 2, TV, D), torch.randn(2, 2, TA, D)
+    scale, shift = torch.rand(2, 1, 1, D) + 0.5, 3 * torch.randn(2, 1, 1, D)
+    plain = tiny_model().eval()
+    cfg = tiny_cfg()
+    cfg.model.params.standardize_features = True
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model).eval()
+    model.load_state_dict(plain.state_dict())  # no new weights
+    with torch.no_grad():
+        logits = model.forward_head(vfeat, afeat)
+        moved = model.forward_head(vfeat * scale + shift, afeat * scale - shift)
+        torch.testing.assert_close(moved, logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain.forward_head(vfeat * scale + shift, afeat), plain.forward_head(vfeat, afeat))
+
+
 def test_longer_position_embedding_is_trimmed_shorter_rejected():
     three, two = tiny_model(n_segments=3), tiny_model(n_segments=2)
     two.load_state_dict(three.state_dict())

@@ -62,7 +62,7 @@ def stage2_run(tmp_path_factory, data) -> Path:
 
 def test_stage2_writes_checkpoints_and_metrics(stage2_run):
     names = {p.name for p in stage2_run.iterdir()}
-    assert {"cfg-s2.yaml", "train.log", "metrics.jsonl", "s2.pt", "s2_best.pt", "s2_latest.pt"} <= names
+    assert {"cfg-s2.yaml", "train.log", "metrics.jsonl", "curves.png", "s2.pt", "s2_best.pt", "s2_latest.pt"} <= names
     # the extractors are frozen: their segment similarities are drawn for the first epoch only
     assert {p.name for p in (stage2_run / "viz" / "sim_matrices").iterdir()} == {"train_e0000.png", "valid_e0000.png"}
     for phase in ("train", "valid"):
@@ -121,7 +121,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(stage2_run, data, tmp
 
 def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
     main.main(tiny_args("ft_synchability.yaml", tmp_path, "ft", data, "training.finetune=True", "training.num_epochs=1",
-                        f"ckpt_path={stage2_run / 's2_best.pt'}"))  # fmt: skip
+                        f"ckpt_path={stage2_run / 's2_best.pt'}", "logging.plot_curves=False"))  # fmt: skip
+    assert not (tmp_path / "ft" / "curves.png").exists()
     (test,) = read_metrics(tmp_path / "ft", "test")
     assert {"accuracy_1", "mROCAUC", "loss"} <= set(test) and "accuracy_5" not in test
     ft = load_checkpoint(tmp_path / "ft" / "ft_best.pt")["model"]

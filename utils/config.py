@@ -1,5 +1,10 @@
 """Reading a run's configuration: the YAML named by `config=...` merged with command-line overrides.
 
+A YAML may be an overlay: a top-level `defaults: [base.yaml, ...]` list (paths relative to the file,
+as in Hydra's defaults list) names the files merged left to right first, the file itself last, so
+`configs/tiny/sync.yaml` holds only what differs from `configs/sync.yaml`. Lists are replaced whole
+(OmegaConf's merge), and an overlay may only set keys its defaults have, by the rules below.
+
 Overrides follow OmegaConf's dotlist syntax (`training.base_batch_size=8 data.vids_path=/x`) and win
 over the YAML. An override may only change a key that the YAML already has, so a typo such as
 `trainig.lr=1` fails loudly instead of silently creating a key nobody reads. Three kinds of new keys
@@ -45,6 +50,7 @@ OPTIONAL_KEYS = {
     "logging.wandb_mode": "offline",
     "logging.log_max_items": 500000,
     "logging.vis_segment_sim": False,
+    "logging.plot_curves": True,
     "logging.log_code_state": False,
 }
 
@@ -101,7 +107,7 @@ def _target_accepts(cfg: DictConfig, key_path: str) -> bool:
 
 
 def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) -> None:
-    """Raises ConfigError for an override that would create a key the YAML does not have."""
+    """Raises ConfigError for an override (or an overlay) that would create a key the YAML does not have."""
     known = set(_all_key_paths(cfg_yml))
     allowed = RUNTIME_KEYS | set(OPTIONAL_KEYS)
     merged = OmegaConf.merge(cfg_yml, cfg_cli)
@@ -121,6 +127,27 @@ def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) ->
         )
 
 
+def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> DictConfig:
+    """One config file, merged onto the files of its `defaults` list (recursively), unresolved."""
+    path = os.path.normpath(path)
+    if path in _seen:
+        raise ConfigError(f"Config file {path} lists itself among its defaults (via {' -> '.join(_seen)}).")
+    cfg = read_yaml(path)
+    defaults = cfg.pop("defaults", [])
+    if isinstance(defaults, str) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"`defaults` in {path} must be a list of config paths, e.g. `defaults: [../sync.yaml]`.")
+    if not defaults:
+        return cfg
+    base = OmegaConf.create()
+    for i, name in enumerate(defaults):
+        default = load_yaml(os.path.join(os.path.dirname(path), name), (*_seen, path))
+        if i > 0:
+            check_overrides(base, default, " + ".join(defaults[:i]))
+        base = OmegaConf.merge(base, default)
+    check_overrides(base, cfg, " + ".join(defaults))
+    return OmegaConf.merge(base, cfg)
+
+
 def load_config(argv: list[str]) -> DictConfig:
     """Builds the run's config from `config=path.yaml` and dotlist overrides in `argv`."""
     _register_resolvers()
@@ -131,7 +158,7 @@ def load_config(argv: list[str]) -> DictConfig:
     if "config" not in cfg_cli:
         raise ConfigError("Pass the config file as `config=configs/<name>.yaml`.")
     yaml_path = cfg_cli.config
-    cfg_yml = read_yaml(yaml_path)
+    cfg_yml = load_yaml(yaml_path)
     check_overrides(cfg_yml, cfg_cli, yaml_path)
     cfg = OmegaConf.merge(cfg_yml, cfg_cli)  # the latter wins
     if cfg.get("start_time") is None:

@@ -1,6 +1,7 @@
 """Run logging: Python logging to the console and `<run_dir>/train.log`, per-epoch metrics to
-`<run_dir>/metrics.jsonl` (and to Weights & Biases when `logging.use_wandb`), a copy of the resolved
-config and, optionally, a snapshot of the code. Only rank 0 writes files; other ranks log warnings only."""
+`<run_dir>/metrics.jsonl` (and to Weights & Biases when `logging.use_wandb`), their learning curves
+`<run_dir>/curves.png` (`logging.plot_curves`), a copy of the resolved config and, optionally, a
+snapshot of the code. Only rank 0 writes files; other ranks log warnings only."""
 
 import fnmatch
 import json
@@ -8,6 +9,7 @@ import logging
 import os
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +22,7 @@ matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
 
 LOG_FORMAT = "%(asctime)s @ {rank} | %(levelname)s | %(message)s"
+CURVES_EVERY_SEC = 60  # redraw a run's curves.png at most this often (and when it ends): tiny epochs are faster
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
@@ -62,6 +65,8 @@ class RunLogger:
         self.run_dir = run_dir
         self.is_main = is_main
         self.wandb_run = None
+        self.curves = run_dir / "curves.png" if is_main and cfg_get(cfg, "logging.plot_curves") else None
+        self.curves_drawn_at = time.monotonic()
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,12 +103,20 @@ class RunLogger:
             f.write(json.dumps({"phase": phase, "epoch": epoch, **metrics}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({f"{phase}/{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+        if self.curves is not None and time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_SEC:
+            self.draw_curves()
+
+    def draw_curves(self) -> None:
+        plot_learning_curves({self.run_dir.name: self.run_dir}, self.curves)
+        self.curves_drawn_at = time.monotonic()
 
     def log_scalars(self, scalars: dict, step: int) -> None:
         if self.wandb_run is not None:
             self.wandb_run.log(scalars | {"step": step})
 
     def finish(self) -> None:
+        if self.curves is not None:
+            self.draw_curves()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
@@ -113,6 +126,14 @@ def read_metrics(run_dir: str | Path, phase: str | None = None) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line]
     return [r for r in records if phase is None or r["phase"] == phase]
+
+
+def segment_similarities(vfeat: torch.Tensor, afeat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How similar the extractors find the segments: vfeat (B, S, tv, D), afeat (B, S, ta, D) -> each
+    segment's features averaged over its tokens and L2-normalised, (B*S, B*S) cross- and self-similarities."""
+    v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+    a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+    return {"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}
 
 
 def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:
@@ -128,3 +149,33 @@ def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_learning_curves(runs: dict[str, Path], path: Path) -> Path | None:
+    """One panel per run from its metrics.jsonl: train loss and valid accuracy per epoch (offset runs:
+    accuracy@1 and within one class; AVCLIP: the shifted-window precision). None if no run has trained."""
+    curves = {name: read_metrics(run_dir) for name, run_dir in runs.items() if (run_dir / "metrics.jsonl").is_file()}
+    curves = {name: records for name, records in curves.items() if any(r["phase"] == "train" for r in records)}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, (name, records) in zip(axes[0], curves.items()):
+        train = [r for r in records if r["phase"] == "train"]
+        valid = [r for r in records if r["phase"] == "valid"]
+        ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+        ax.set(xlabel="epoch", ylabel="train loss", title=name)
+        acc = ax.twinx()  # accuracies in [0, 1] beside a loss on its own scale
+        for key, style in (("accuracy_1", "-"), ("accuracy_1_tol1", "--"), ("precision", "-")):
+            if valid and key in valid[0]:
+                acc.plot([r["epoch"] for r in valid], [r[key] for r in valid], style, color="tab:orange",
+                         label=f"valid {key}")  # fmt: skip
+        acc.set(ylabel="valid accuracy", ylim=(0, 1))
+        lines = ax.get_lines() + acc.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees half a PNG
+    return path
