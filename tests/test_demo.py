@@ -32,7 +32,7 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
 
 LONG = pytest.mark.skipif(
     not os.environ.get("SYNCHFORMER_LONG_TESTS"),
-    reason="the full demo takes about 5 minutes on 2 cores: run with SYNCHFORMER_LONG_TESTS=1",
+    reason="each full demo takes about 5 minutes on 2 cores (4 of them here): run with SYNCHFORMER_LONG_TESTS=1",
 )
 
 
