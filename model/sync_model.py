@@ -31,10 +31,16 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def standardize_over_clip(feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+class StandardizeOverClip(nn.Module):
     """(B, S, t, D) -> each channel minus its mean over the clip's S*t tokens, over their std."""
-    mean, std = feat.mean(dim=(1, 2), keepdim=True), feat.std(dim=(1, 2), keepdim=True)  # (B, 1, 1, D)
-    return (feat - mean) / (std + eps)
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        mean, std = feat.mean(dim=(1, 2), keepdim=True), feat.std(dim=(1, 2), keepdim=True)  # (B, 1, 1, D)
+        return (feat - mean) / (std + self.eps)
 
 
 class GlobalTransformer(nn.Module):
@@ -126,7 +132,8 @@ class Synchformer(nn.Module):
         standardize_features: bool = False,
     ):
         super().__init__()
-        self.standardize_features = standardize_features
+        # no parameters: the state dict is the same either way
+        self.feature_norm = StandardizeOverClip() if standardize_features else nn.Identity()
         self.vfeat_extractor = instantiate_from_config(vfeat_extractor)
         self.afeat_extractor = instantiate_from_config(afeat_extractor)
         self.vproj = instantiate_from_config(vproj)
@@ -174,8 +181,7 @@ class Synchformer(nn.Module):
 
     def forward_head(self, vfeat: torch.Tensor, afeat: torch.Tensor) -> torch.Tensor:
         """vfeat (B, S, tv, Dv), afeat (B, S, ta, Da) -> logits (B, num_classes)."""
-        if self.standardize_features:
-            vfeat, afeat = standardize_over_clip(vfeat), standardize_over_clip(afeat)
+        vfeat, afeat = self.feature_norm(vfeat), self.feature_norm(afeat)
         vfeat, afeat = self.vproj(vfeat), self.aproj(afeat)  # (B, S, tv, D), (B, S, ta, D)
         B, S, tv, D = vfeat.shape
         ta = afeat.shape[2]

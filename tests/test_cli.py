@@ -85,9 +85,11 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
     case("unknown action", "main.py", [*train, "action=fly"], "fly")
     case("bad value", "main.py", [*train, "model.params.transformer.params.n_head=5"], "GlobalTransformer", "n_head=5")
     case("override typo", "main.py", [*train, "model.params.transformer.params.n_heads=4"], "n_heads")
-    typo = (REPO / "configs" / "tiny" / "sync.yaml").read_text().replace("n_head: 4", "n_heads: 4")
-    (root / "typo.yaml").write_text(typo)
-    case("yaml typo", "main.py", [f"config={root / 'typo.yaml'}", *train[1:]], "GlobalTransformer", "n_heads")
+    # the tiny overlay with a typo in its own file (its defaults list named by absolute paths)
+    typo = (REPO / "configs" / "tiny" / "stage2.yaml").read_text().replace("n_head: 4", "n_heads: 4")
+    (root / "typo_stage2.yaml").write_text(typo)
+    (root / "typo.yaml").write_text(f"defaults: [{REPO / 'configs' / 'sync.yaml'}, {root / 'typo_stage2.yaml'}]\n")
+    case("yaml typo", "main.py", [f"config={root / 'typo.yaml'}", *train[1:]], "typo_stage2.yaml", "n_heads", "n_head'")
     case("extractor checkpoint", "main.py", [*train, f"model.params.vfeat_extractor.params.ckpt_path={root}/no.pt"],
          f"{root}/no.pt")  # fmt: skip
     case("no metadata", "main.py", train, "vggsound.csv", "download_metadata")

@@ -16,7 +16,8 @@ HEAD_PARTS = ("vproj", "aproj", "transformer")
 def build_head(config: str) -> nn.ModuleDict:
     """The full-size projections and transformer of a stage-2 config, without the feature extractors."""
     cfg = OmegaConf.load(REPO / "configs" / config)
-    return nn.ModuleDict({name: instantiate_from_config(cfg.model.params[name]) for name in HEAD_PARTS})
+    head = {name: instantiate_from_config(cfg.model.params[name]) for name in HEAD_PARTS}
+    return nn.ModuleDict({**head, "feature_norm": nn.Identity()})  # the published models do not standardise
 
 
 @pytest.mark.parametrize("config, name", [("sync.yaml", "parity_sync"), ("ft_synchability.yaml", "parity_syncability")])

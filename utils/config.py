@@ -106,8 +106,9 @@ def _target_accepts(cfg: DictConfig, key_path: str) -> bool:
     return parts[-1] in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
-def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) -> None:
-    """Raises ConfigError for an override (or an overlay) that would create a key the YAML does not have."""
+def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str, source: str = "the command line") -> None:
+    """Raises ConfigError for an override (or an overlay) that would create a key the YAML does not have;
+    `source` names where the override comes from."""
     known = set(_all_key_paths(cfg_yml))
     allowed = RUNTIME_KEYS | set(OPTIONAL_KEYS)
     merged = OmegaConf.merge(cfg_yml, cfg_cli)
@@ -122,8 +123,8 @@ def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str) ->
         close = difflib.get_close_matches(leaf, sorted(known | allowed), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"Unknown config key '{leaf}': it is neither in {yaml_path} nor one of the run-time keys.{hint} "
-            "See utils/config.py for the keys that may be added from the command line."
+            f"Unknown config key '{leaf}' in {source}: it is neither in {yaml_path} nor one of the run-time keys."
+            f"{hint} See utils/config.py for the keys that may be added from the command line."
         )
 
 
@@ -140,11 +141,12 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> DictConfi
         return cfg
     base = OmegaConf.create()
     for i, name in enumerate(defaults):
-        default = load_yaml(os.path.join(os.path.dirname(path), name), (*_seen, path))
+        default_path = os.path.join(os.path.dirname(path), name)
+        default = load_yaml(default_path, (*_seen, path))
         if i > 0:
-            check_overrides(base, default, " + ".join(defaults[:i]))
+            check_overrides(base, default, " + ".join(defaults[:i]), default_path)
         base = OmegaConf.merge(base, default)
-    check_overrides(base, cfg, " + ".join(defaults))
+    check_overrides(base, cfg, " + ".join(defaults), path)
     return OmegaConf.merge(base, cfg)
 
 
