@@ -289,8 +289,6 @@ def test_desync_equals_av_benchmarks(avbench_folder, precision, tmp_path):
 @pytest.mark.skipif(not os.environ.get("SYNCHFORMER_LONG_TESTS"), reason="full-size model: SYNCHFORMER_LONG_TESTS=1")
 def test_desync_equals_av_benchmarks_full_size(avbench_folder, tmp_path):
     cases = avbench_cases()
-    from model.sync_model import Synchformer  # noqa: F401  (the full published architecture)
-
     cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=False)
     model = instantiate_from_config(cfg.model)
     ckpt = tmp_path / "full.pt"
