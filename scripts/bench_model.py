@@ -4,7 +4,7 @@ with `torch.utils.flop_counter`) over the seconds it takes, as a fraction of bot
 bfloat16 dense GEMM throughput that the same device reaches in the same run. The GEMMs are timed right
 before and after every forward, so a machine shared with other jobs is compared with itself at the same
 moment. Then how far bf16 and int8 move the outputs: top-1 agreement with float32 and the largest logit
-difference on the real sample clips at several audio offsets, with the deterministic `tests/detfill.py`
+difference on the real sample clips at several audio offsets, with the deterministic `utils/detfill.py`
 weights (no trained weights are available offline; with --ckpt_path, a trained model's).
 
     python -m scripts.bench_model                          # full size, 14 segments, B=1, fp32 bf16 int8
@@ -32,9 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from example import make_input
-from tests.detfill import det_state_dict
 from utils.cli import run_cli
 from utils.config import read_yaml
+from utils.detfill import det_state_dict
 from utils.inference import for_precision, load_model
 from utils.precision import PRECISIONS, autocast, resolve_device
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json

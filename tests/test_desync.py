@@ -18,9 +18,9 @@ from dataset.io import decode_video_at_fps
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync
 from scripts.bench_model import bench_config
-from tests.detfill import det_state_dict
 from tests.reference_data import REFERENCE, REPO
 from utils.checkpoint import save_checkpoint
+from utils.detfill import det_state_dict
 from utils.utils import instantiate_from_config
 
 FIXTURES = REPO / "tests" / "fixtures" / "desync"

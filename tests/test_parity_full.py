@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.detfill import det_input, det_state_dict
 from tests.reference_data import REPO, keys_of, reference_arrays, reference_keys
+from utils.detfill import det_input, det_state_dict
 from utils.utils import instantiate_from_config
 
 ATOL = 1e-4

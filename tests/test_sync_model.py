@@ -6,8 +6,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from model.sync_model import GlobalTransformer, GlobalTransformerWithSyncabilityHead, Synchformer
-from tests.detfill import det_state_dict
 from tests.reference_data import REPO, keys_of, reference_arrays, reference_keys
+from utils.detfill import det_state_dict
 from utils.utils import instantiate_from_config
 
 HEAD_PARTS = ("vproj", "aproj", "transformer")
