@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dataset.synthetic import ClipSpec, make_clip
 from scripts.prepare_data import list_videos, run_jobs
+from utils.cli import run_cli
 from utils.utils import write_json
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -153,14 +153,19 @@ def main(args) -> int:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="A video or a folder of videos")
-    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
     parser.add_argument("--offset_sec", type=float, default=0.0, help="Shift the audio earlier by this much first")
     parser.add_argument("--out_dir", default="./offsets", help="Where CSV/JSON/PNG results go")
+    add_tracking_args(parser)
+    return parser
+
+
+def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    """The sliding windows' and the model's arguments (shared with resync.py)."""
+    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
     parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
     parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
-    return parser
 
 
 if __name__ == "__main__":

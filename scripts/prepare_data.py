@@ -23,7 +23,6 @@ import csv
 import glob
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, probe_video, reencode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES
+from utils.cli import run_cli
 from utils.utils import write_csv
 
 MANIFEST_FIELDS = ["id", "source", "start_sec", "end_sec", "duration_sec", "fps", "sample_rate", "height", "width",
@@ -198,4 +198,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_parser().parse_args()))
+    run_cli(lambda: main(get_parser().parse_args()))

@@ -26,7 +26,6 @@ import argparse
 import csv
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,8 +34,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.io import BadVideoError
-from scripts.predict_offsets import VIDEO_SUFFIXES, predict_track
-from utils.inference import WindowPredictor, add_model_args, load_model_from_args
+from scripts.predict_offsets import VIDEO_SUFFIXES, add_tracking_args, predict_track
+from utils.cli import run_cli
+from utils.inference import WindowPredictor, load_model_from_args
 from utils.utils import reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
@@ -198,13 +198,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--min_confidence", type=float, default=0.2, help="Refuse below this mean probability")
     parser.add_argument("--force", action="store_true", help="Correct even with low confidence or drift")
-    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
-    parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
-    parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
-    parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
-    add_model_args(parser, default_exp="24-01-04T16-39-21")
+    add_tracking_args(parser)
     return parser
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_parser().parse_args()))
+    run_cli(lambda: main(get_parser().parse_args()))
