@@ -26,22 +26,13 @@ import torch
 from dataset.avbench import SEGMENT_FRAMES, STEP_FRAMES, DesyncInputs, Pair, normalise_frames, segments, window_slices
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync
-from scripts.bench_model import bench_config
+from scripts.bench_model import bench_config, cpu_description
 from utils.checkpoint import save_checkpoint
 from utils.cli import run_cli
 from utils.inference import load_model
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its vector extensions that matter for bf16 and int8."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return f"{name} [{' '.join(f for f in wanted if f in flags)}]"
 
 
 @torch.inference_mode()
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model(ckpt_path=ckpt)
     pairs = [Pair(v.name, v) for v in sorted(videos.glob("*.mp4"))]
     base_sec, base_probs = one_video_at_a_time(model, pairs)
-    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "n_videos": len(pairs), "tiny": args.tiny}
+    result = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "n_videos": len(pairs), "tiny": args.tiny}
     result["one_video_at_a_time_fp32"] = {"videos_per_sec": len(pairs) / base_sec}
     for precision in args.precisions:
         seconds, probs = folder_path(args, ckpt, videos, precision, root / f"{precision}.json")

@@ -112,9 +112,7 @@ class AVBenchScorer:
 
     def __call__(self, pairs: list[Pair]) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:
         inputs = DesyncInputs(pairs, self.duration_sec)
-        loader = torch.utils.data.DataLoader(
-            inputs, self.batch_size, num_workers=self.num_workers, collate_fn=collate, persistent_workers=False
-        )
+        loader = torch.utils.data.DataLoader(inputs, self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         for batch in loader:
             records = []
             if batch["names"]:

@@ -94,18 +94,16 @@ def test_overlay_keys_are_strict_and_defaults_relative(tmp_path, small_yaml):
     cfg = load_config([f"config={overlay}", "width=5"])
     assert (cfg.a.b, list(cfg.a.c), cfg.total, cfg.data.iter_times) == (2, [1, 2], 9, 3)
     assert "defaults" not in cfg and cfg.head.params.bias is False
-    overlay.write_text("defaults: [../cfg.yaml]\ntraining: {lrr: 1}\n")
-    with pytest.raises(ConfigError, match="training.lrr.*cfg.yaml.*Did you mean 'training.lr'"):
-        load_config([f"config={overlay}"])
-    overlay.write_text("defaults: [over.yaml]\n")
-    with pytest.raises(ConfigError, match="lists itself"):
-        load_config([f"config={overlay}"])
-    overlay.write_text("defaults: ../cfg.yaml\n")
-    with pytest.raises(ConfigError, match="must be a list"):
-        load_config([f"config={overlay}"])
-    overlay.write_text("defaults: [../missing.yaml]\n")
-    with pytest.raises(ConfigError, match="not found.*missing.yaml"):
-        load_config([f"config={overlay}"])
+    bad_overlays = {
+        "defaults: [../cfg.yaml]\ntraining: {lrr: 1}\n": "training.lrr.*cfg.yaml.*Did you mean 'training.lr'",
+        "defaults: [over.yaml]\n": "lists itself",
+        "defaults: ../cfg.yaml\n": "must be a list",
+        "defaults: [../missing.yaml]\n": "not found.*missing.yaml",
+    }
+    for text, error in bad_overlays.items():
+        overlay.write_text(text)
+        with pytest.raises(ConfigError, match=error):
+            load_config([f"config={overlay}"])
 
 
 def test_bad_config_files(tmp_path):
