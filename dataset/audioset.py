@@ -15,15 +15,10 @@ class AudioSet(AudioVisualDataset):
     fixed_offsets_name = "audioset"
     default_meta_name = "audioset.csv"
 
-    def __init__(self, split, vids_dir, transforms=None, to_filter_bad_examples=True, splits_path="./data",
-                 meta_path=None, seed=1337, load_fixed_offsets_on=("valid", "test"), vis_load_backend="read_video",
-                 size_ratio=None, attr_annot_path=None, max_attr_per_vid=None, **kwargs):  # fmt: skip
+    def __init__(self, split, vids_dir, transforms=None, splits_path="./data", meta_path=None, **kwargs):
         """`meta_path` defaults to `<splits_path>/<default_meta_name>`, rows `dir/id, start, end, tags, phase`."""
         self.meta_path = Path(splits_path) / self.default_meta_name if meta_path is None else Path(meta_path)
-        super().__init__(
-            split, vids_dir, transforms, splits_path, seed, load_fixed_offsets_on, vis_load_backend, size_ratio,
-            attr_annot_path, max_attr_per_vid, to_filter_bad_examples, **kwargs,
-        )  # fmt: skip
+        super().__init__(split, vids_dir, transforms, splits_path, **kwargs)
 
     def list_clips(self) -> list[str]:
         if not self.meta_path.is_file():

@@ -7,8 +7,6 @@ Items keep the original's layout:
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
 `offset_target` (and `sync_target` for synchronisability).
 
-`get_video_and_audio` and `reencode_video` (in `dataset.io`) can also be imported from here, as in the original.
-
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
 batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
@@ -123,10 +121,10 @@ class DecodeWindow(NamedTuple):
     video_pixels_end: float | None
     end: float | None
 
-    @classmethod
-    def whole(cls, max_clip_len_sec: float | None) -> "DecodeWindow":
-        """The whole clip, up to `max_clip_len_sec`."""
-        return cls(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
+
+def offset_crop(transforms) -> TemporalCropAndOffset | None:
+    """The offset transform in `transforms` (a Compose), if any."""
+    return next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
 
 
 def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> DecodeWindow:
@@ -134,9 +132,9 @@ def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> 
     (up to `max_clip_len_sec`). Both streams span the same time, as in a full read, so that
     `EqualifyFromRight` and the crop's bounds check see the file's lengths; but the video frames after
     its crop (with a positive offset, the audio crop ends later) are counted, not decoded."""
-    crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
+    crop = offset_crop(transforms)
     if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
-        return DecodeWindow.whole(max_clip_len_sec)
+        return DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
     v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
     v_end, end = (start + crop.crop_len_sec + WINDOW_MARGIN_SEC for start in (v_start, max(v_start, a_start)))
     if max_clip_len_sec is not None:
@@ -151,8 +149,8 @@ def load_item(
     """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
     fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
     `start_sample` / `end_frame` in the meta, so the output is identical to a full read."""
-    whole = DecodeWindow.whole(max_clip_len_sec)
-    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else whole
+    # without `windowed_decode` no transform can narrow the window
+    window = decode_window(transforms if windowed_decode else None, targets, max_clip_len_sec)
     path_to_read = maybe_cache_file(path)
     rgb, fps, n_frames = decode_video_window(path_to_read, window.video_start, window.end, window.video_pixels_end)
     audio, sr = decode_audio(path_to_read, window.audio_start, window.end, audio_priming_compat)
@@ -215,12 +213,10 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         self.audio_priming_compat = audio_priming_compat
         self.windowed_decode = windowed_decode
         self.decoded = {} if cache_decoded else None  # path -> the whole clip's decoded item
-        self.vid2offset_params = {}
         # fixed offsets name the file of the offset transform's parameters, so they need the transforms
         self.use_fixed_offsets = split in self.load_fixed_offsets_on and transforms is not None
         self.dataset = self.list_clips()
-        if self.use_fixed_offsets:
-            self.vid2offset_params = self.load_fixed_offsets()
+        self.vid2offset_params = self.load_fixed_offsets() if self.use_fixed_offsets else {}
         self.dataset = subsample_dataset(self.dataset, size_ratio, shuffle=split == "train")
         logging.info(f"{type(self).__name__} {split}: {len(self.dataset)} clips x {iter_times}")
 
@@ -255,14 +251,8 @@ class AudioVisualDataset(torch.utils.data.Dataset):
             self.decoded[path] = load_item(
                 path, self.split, {}, None, self.max_clip_len_sec, False, self.audio_priming_compat
             )
-        cached = self.decoded[path]
-        # the transforms may modify the item in place: they get copies
-        item = {
-            **copy.deepcopy({k: v for k, v in cached.items() if k not in ("video", "audio")}),
-            "video": cached["video"].clone(),
-            "audio": cached["audio"].clone(),
-            "targets": self.targets_for(path),
-        }
+        # the transforms may modify the item in place: they get a copy
+        item = {**copy.deepcopy(self.decoded[path]), "targets": self.targets_for(path)}
         return item if self.transforms is None else self.transforms(item)
 
     def __getitem__(self, index: int) -> dict | None:
