@@ -123,7 +123,6 @@ class DecodeWindow(NamedTuple):
 
 
 def offset_crop(transforms) -> TemporalCropAndOffset | None:
-    """The offset transform in `transforms` (a Compose), if any."""
     return next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
 
 
@@ -188,7 +187,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         splits_path="./data",
         seed: int = 1337,
         load_fixed_offsets_on=("valid", "test"),
-        vis_load_backend: str = "read_video",
+        vis_load_backend: str = "read_video",  # ignored (PyAV reads every file), like the two attr arguments
         size_ratio: float | None = None,
         attr_annot_path=None,
         max_attr_per_vid=None,
@@ -206,7 +205,6 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         self.splits_path = Path(splits_path)
         self.seed = seed
         self.load_fixed_offsets_on = list(load_fixed_offsets_on or [])
-        self.vis_load_backend = vis_load_backend  # kept for config compatibility: PyAV reads everything
         self.to_filter_bad_examples = to_filter_bad_examples
         self.iter_times = iter_times
         self.skip_bad_samples = skip_bad_samples

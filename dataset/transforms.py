@@ -109,8 +109,7 @@ class EqualifyFromRight(torch.nn.Module):
 
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = item["meta"]["video"]["fps"][0], item["meta"]["audio"]["framerate"][0]
-        v_start = item["meta"]["video"].get("start_frame", 0)
-        a_start = item["meta"]["audio"].get("start_sample", 0)
+        v_start, a_start = item["meta"]["video"].get("start_frame", 0), item["meta"]["audio"].get("start_sample", 0)
         Tv, Ta = _file_lengths(item, v_start, a_start)
         min_len_sec = min(self.clip_max_len_sec, Ta / a_fps, Tv / v_fps)
         v_len_frames = int(v_fps * min_len_sec)
