@@ -177,12 +177,9 @@ class RandomApplyColorDistortion(ClipwiseTransform):
         super().__init__()
         assert 0 <= p_color_jitter <= 1 and 0 <= p_gray_scale <= 1, (p_color_jitter, p_gray_scale)
         jitter = torchvision.transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-        self.transforms = torchvision.transforms.Compose(
-            [
-                torchvision.transforms.RandomApply([jitter], p_color_jitter),
-                torchvision.transforms.RandomGrayscale(p_gray_scale),
-            ]
-        )
+        maybe_jitter = torchvision.transforms.RandomApply([jitter], p_color_jitter)
+        maybe_gray = torchvision.transforms.RandomGrayscale(p_gray_scale)
+        self.transforms = torchvision.transforms.Compose([maybe_jitter, maybe_gray])
 
     def apply_to_clip(self, clip, item):
         return self.transforms(clip)
