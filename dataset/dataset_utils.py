@@ -168,7 +168,8 @@ def load_item(
 
 class AudioVisualDataset(torch.utils.data.Dataset):
     """Base of every dataset: subclasses implement `list_clips()` (paths of the split) and may extend
-    `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets.
+    `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets, and
+    `default_meta_name` for a dataset listed in a metadata CSV (`meta_path`, by default in `splits_path`).
 
     `iter_times` repeats the dataset (fresh random offsets each pass when no fixed offsets are loaded).
     `windowed_decode` reads only the part of the file a fixed-offset crop needs (same output, faster).
@@ -178,6 +179,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
 
     fixed_offsets_name = ""
     max_clip_len_sec = None
+    default_meta_name = None
 
     def __init__(
         self,
@@ -197,12 +199,17 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         audio_priming_compat: bool = True,
         windowed_decode: bool = True,
         cache_decoded: bool = False,
+        meta_path=None,
     ):
         super().__init__()
         self.split = split
         self.vids_dir = str(vids_dir)
         self.transforms = transforms
         self.splits_path = Path(splits_path)
+        default_meta = None if self.default_meta_name is None else self.splits_path / self.default_meta_name
+        self.meta_path = default_meta if meta_path is None else Path(meta_path)
+        if self.meta_path is not None and not self.meta_path.is_file():
+            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         self.seed = seed
         self.load_fixed_offsets_on = list(load_fixed_offsets_on or [])
         self.to_filter_bad_examples = to_filter_bad_examples

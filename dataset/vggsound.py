@@ -21,15 +21,9 @@ def _clip_id(row) -> str:
 class VGGSound(AudioVisualDataset):
     fixed_offsets_name = "vggsound"
     filter_dirs = ("filtered_examples_vggsound",)
-
-    def __init__(self, split, vids_dir, transforms=None, splits_path="./data", meta_path=None, **kwargs):
-        """`meta_path` defaults to `<splits_path>/vggsound.csv`; `kwargs` go to `AudioVisualDataset`."""
-        self.meta_path = Path(splits_path) / "vggsound.csv" if meta_path is None else Path(meta_path)
-        super().__init__(split, vids_dir, transforms, splits_path, **kwargs)
+    default_meta_name = "vggsound.csv"
 
     def read_meta(self) -> list[list[str]]:
-        if not self.meta_path.is_file():
-            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         with open(self.meta_path) as f:
             meta = list(csv.reader(f, quotechar='"'))
         if self.to_filter_bad_examples:
