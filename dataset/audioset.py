@@ -5,7 +5,7 @@ tags do not collate), only offsets."""
 import csv
 from pathlib import Path
 
-from dataset.dataset_utils import AudioVisualDataset, MissingDataError, read_id_lists
+from dataset.dataset_utils import AudioVisualDataset, read_id_lists
 
 SPLIT2SHORT = {"train": "unbalanced", "valid": "balanced", "test": "eval"}
 SHORT2LONG = {"unbalanced": "unbalanced_train_segments", "balanced": "balanced_train_segments", "eval": "eval_segments"}
@@ -13,21 +13,9 @@ SHORT2LONG = {"unbalanced": "unbalanced_train_segments", "balanced": "balanced_t
 
 class AudioSet(AudioVisualDataset):
     fixed_offsets_name = "audioset"
-    default_meta_name = "audioset.csv"
-
-    def __init__(self, split, vids_dir, transforms=None, to_filter_bad_examples=True, splits_path="./data",
-                 meta_path=None, seed=1337, load_fixed_offsets_on=("valid", "test"), vis_load_backend="read_video",
-                 size_ratio=None, attr_annot_path=None, max_attr_per_vid=None, **kwargs):  # fmt: skip
-        """`meta_path` defaults to `<splits_path>/<default_meta_name>`, rows `dir/id, start, end, tags, phase`."""
-        self.meta_path = Path(splits_path) / self.default_meta_name if meta_path is None else Path(meta_path)
-        super().__init__(
-            split, vids_dir, transforms, splits_path, seed, load_fixed_offsets_on, vis_load_backend, size_ratio,
-            attr_annot_path, max_attr_per_vid, to_filter_bad_examples, **kwargs,
-        )  # fmt: skip
+    default_meta_name = "audioset.csv"  # rows `dir/id, start, end, tags, phase`
 
     def list_clips(self) -> list[str]:
-        if not self.meta_path.is_file():
-            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         rows = []
         with open(self.meta_path) as f:
             for short_vid, start, end, tags, _ in csv.reader(f, quotechar='"'):

@@ -74,8 +74,8 @@ class AudioSegments:
     def __init__(self, duration_sec: float):
         self.n_samples = int(AFPS * duration_sec)
         self.resamplers: dict[int, torchaudio.transforms.Resample] = {}
-        self.spec = [AudioMelSpectrogram(**MEL), AudioLog(), PadOrTruncate(SPEC_FRAMES)]
-        self.spec.append(AudioNormalizeAST(SPEC_MEAN, SPEC_STD))
+        log_mel = [AudioMelSpectrogram(**MEL), AudioLog(), PadOrTruncate(SPEC_FRAMES)]
+        self.spec = v2.Compose([*log_mel, AudioNormalizeAST(SPEC_MEAN, SPEC_STD)])
 
     def __call__(self, path) -> torch.Tensor:
         # the priming samples of AAC tracks are dropped as current FFmpeg (and torchaudio.load) does
@@ -89,9 +89,7 @@ class AudioSegments:
                 path, f"audio is shorter than {self.n_samples / AFPS:g} s ({len(wave) / AFPS:.2f} s at {AFPS} Hz)"
             )
         wave = segments(wave[: self.n_samples], SEGMENT_SAMPLES, STEP_SAMPLES)  # (S, 10240)
-        item = {"audio": wave, "meta": {"audio": {"framerate": [AFPS]}}, "path": str(path)}
-        for t in self.spec:
-            item = t(item)
+        item = self.spec({"audio": wave, "meta": {"audio": {"framerate": [AFPS]}}, "path": str(path)})
         return item["audio"].unsqueeze(1)  # (S, 1, 128, 66)
 
 

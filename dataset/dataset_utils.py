@@ -7,8 +7,6 @@ Items keep the original's layout:
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
 `offset_target` (and `sync_target` for synchronisability).
 
-`get_video_and_audio` and `reencode_video` (in `dataset.io`) can also be imported from here, as in the original.
-
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
 batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
@@ -123,10 +121,9 @@ class DecodeWindow(NamedTuple):
     video_pixels_end: float | None
     end: float | None
 
-    @classmethod
-    def whole(cls, max_clip_len_sec: float | None) -> "DecodeWindow":
-        """The whole clip, up to `max_clip_len_sec`."""
-        return cls(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
+
+def offset_crop(transforms) -> TemporalCropAndOffset | None:
+    return next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
 
 
 def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> DecodeWindow:
@@ -134,9 +131,9 @@ def decode_window(transforms, targets: dict, max_clip_len_sec: float | None) -> 
     (up to `max_clip_len_sec`). Both streams span the same time, as in a full read, so that
     `EqualifyFromRight` and the crop's bounds check see the file's lengths; but the video frames after
     its crop (with a positive offset, the audio crop ends later) are counted, not decoded."""
-    crop = next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
+    crop = offset_crop(transforms)
     if crop is None or not crop.do_offset or "offset_sec" not in targets or "v_start_i_sec" not in targets:
-        return DecodeWindow.whole(max_clip_len_sec)
+        return DecodeWindow(0.0, 0.0, max_clip_len_sec, max_clip_len_sec)
     v_start, a_start = targets["v_start_i_sec"], targets["v_start_i_sec"] + round(targets["offset_sec"], 2)
     v_end, end = (start + crop.crop_len_sec + WINDOW_MARGIN_SEC for start in (v_start, max(v_start, a_start)))
     if max_clip_len_sec is not None:
@@ -151,8 +148,8 @@ def load_item(
     """Decodes a clip into an item and applies `transforms`. With `windowed_decode` only the part a
     fixed-offset crop needs is read; the transforms then index the file through `start_frame` /
     `start_sample` / `end_frame` in the meta, so the output is identical to a full read."""
-    whole = DecodeWindow.whole(max_clip_len_sec)
-    window = decode_window(transforms, targets, max_clip_len_sec) if windowed_decode else whole
+    # without `windowed_decode` no transform can narrow the window
+    window = decode_window(transforms if windowed_decode else None, targets, max_clip_len_sec)
     path_to_read = maybe_cache_file(path)
     rgb, fps, n_frames = decode_video_window(path_to_read, window.video_start, window.end, window.video_pixels_end)
     audio, sr = decode_audio(path_to_read, window.audio_start, window.end, audio_priming_compat)
@@ -171,7 +168,8 @@ def load_item(
 
 class AudioVisualDataset(torch.utils.data.Dataset):
     """Base of every dataset: subclasses implement `list_clips()` (paths of the split) and may extend
-    `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets.
+    `targets_for(path)`; set `fixed_offsets_name` and `clip_id(path)` for fixed offsets, and
+    `default_meta_name` for a dataset listed in a metadata CSV (`meta_path`, by default in `splits_path`).
 
     `iter_times` repeats the dataset (fresh random offsets each pass when no fixed offsets are loaded).
     `windowed_decode` reads only the part of the file a fixed-offset crop needs (same output, faster).
@@ -181,6 +179,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
 
     fixed_offsets_name = ""
     max_clip_len_sec = None
+    default_meta_name = None
 
     def __init__(
         self,
@@ -190,7 +189,7 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         splits_path="./data",
         seed: int = 1337,
         load_fixed_offsets_on=("valid", "test"),
-        vis_load_backend: str = "read_video",
+        vis_load_backend: str = "read_video",  # ignored (PyAV reads every file), like the two attr arguments
         size_ratio: float | None = None,
         attr_annot_path=None,
         max_attr_per_vid=None,
@@ -200,27 +199,29 @@ class AudioVisualDataset(torch.utils.data.Dataset):
         audio_priming_compat: bool = True,
         windowed_decode: bool = True,
         cache_decoded: bool = False,
+        meta_path=None,
     ):
         super().__init__()
         self.split = split
         self.vids_dir = str(vids_dir)
         self.transforms = transforms
         self.splits_path = Path(splits_path)
+        default_meta = None if self.default_meta_name is None else self.splits_path / self.default_meta_name
+        self.meta_path = default_meta if meta_path is None else Path(meta_path)
+        if self.meta_path is not None and not self.meta_path.is_file():
+            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         self.seed = seed
         self.load_fixed_offsets_on = list(load_fixed_offsets_on or [])
-        self.vis_load_backend = vis_load_backend  # kept for config compatibility: PyAV reads everything
         self.to_filter_bad_examples = to_filter_bad_examples
         self.iter_times = iter_times
         self.skip_bad_samples = skip_bad_samples
         self.audio_priming_compat = audio_priming_compat
         self.windowed_decode = windowed_decode
         self.decoded = {} if cache_decoded else None  # path -> the whole clip's decoded item
-        self.vid2offset_params = {}
         # fixed offsets name the file of the offset transform's parameters, so they need the transforms
         self.use_fixed_offsets = split in self.load_fixed_offsets_on and transforms is not None
         self.dataset = self.list_clips()
-        if self.use_fixed_offsets:
-            self.vid2offset_params = self.load_fixed_offsets()
+        self.vid2offset_params = self.load_fixed_offsets() if self.use_fixed_offsets else {}
         self.dataset = subsample_dataset(self.dataset, size_ratio, shuffle=split == "train")
         logging.info(f"{type(self).__name__} {split}: {len(self.dataset)} clips x {iter_times}")
 
@@ -255,14 +256,8 @@ class AudioVisualDataset(torch.utils.data.Dataset):
             self.decoded[path] = load_item(
                 path, self.split, {}, None, self.max_clip_len_sec, False, self.audio_priming_compat
             )
-        cached = self.decoded[path]
-        # the transforms may modify the item in place: they get copies
-        item = {
-            **copy.deepcopy({k: v for k, v in cached.items() if k not in ("video", "audio")}),
-            "video": cached["video"].clone(),
-            "audio": cached["audio"].clone(),
-            "targets": self.targets_for(path),
-        }
+        # the transforms may modify the item in place: they get a copy
+        item = {**copy.deepcopy(self.decoded[path]), "targets": self.targets_for(path)}
         return item if self.transforms is None else self.transforms(item)
 
     def __getitem__(self, index: int) -> dict | None:

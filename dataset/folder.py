@@ -21,8 +21,8 @@ import math
 import random
 from pathlib import Path
 
-from dataset.dataset_utils import AudioVisualDataset
-from dataset.transforms import TemporalCropAndOffset, TemporalCropAndOffsetForSyncabilityTraining
+from dataset.dataset_utils import AudioVisualDataset, offset_crop
+from dataset.transforms import TemporalCropAndOffsetForSyncabilityTraining
 
 SPLITS = ("train", "valid", "test")
 
@@ -66,24 +66,14 @@ def split_by_ratios(rows: dict[str, dict], ratios, seed: int) -> dict[str, str]:
     return clip2split
 
 
-def offset_crop(transforms) -> TemporalCropAndOffset | None:
-    return next((t for t in getattr(transforms, "transforms", []) if isinstance(t, TemporalCropAndOffset)), None)
-
-
 class VideoFolder(AudioVisualDataset):
-    def __init__(self, split, vids_dir, transforms=None, splits_path="./data", seed=1337,
-                 load_fixed_offsets_on=("valid", "test"), vis_load_backend="read_video", size_ratio=None,
-                 attr_annot_path=None, max_attr_per_vid=None, to_filter_bad_examples=True,
-                 split_ratios=(0.8, 0.1, 0.1), split_files: str | None = None, min_len_sec: float | None = None,
-                 manifest_dir=None, **kwargs):  # fmt: skip
+    def __init__(self, split, vids_dir, transforms=None, split_ratios=(0.8, 0.1, 0.1), split_files: str | None = None,
+                 min_len_sec: float | None = None, manifest_dir=None, **kwargs):  # fmt: skip
         """`manifest_dir` defaults to the parent of `vids_dir` (prepare_data's DST); `splits_path` is unused
         (kept so that configs made for the other datasets work unchanged); `kwargs` go to `AudioVisualDataset`."""
         self.manifest_dir = Path(vids_dir).parent if manifest_dir is None else Path(manifest_dir)
         self.split_ratios, self.split_files, self.min_len_sec = list(split_ratios), split_files, min_len_sec
-        super().__init__(
-            split, vids_dir, transforms, splits_path, seed, load_fixed_offsets_on, vis_load_backend, size_ratio,
-            attr_annot_path, max_attr_per_vid, to_filter_bad_examples, **kwargs,
-        )  # fmt: skip
+        super().__init__(split, vids_dir, transforms, **kwargs)
 
     def list_clips(self) -> list[str]:
         self.rows = read_manifests(self.manifest_dir)

@@ -108,10 +108,7 @@ def decode_video_at_fps(path, fps: float, max_frames: int | None = None) -> torc
         stream.thread_type = "AUTO"
         graph = av.filter.Graph()
         chain = [graph.add_buffer(template=stream), graph.add("fps", str(fps)), graph.add("format", "rgb24")]
-        chain.append(graph.add("buffersink"))
-        for a, b in itertools.pairwise(chain):
-            a.link_to(b)
-        graph.configure()
+        graph.link_nodes(*chain, graph.add("buffersink")).configure()
 
         def pull_ready() -> bool:  # moves the filtered frames out; False once `max_frames` are out
             while max_frames is None or len(frames) < max_frames:
@@ -187,8 +184,9 @@ def _decode_frames_from(path, seek_sec: float, start_sec: float, pixels_end_sec:
         except av.FFmpegError as e:
             raise BadVideoError(path, f"video stream is corrupt: {e}", "re-encode or drop the file") from e
         counted = 0
-        if pixels_end_sec < end_sec:
-            counted = None if None in packets_pts else _count_in(packets_pts, seconds, pixels_end_sec, end_sec)
+        if pixels_end_sec < end_sec:  # the distinct non-negative timestamps in [pixels_end, end)
+            lo, hi = pixels_end_sec - _EPS_SEC, end_sec - _EPS_SEC
+            counted = None if None in packets_pts else len({p for p in packets_pts if p >= 0 and lo <= seconds(p) < hi})
         return frames, counted, float(stream.average_rate), math.inf if keyframe_t is None else keyframe_t
 
 
@@ -203,12 +201,6 @@ def _pts_to_seconds(time_base: Fraction):
     without building a Fraction for every timestamp."""
     num, den = time_base.numerator, time_base.denominator
     return lambda pts: pts * num / den
-
-
-def _count_in(pts: list, seconds, start_sec: float, end_sec: float) -> int:
-    """How many distinct non-negative timestamps lie in [start, end)."""
-    inside = {p for p in pts if p >= 0 and start_sec - _EPS_SEC <= seconds(p) < end_sec - _EPS_SEC}
-    return len(inside)
 
 
 def decode_skipping_nonref_before(packets, stream, start_sec: float):

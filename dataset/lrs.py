@@ -10,14 +10,6 @@ class LRS3(AudioVisualDataset):
     fixed_offsets_name = "lrs3"
     max_clip_len_sec = 11
 
-    def __init__(self, split, vids_dir, transforms=None, splits_path="./data", seed=1337,
-                 load_fixed_offsets_on=("valid", "test"), vis_load_backend="VideoReader", size_ratio=None,
-                 attr_annot_path=None, max_attr_per_vid=None, to_filter_bad_examples=True, **kwargs):  # fmt: skip
-        super().__init__(
-            split, vids_dir, transforms, splits_path, seed, load_fixed_offsets_on, vis_load_backend, size_ratio,
-            attr_annot_path, max_attr_per_vid, to_filter_bad_examples, **kwargs,
-        )  # fmt: skip
-
     def list_clips(self) -> list[str]:
         # the split files were made from the clips left after `filtered_examples_lrs` (the original
         # filtered only when it had to create them), so they need no filtering here

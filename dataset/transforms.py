@@ -69,11 +69,6 @@ def _fps(item) -> tuple[int, int]:
     return int(item["meta"]["video"]["fps"][0]), int(item["meta"]["audio"]["framerate"][0])
 
 
-def _window_starts(item) -> tuple[int, int]:
-    """First frame / sample of the decoded window in file indices (0 when the whole file was read)."""
-    return item["meta"]["video"].pop("start_frame", 0), item["meta"]["audio"].pop("start_sample", 0)
-
-
 def _file_lengths(item, v_start: int, a_start: int) -> tuple[int, int]:
     """Frames / samples of the file up to the end of the decoded window; the window's last video frames
     may have been counted but not decoded (`meta['video']['end_frame']`)."""
@@ -100,17 +95,8 @@ class ClipwiseTransform(torch.nn.Module):
 
 
 class AudioClipwiseTransform(ClipwiseTransform):
-    audio_only = True
     stream = "audio"
     clip_ndim = 1
-
-
-class DoNothing(torch.nn.Module):
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-
-    def forward(self, item: dict) -> dict:
-        return item
 
 
 class EqualifyFromRight(torch.nn.Module):
@@ -123,8 +109,7 @@ class EqualifyFromRight(torch.nn.Module):
 
     def forward(self, item: dict) -> dict:
         v_fps, a_fps = item["meta"]["video"]["fps"][0], item["meta"]["audio"]["framerate"][0]
-        v_start = item["meta"]["video"].get("start_frame", 0)
-        a_start = item["meta"]["audio"].get("start_sample", 0)
+        v_start, a_start = item["meta"]["video"].get("start_frame", 0), item["meta"]["audio"].get("start_sample", 0)
         Tv, Ta = _file_lengths(item, v_start, a_start)
         min_len_sec = min(self.clip_max_len_sec, Ta / a_fps, Tv / v_fps)
         v_len_frames = int(v_fps * min_len_sec)
@@ -173,13 +158,10 @@ class RGBSpatialCropSometimesUpscale(torch.nn.Module):
         super().__init__()
         self.sometimes_p = sometimes_p or 0.0
         self.crop_only = RGBSpatialCrop(target_input_size, is_random)
-        self.crop_and_upscale = (
-            torchvision.transforms.Compose(
-                [RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=False)]
-            )
-            if self.sometimes_p > 0
-            else None
-        )
+        self.crop_and_upscale = None
+        if self.sometimes_p > 0:
+            smaller, upscale = RGBSpatialCrop(smaller_input_size, is_random), Resize(target_input_size, antialias=False)
+            self.crop_and_upscale = torchvision.transforms.Compose([smaller, upscale])
 
     def forward(self, item: dict) -> dict:
         assert item["video"].ndim == 4, "apply spatial crops before GenerateMultipleSegments"
@@ -195,26 +177,12 @@ class RandomApplyColorDistortion(ClipwiseTransform):
         super().__init__()
         assert 0 <= p_color_jitter <= 1 and 0 <= p_gray_scale <= 1, (p_color_jitter, p_gray_scale)
         jitter = torchvision.transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-        self.transforms = torchvision.transforms.Compose(
-            [
-                torchvision.transforms.RandomApply([jitter], p_color_jitter),
-                torchvision.transforms.RandomGrayscale(p_gray_scale),
-            ]
-        )
+        maybe_jitter = torchvision.transforms.RandomApply([jitter], p_color_jitter)
+        maybe_gray = torchvision.transforms.RandomGrayscale(p_gray_scale)
+        self.transforms = torchvision.transforms.Compose([maybe_jitter, maybe_gray])
 
     def apply_to_clip(self, clip, item):
         return self.transforms(clip)
-
-
-class ApplyColorJitterFrameWise(ClipwiseTransform):
-    """SimCLR colour jitter with fresh parameters for every frame."""
-
-    def __init__(self, s: float = 1.0):
-        super().__init__()
-        self.transform = torchvision.transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-
-    def apply_to_clip(self, clip, item):
-        return torch.stack([self.transform(frame) for frame in clip])
 
 
 class RandomHorizontalFlip(ClipwiseTransform):
@@ -224,14 +192,6 @@ class RandomHorizontalFlip(ClipwiseTransform):
 
     def apply_to_clip(self, clip, item):
         return TF.hflip(clip) if torch.rand(1) < self.p else clip
-
-
-def _a_jitter(a_start_i: int, a_len: int, a_crop_len: int, a_fps: int, max_jitter_sec: float) -> tuple[int, int]:
-    """Shifts the audio start by U[-j, j] samples, clamped so that the crop stays inside the audio."""
-    max_start = a_len - a_crop_len
-    max_jitter = sec2frames(max_jitter_sec, a_fps)
-    jitter = random.randint(-min(a_start_i, max_jitter), min(max_start - a_start_i, max_jitter))
-    return a_start_i + jitter, jitter
 
 
 class TemporalCropAndOffset(torch.nn.Module):
@@ -299,7 +259,7 @@ class TemporalCropAndOffset(torch.nn.Module):
         """Returns `(offset_sec, v_start_i_sec, v_start_i, a_start_i, is_oos)` in file indices."""
         targets = item["targets"]
         offset_sec, v_start_i_sec = targets.get("offset_sec"), targets.get("v_start_i_sec")
-        is_oos = targets.get("offset_target", {}).get("oos") if "offset_target" in targets else None
+        is_oos = targets.get("offset_target", {}).get("oos")
         if offset_sec is None and v_start_i_sec is None:
             offset_sec, is_oos = self.sample_offset()
             offset_sec = round(offset_sec, 2)
@@ -319,7 +279,8 @@ class TemporalCropAndOffset(torch.nn.Module):
         v_fps, a_fps = _fps(item)
         if self.vfps is not None and v_fps != int(self.vfps):
             raise BadVideoError(item["path"], f"has {v_fps} fps, expected {self.vfps}", "re-encode with reencode_video")
-        v_start, a_start = _window_starts(item)
+        # first frame / sample of the decoded window in file indices (0 when the whole file was read)
+        v_start, a_start = item["meta"]["video"].pop("start_frame", 0), item["meta"]["audio"].pop("start_sample", 0)
         v_len, a_len = _file_lengths(item, v_start, a_start)
         item["meta"]["video"].pop("end_frame", None)
         v_crop_len, a_crop_len = sec2frames(self.crop_len_sec, v_fps), sec2frames(self.crop_len_sec, a_fps)
@@ -335,10 +296,23 @@ class TemporalCropAndOffset(torch.nn.Module):
             a_start_i = sec2frames(v_start_i_sec, a_fps)
         a_start_i = _fix_rounding_below_zero(a_start_i, a_fps, v_fps, item["path"])
         if self.max_a_jitter_sec:
-            a_start_i, item["meta"]["a_jitter_i"] = _a_jitter(
-                a_start_i, a_len, a_crop_len, a_fps, self.max_a_jitter_sec
+            # U[-j, j] samples, clamped so that the crop stays inside the audio
+            max_jitter = sec2frames(self.max_a_jitter_sec, a_fps)
+            jitter = random.randint(-min(a_start_i, max_jitter), min(a_len - a_crop_len - a_start_i, max_jitter))
+            a_start_i, item["meta"]["a_jitter_i"] = a_start_i + jitter, jitter
+
+        v_end_i, a_end_i = v_start_i + v_crop_len, a_start_i + a_crop_len
+        if v_end_i > v_len or a_end_i > a_len or v_start_i < v_start or a_start_i < a_start:
+            raise BadVideoError(
+                item["path"],
+                f"crop video [{v_start_i}, {v_end_i}) of {v_len} frames / audio [{a_start_i}, {a_end_i}) of {a_len} "
+                "samples does not fit",
+                "the clip is shorter than the crop plus the offset",
             )
-        _crop_streams(item, v_start_i, v_crop_len, a_start_i, a_crop_len, v_start, a_start, v_len, a_len)
+        # the decode window covers every crop that fits (a shortfall here is a bug in `decode_window`)
+        assert v_end_i - v_start <= item["video"].shape[0], (item["path"], v_end_i, v_start, item["video"].shape)
+        item["video"] = item["video"][v_start_i - v_start : v_end_i - v_start]
+        item["audio"] = item["audio"][a_start_i - a_start : a_end_i - a_start]
 
         if self.do_offset:
             if self.offset_type == "grid":
@@ -404,22 +378,6 @@ def _fix_rounding_below_zero(a_start_i: int, a_fps: int, v_fps: int, path) -> in
     if -a_start_i <= a_fps / v_fps:
         return 0
     raise BadVideoError(path, f"audio crop starts {a_start_i} samples before the file start")
-
-
-def _crop_streams(item, v_start_i, v_crop_len, a_start_i, a_crop_len, v_start, a_start, v_len, a_len) -> None:
-    """Crops `item`'s streams given file indices; the decoded window starts at (`v_start`, `a_start`)."""
-    v_end_i, a_end_i = v_start_i + v_crop_len, a_start_i + a_crop_len
-    if v_end_i > v_len or a_end_i > a_len or v_start_i < v_start or a_start_i < a_start:
-        raise BadVideoError(
-            item["path"],
-            f"crop video [{v_start_i}, {v_end_i}) of {v_len} frames / audio [{a_start_i}, {a_end_i}) of {a_len} "
-            "samples does not fit",
-            "the clip is shorter than the crop plus the offset",
-        )
-    # the decode window covers every crop that fits (a shortfall here is a bug in `decode_window`)
-    assert v_end_i - v_start <= item["video"].shape[0], (item["path"], v_end_i, v_start, item["video"].shape)
-    item["video"] = item["video"][v_start_i - v_start : v_end_i - v_start]
-    item["audio"] = item["audio"][a_start_i - a_start : a_end_i - a_start]
 
 
 class GenerateMultipleSegments(torch.nn.Module):
@@ -559,18 +517,15 @@ def fuse_pixelwise(transforms: list) -> list:
 
 class RGBToFloatToZeroOne(torch.nn.Module):
     pixelwise = True
+    dtype = torch.float32
 
     def forward(self, item: dict) -> dict:
-        item["video"] = item["video"].to(torch.float32).div(255.0)
+        item["video"] = item["video"].to(self.dtype).div(255.0)
         return item
 
 
-class RGBToHalfToZeroOne(torch.nn.Module):
-    pixelwise = True
-
-    def forward(self, item: dict) -> dict:
-        item["video"] = item["video"].half().div(255.0)
-        return item
+class RGBToHalfToZeroOne(RGBToFloatToZeroOne):
+    dtype = torch.float16
 
 
 class RGBNormalize(torchvision.transforms.Normalize):
@@ -666,8 +621,6 @@ class AudioRandomGaussNoise(_RandomAudioEffect):
 
 
 class AudioMelSpectrogram(torch.nn.Module):
-    audio_only = True
-
     def __init__(self, **kwargs):
         super().__init__()
         self.spec = torchaudio.transforms.MelSpectrogram(**kwargs)
@@ -681,8 +634,6 @@ class AudioMelSpectrogram(torch.nn.Module):
 
 
 class AudioLog(torch.nn.Module):
-    audio_only = True
-
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -694,8 +645,6 @@ class AudioLog(torch.nn.Module):
 
 class PadOrTruncate(torch.nn.Module):
     """Pads (with `pad_value`) or truncates the last (time) dim of the audio to `max_spec_t`."""
-
-    audio_only = True
 
     def __init__(self, max_spec_t: int, pad_mode: str = "constant", pad_value: float = 0.0):
         super().__init__()
@@ -715,8 +664,6 @@ class PadOrTruncate(torch.nn.Module):
 
 class AudioNormalizeAST(torch.nn.Module):
     """AST's normalisation: (x - mean) / (2 * std)."""
-
-    audio_only = True
 
     def __init__(self, mean: float, std: float):
         super().__init__()
@@ -742,40 +689,6 @@ class PermuteStreams(torch.nn.Module):
             item["audio"] = einops.rearrange(item["audio"], self.einops_order_audio)
         if self.einops_order_rgb is not None:
             item["video"] = einops.rearrange(item["video"], self.einops_order_rgb)
-        return item
-
-
-class ResampleAudio(torch.nn.Module):
-    audio_only = True
-
-    def __init__(self, new_fps: int):
-        super().__init__()
-        self.new_fps = new_fps
-
-    def forward(self, item: dict) -> dict:
-        orig_fps = int(item["meta"]["audio"]["framerate"][0])
-        item["meta"]["audio"]["orig_shape"] = item["audio"].shape
-        if orig_fps != self.new_fps:
-            item["audio"] = torchaudio.functional.resample(item["audio"], orig_fps, self.new_fps)
-            item["meta"]["audio"]["framerate"][0] = self.new_fps
-        return item
-
-
-class ResampleRGB(torch.nn.Module):
-    """Changes the frame rate by picking frames at the new rate (truncating the source index)."""
-
-    def __init__(self, new_fps: int):
-        super().__init__()
-        self.new_fps = new_fps
-
-    def forward(self, item: dict) -> dict:
-        orig_fps = float(item["meta"]["video"]["fps"][0])
-        item["meta"]["video"]["orig_shape"] = item["video"].shape
-        if orig_fps != self.new_fps:
-            n_frames = item["video"].shape[0]
-            indices = torch.arange(0, n_frames - 1e-9, orig_fps / self.new_fps).long()
-            item["video"] = item["video"][indices]
-            item["meta"]["video"]["fps"][0] = self.new_fps
         return item
 
 

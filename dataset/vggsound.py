@@ -21,20 +21,9 @@ def _clip_id(row) -> str:
 class VGGSound(AudioVisualDataset):
     fixed_offsets_name = "vggsound"
     filter_dirs = ("filtered_examples_vggsound",)
-
-    def __init__(self, split, vids_dir, transforms=None, to_filter_bad_examples=True, splits_path="./data",
-                 meta_path=None, seed=1337, load_fixed_offsets_on=("valid", "test"), vis_load_backend="read_video",
-                 size_ratio=None, attr_annot_path=None, max_attr_per_vid=None, **kwargs):  # fmt: skip
-        """`meta_path` defaults to `<splits_path>/vggsound.csv`; `kwargs` go to `AudioVisualDataset`."""
-        self.meta_path = Path(splits_path) / "vggsound.csv" if meta_path is None else Path(meta_path)
-        super().__init__(
-            split, vids_dir, transforms, splits_path, seed, load_fixed_offsets_on, vis_load_backend, size_ratio,
-            attr_annot_path, max_attr_per_vid, to_filter_bad_examples, **kwargs,
-        )  # fmt: skip
+    default_meta_name = "vggsound.csv"
 
     def read_meta(self) -> list[list[str]]:
-        if not self.meta_path.is_file():
-            raise MissingDataError(f"{self.meta_path} is missing: run `python -m scripts.download_metadata`")
         with open(self.meta_path) as f:
             meta = list(csv.reader(f, quotechar='"'))
         if self.to_filter_bad_examples:
@@ -70,34 +59,21 @@ class VGGSoundSparse(VGGSound):
     """VGGSound restricted to the classes marked sparse (`y`) in `sparse_meta_path` (tab-separated);
     targets are re-indexed over those classes."""
 
-    def __init__(self, split, vids_dir, transforms=None, to_filter_bad_examples=True, splits_path="./data",
-                 meta_path=None, sparse_meta_path=None, seed=1337, load_fixed_offsets_on=("valid", "test"),
-                 vis_load_backend="read_video", size_ratio=None, attr_annot_path=None, max_attr_per_vid=None,
-                 **kwargs):  # fmt: skip
+    def __init__(self, split, vids_dir, transforms=None, splits_path="./data", sparse_meta_path=None, **kwargs):
         """`sparse_meta_path` defaults to `<splits_path>/picked_sparse_classes.csv` (the original's default,
         `sparse_classes.csv`, was never published; its subclasses all used the picked list)."""
         default = Path(splits_path) / "picked_sparse_classes.csv"
         self.sparse_meta_path = default if sparse_meta_path is None else Path(sparse_meta_path)
-        super().__init__(
-            split, vids_dir, transforms, to_filter_bad_examples, splits_path, meta_path, seed, load_fixed_offsets_on,
-            vis_load_backend, size_ratio, attr_annot_path, max_attr_per_vid, **kwargs,
-        )  # fmt: skip
+        super().__init__(split, vids_dir, transforms, splits_path, **kwargs)
 
     def keep_classes(self, paths: list[str]) -> list[str]:
         with open(self.sparse_meta_path) as f:
             sparse = {row[0] for row in csv.reader(f, quotechar='"', delimiter="\t") if row[1] == "y"}
-        old_target2label = self.target2label
+        vid2label = {Path(p).stem[:11]: self.target2label[self.video2target[Path(p).stem[:11]]] for p in paths}
         self.label2target = {label: target for target, label in enumerate(sorted(sparse))}
         self.target2label = {target: label for label, target in self.label2target.items()}
-        kept = []
-        video2target = {}
-        for path in paths:
-            vid = Path(path).stem[:11]
-            label = old_target2label[self.video2target[vid]]
-            if label in sparse:
-                kept.append(path)
-                video2target[vid] = self.label2target[label]
-        self.video2target = video2target
+        kept = [p for p in paths if vid2label[Path(p).stem[:11]] in sparse]
+        self.video2target = {vid: self.label2target[label] for vid, label in vid2label.items() if label in sparse}
         counts = Counter(self.video2target[Path(p).stem[:11]] for p in kept)
         assert len(kept) < 1000 or all(counts[c] > 0 for c in self.target2label), f"Empty classes: {dict(counts)}"
         return kept
@@ -142,9 +118,8 @@ class LongerVGGSound(VGGSound):
     def list_clips(self) -> list[str]:
         paths = super().list_clips()
         if self.to_filter_bad_examples:
-            short = set(
-                (self.splits_path / "filtered_examples_vggsound_shorter" / "less_than_9.5s.txt").read_text().split()
-            )
+            short_list = self.splits_path / "filtered_examples_vggsound_shorter" / "less_than_9.5s.txt"
+            short = set(short_list.read_text().split())
             paths = [p for p in paths if Path(p).stem not in short]
         logging.info(f"LongerVGGSound {self.split}: {len(paths)} clips of at least 9.5 s")
         return paths
