@@ -18,12 +18,12 @@ import torch
 from sklearn.metrics import roc_curve
 
 from dataset.dataset_utils import get_datasets
-from scripts.train_utils import build_loader, build_model, load_weights, mixed_precision, setup_run
+from scripts.train_utils import build_loader, load_weights, mixed_precision, setup_run
 from utils.cli import run_cli
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
 from utils.metrics import classification_metrics
-from utils.utils import reuse_freed_memory, write_json
+from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 OWN_KEYS = ("config_sync", "ckpt_path_sync", "config_off", "ckpt_path_off")
@@ -75,10 +75,10 @@ def main(argv: list[str]) -> None:
             cfg_off.model.params[name].params.ckpt_path = None  # the weights come with the checkpoint
 
     env, run_dir, logger = setup_run(cfg)
-    models = {"sync": build_model(cfg).to(env.device)}
+    models = {"sync": instantiate_from_config(cfg.model).to(env.device)}
     load_weights(models["sync"], cfg.ckpt_path, strict=True)
     if cfg_off is not None:
-        models["off"] = build_model(cfg_off).to(env.device)
+        models["off"] = instantiate_from_config(cfg_off.model).to(env.device)
         load_weights(models["off"], cfg_off.ckpt_path, strict=True)
     for model in models.values():
         model.eval()

@@ -19,25 +19,16 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
-    BadLossGuard,
-    EarlyStopper,
-    build_loader,
-    build_model,
-    checkpoint_to_resume,
-    count_params,
+    Trainer,
+    build_run,
     derive_seed,
     load_weights,
     lr_factor_fn,
-    mixed_precision,
-    optimizer_step,
     seed_everything,
     set_loader_epoch,
-    setup_run,
-    wrap_ddp,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
 from utils.logger import save_similarity_matrices
@@ -57,11 +48,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class AVCLIPTrainer:
+class AVCLIPTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
-        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        super().__init__(cfg, env, loaders, model, run_dir)
         training = cfg.training
-        self.params = [p for p in model.parameters() if p.requires_grad]
         opt = training.optimizer
         self.optimizer = torch.optim.AdamW(
             param_groups(model, opt.weight_decay), lr=training.learning_rate, betas=tuple(opt.betas), eps=1e-8
@@ -81,14 +71,10 @@ class AVCLIPTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skip_scheduler = training.get("skip_scheduler", False)
-        self.autocast, self.scaler = mixed_precision(cfg, env.device)
-        self.stopper = EarlyStopper(training.patience, training.to_max_metric, training.metric_name)
-        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
         self.loss_weights = {
             "segment_contrastive_loss": training.segment_loss_weight,
             "global_contrastive_loss": training.global_loss_weight,
         }
-        self.net = wrap_ddp(model, env)
 
     def state_dict(self, epoch: int, metrics: dict) -> dict:
         """The original's stage-1 format (`state_dict`, `epoch` = epochs completed); the same weights are
@@ -101,21 +87,8 @@ class AVCLIPTrainer:
             "name": self.cfg.start_time,
             "epoch": epoch + 1,
             "metrics": {"sync_w_shifts": metrics},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "early_stopper": self.stopper.state_dict(),
+            **self.optimisation_state(),
         }
-
-    def load_state_dict(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.stopper.load_state_dict(ckpt["early_stopper"])
-
-    def weighted_loss(self, losses: dict) -> torch.Tensor:
-        return sum(self.loss_weights[name] * loss for name, loss in losses.items())
 
     @torch.no_grad()
     def evaluate_batch(self, vis, aud, phase: str, viz_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,12 +128,9 @@ class AVCLIPTrainer:
             self.model.train()
             with self.autocast():
                 out = self.net(vis, aud)
-            loss = self.weighted_loss(out["losses"])
-            self.optimizer.zero_grad(set_to_none=True)
-            if not self.guard.check(all_ranks_agree(bool(torch.isfinite(loss)), env.device), f"epoch {epoch}, it {i}"):
+            loss = sum(self.loss_weights[name] * value for name, value in out["losses"].items())
+            if not self.step(loss, f"epoch {epoch}, it {i}", step_scheduler=not self.skip_scheduler):
                 continue
-            scheduler = None if self.skip_scheduler else self.scheduler
-            optimizer_step(loss, self.params, self.optimizer, self.scaler, scheduler, cfg.training.max_clip_norm)
             loss_sum += loss.item() * len(vis)
             n_items += len(vis)
             if i % cfg.logging.log_frequency == 0:
@@ -207,21 +177,14 @@ class AVCLIPTrainer:
 
 
 def train(cfg: DictConfig) -> None:
-    env, run_dir, logger = setup_run(cfg)
+    env, run_dir, logger, model, loaders = build_run(cfg, ["train", "valid"])
     training = cfg.training
-    seed_everything(training.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(env.device)
-    logging.info(count_params(model))
-
-    datasets = get_datasets(cfg, ["train", "valid"])
-    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in datasets}
     trainer = AVCLIPTrainer(cfg, env, loaders, model, run_dir)
 
     ckpt_dir = run_dir / "checkpoints"
     start_epoch = 0
     if training.get("resume"):
-        ckpt = load_checkpoint(checkpoint_to_resume(ckpt_dir / "epoch_latest.pt"), map_location=env.device)
-        trainer.load_state_dict(ckpt)
+        ckpt = trainer.resume(ckpt_dir / "epoch_latest.pt")
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
 

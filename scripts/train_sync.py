@@ -21,39 +21,29 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
-    BadLossGuard,
-    EarlyStopper,
-    build_loader,
-    build_model,
+    Trainer,
     build_optimizer,
-    checkpoint_to_resume,
-    count_params,
+    build_run,
     derive_seed,
     load_weights,
     lr_factor_fn,
-    mixed_precision,
-    optimizer_step,
     seed_everything,
     set_loader_epoch,
-    setup_run,
-    wrap_ddp,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
 from utils.logger import save_similarity_matrices, segment_similarities
 from utils.metrics import classification_metrics
 
 
-class Trainer:
+class SyncTrainer(Trainer):
     """The state of a stage-2 run and the loop over one phase's data."""
 
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
-        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        super().__init__(cfg, env, loaders, model, run_dir)
         self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
-        self.params = [p for p in model.parameters() if p.requires_grad]
         use_half = cfg.training.use_half_precision
         # lr scales with the number of processes (the global batch grows with it)
         lr = cfg.training.base_learning_rate * env.world_size
@@ -61,10 +51,6 @@ class Trainer:
         sched = cfg.training.lr_scheduler
         factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.autocast, self.scaler = mixed_precision(cfg, env.device)
-        self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
-        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
-        self.net = wrap_ddp(model, env)
         if cfg.training.get("compile", False):
             self.net = torch.compile(self.net)
 
@@ -76,19 +62,9 @@ class Trainer:
             "epoch": epoch,
             "metrics": metrics,
             "loss": loss,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "early_stopper": self.stopper.state_dict(),
+            **self.optimisation_state(),
             "model_type": type(self.model).__name__,
         }
-
-    def load_state_dict(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.stopper.load_state_dict(ckpt["early_stopper"])
 
     @torch.no_grad()
     def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
@@ -137,14 +113,8 @@ class Trainer:
                 )
             with self.autocast(), torch.set_grad_enabled(is_train):
                 loss, logits = net(vis, aud, targets=targets)
-            if is_train:
-                self.optimizer.zero_grad(set_to_none=True)
-                is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
-                if not self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
-                    continue
-                optimizer_step(
-                    loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
-                )
+            if is_train and not self.step(loss, f"epoch {epoch}, iteration {i}"):
+                continue
             loss_sum += loss.item() * len(targets)
             n_items += len(targets)
             if i % stride == 0:
@@ -173,23 +143,16 @@ def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dic
 
 
 def train(cfg: DictConfig) -> None:
-    env, run_dir, logger = setup_run(cfg)
     training = cfg.training
-    seed_everything(training.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(env.device)
-    logging.info(count_params(model))
-
     phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
-    datasets = get_datasets(cfg, phases)
-    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
-    trainer = Trainer(cfg, env, loaders, model, run_dir)
+    env, run_dir, logger, model, loaders = build_run(cfg, phases)
+    trainer = SyncTrainer(cfg, env, loaders, model, run_dir)
 
     best_path = run_dir / f"{cfg.start_time}_best.pt"
     start_epoch = 0
     if training.resume:
-        latest = checkpoint_to_resume(run_dir / f"{cfg.start_time}_latest.pt")
-        ckpt = load_checkpoint(latest, map_location=env.device)
-        trainer.load_state_dict(ckpt)
+        latest = run_dir / f"{cfg.start_time}_latest.pt"
+        ckpt = trainer.resume(latest)
         start_epoch = ckpt["epoch"] + 1
         logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
     elif training.finetune:
