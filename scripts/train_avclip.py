@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from scripts.train_utils import (
     Trainer,
@@ -26,11 +25,10 @@ from scripts.train_utils import (
     load_weights,
     lr_factor_fn,
     seed_everything,
-    set_loader_epoch,
 )
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
-from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices
 from utils.metrics import shifted_window_accuracy
 
@@ -112,19 +110,12 @@ class AVCLIPTrainer(Trainer):
         return self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
 
     def train_epoch(self, epoch: int) -> dict:
-        cfg, env, loader = self.cfg, self.env, self.loaders["train"]
-        max_iters = cfg_get(cfg, "training.max_train_iters")
-        set_loader_epoch(loader, epoch)
+        cfg, env = self.cfg, self.env
         seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
         loss_sum, n_items, precisions, n_bad = 0.0, 0, [], 0
-        progress = tqdm(loader, desc=f"train ({epoch})", disable=not env.is_main, leave=False)
-        for i, batch in enumerate(progress):
-            if max_iters is not None and i >= max_iters:
-                break
-            if not all_ranks_agree(batch is not None, env.device):
-                continue  # only bad samples in this batch on some rank: every rank skips the step
+        progress, batches = self.batches("train", epoch)
+        for i, batch, vis, aud in batches:
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             self.model.train()
             with self.autocast():
                 out = self.net(vis, aud)
@@ -152,18 +143,10 @@ class AVCLIPTrainer(Trainer):
 
     def validate(self, epoch: int) -> dict:
         """Shifted-window precision over the validation clips of all ranks."""
-        cfg, env, loader = self.cfg, self.env, self.loaders["valid"]
-        max_iters = cfg_get(cfg, "training.max_eval_iters")
         self.model.eval()
-        set_loader_epoch(loader, epoch)
         precisions, loss_sum, n_bad = [], 0.0, 0
-        for i, batch in enumerate(tqdm(loader, desc=f"valid ({epoch})", disable=not env.is_main, leave=False)):
-            if max_iters is not None and i >= max_iters:
-                break
-            if batch is None:
-                continue
+        for i, batch, vis, aud in self.batches("valid", epoch)[1]:
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             precision, loss = self.evaluate_batch(vis, aud, "valid", self.viz_path("valid", epoch) if i == 0 else None)
             precisions.append(precision.cpu())
             loss_sum += loss.item() * len(vis)

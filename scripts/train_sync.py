@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from scripts.train_utils import (
     Trainer,
@@ -29,11 +28,10 @@ from scripts.train_utils import (
     load_weights,
     lr_factor_fn,
     seed_everything,
-    set_loader_epoch,
 )
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
-from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices, segment_similarities
 from utils.metrics import classification_metrics
 
@@ -84,28 +82,18 @@ class SyncTrainer(Trainer):
 
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
-        cfg, env, loader = self.cfg, self.env, self.loaders[phase]
+        cfg, env = self.cfg, self.env
         is_train = phase == "train"
         self.model.train(is_train)  # frozen extractors stay in eval mode
         # evaluation runs without DDP: ranks may hold different numbers of batches
         net = self.net if is_train else self.model
-        max_iters = cfg_get(cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
         # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
-        stride = max(1, math.ceil(len(loader.dataset) / cfg_get(cfg, "logging.log_max_items")))
-        set_loader_epoch(loader, epoch)
+        stride = max(1, math.ceil(len(self.loaders[phase].dataset) / cfg_get(cfg, "logging.log_max_items")))
         seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
         kept, loss_sum, n_items, n_bad = [], 0.0, 0, 0
-        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
-        for i, batch in enumerate(progress):
-            if max_iters is not None and i >= max_iters:
-                break
-            if is_train and not all_ranks_agree(batch is not None, env.device):
-                continue  # only bad samples in this batch on some rank: every rank skips the step
-            if batch is None:
-                continue
+        progress, batches = self.batches(phase, epoch)
+        for i, batch, vis, aud in batches:
             n_bad += int(batch["n_bad_samples"])
-            vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
-            aud = batch["audio"].to(env.device, non_blocking=True).float()
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
             if i == 0 and phase != "test" and env.is_main and self.draw_similarity(epoch):
                 self.save_segment_similarity(

@@ -10,13 +10,14 @@ draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or 
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from dataset.dataset_utils import collate_drop_bad, get_datasets
 from utils.checkpoint import load_checkpoint
@@ -89,13 +90,6 @@ def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) ->
         collate_fn=collate_drop_bad,
         pin_memory=env.device.type == "cuda",
     )
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Sets the randomness of the next pass over `loader`: shuffling (train) and per-item augmentation."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
 
 
 def build_optimizer(params, opt_cfg: DictConfig, lr: float, eps: float) -> torch.optim.Optimizer:
@@ -329,6 +323,30 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.stopper.load_state_dict(ckpt["early_stopper"])
         return ckpt
+
+    def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:
+        """A progress bar over the phase's loader, set to `epoch`'s randomness (shuffling and per-item
+        augmentation), and the `(i, batch, vis, aud)` of its first `training.max_{train,eval}_iters` batches
+        that hold a good sample."""
+        is_train, loader, device = phase == "train", self.loaders[phase], self.env.device
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        max_iters = cfg_get(self.cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
+        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not self.env.is_main, leave=False)
+
+        def good_batches() -> Iterator:
+            for i, batch in enumerate(progress):
+                if max_iters is not None and i >= max_iters:
+                    break
+                good = batch is not None
+                if is_train:  # DDP steps together: a batch with nothing on one rank is skipped on all
+                    good = all_ranks_agree(good, device)
+                if good:
+                    vis = batch["video"].to(device, non_blocking=True).float()  # frames may come as fp16
+                    yield i, batch, vis, batch["audio"].to(device, non_blocking=True).float()
+
+        return progress, good_batches()
 
     def step(self, loss: torch.Tensor, where: str, step_scheduler: bool = True) -> bool:
         """Optimises `loss` unless it is non-finite on some rank (then every rank skips the step, see
