@@ -170,7 +170,6 @@ def train(cfg: DictConfig) -> None:
         ckpt = trainer.resume(ckpt_dir / "epoch_latest.pt")
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
-
     elif training.get("run_test_only"):
         # the zero-shot offset accuracy of a checkpoint on the validation split, as the original offers
         load_weights(model, cfg.ckpt_path, strict=True)
