@@ -21,10 +21,8 @@ from omegaconf import DictConfig
 from scripts.train_utils import (
     Trainer,
     build_run,
-    derive_seed,
     load_weights,
     lr_factor_fn,
-    seed_everything,
 )
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
@@ -111,7 +109,6 @@ class AVCLIPTrainer(Trainer):
 
     def train_epoch(self, epoch: int) -> dict:
         cfg, env = self.cfg, self.env
-        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
         loss_sum, n_items, precisions, n_bad = 0.0, 0, [], 0
         progress, batches = self.batches("train", epoch)
         for i, batch, vis, aud in batches:

@@ -24,10 +24,8 @@ from scripts.train_utils import (
     Trainer,
     build_optimizer,
     build_run,
-    derive_seed,
     load_weights,
     lr_factor_fn,
-    seed_everything,
 )
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
@@ -89,7 +87,6 @@ class SyncTrainer(Trainer):
         net = self.net if is_train else self.model
         # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
         stride = max(1, math.ceil(len(self.loaders[phase].dataset) / cfg_get(cfg, "logging.log_max_items")))
-        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
         kept, loss_sum, n_items, n_bad = [], 0.0, 0, 0
         progress, batches = self.batches(phase, epoch)
         for i, batch, vis, aud in batches:

@@ -301,13 +301,14 @@ class Trainer:
             device_ids = None if env.device.type == "cpu" else [env.device.index]
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
+    def checkpointed(self) -> dict:
+        """What a checkpoint keeps besides the weights, by its names there."""
+        return dict(
+            optimizer=self.optimizer, scaler=self.scaler, lr_scheduler=self.scheduler, early_stopper=self.stopper
+        )
+
     def optimisation_state(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "early_stopper": self.stopper.state_dict(),
-        }
+        return {name: part.state_dict() for name, part in self.checkpointed().items()}
 
     def resume(self, path: Path) -> dict:
         """Restores the state saved in the checkpoint `path` of an interrupted run; returns the checkpoint."""
@@ -318,10 +319,8 @@ class Trainer:
             )
         ckpt = load_checkpoint(path, map_location=self.env.device)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.stopper.load_state_dict(ckpt["early_stopper"])
+        for name, part in self.checkpointed().items():
+            part.load_state_dict(ckpt[name])
         return ckpt
 
     def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:
@@ -333,6 +332,7 @@ class Trainer:
             loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         max_iters = cfg_get(self.cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
+        seed_everything(derive_seed(self.cfg.training.seed, self.env.rank, epoch))  # dropout
         progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not self.env.is_main, leave=False)
 
         def good_batches() -> Iterator:
