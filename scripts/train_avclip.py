@@ -52,9 +52,8 @@ class AVCLIPTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(
             param_groups(model, opt.weight_decay), lr=training.learning_rate, betas=tuple(opt.betas), eps=1e-8
         )
-        steps_per_epoch = len(loaders["train"])
-        if cfg_get(cfg, "training.max_train_iters") is not None:
-            steps_per_epoch = min(steps_per_epoch, cfg_get(cfg, "training.max_train_iters"))
+        max_iters = cfg_get(cfg, "training.max_train_iters")
+        steps_per_epoch = len(loaders["train"]) if max_iters is None else min(len(loaders["train"]), max_iters)
         sched = training.lr_scheduler
         factor = lr_factor_fn(
             sched.name,

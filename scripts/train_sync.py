@@ -133,10 +133,9 @@ def train(cfg: DictConfig) -> None:
     env, run_dir, logger, model, loaders = build_run(cfg, phases)
     trainer = SyncTrainer(cfg, env, loaders, model, run_dir)
 
-    best_path = run_dir / f"{cfg.start_time}_best.pt"
+    latest, best_path = run_dir / f"{cfg.start_time}_latest.pt", run_dir / f"{cfg.start_time}_best.pt"
     start_epoch = 0
     if training.resume:
-        latest = run_dir / f"{cfg.start_time}_latest.pt"
         ckpt = trainer.resume(latest)
         start_epoch = ckpt["epoch"] + 1
         logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
@@ -154,7 +153,7 @@ def train(cfg: DictConfig) -> None:
         improved = trainer.stopper.update(metrics[training.early_stop_phase])
         if env.is_main:
             ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
-            save_checkpoint(ckpt, run_dir / f"{cfg.start_time}_latest.pt")
+            save_checkpoint(ckpt, latest)
             if improved:
                 save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
                 save_checkpoint(ckpt, best_path)
