@@ -63,20 +63,20 @@ class SyncTrainer(Trainer):
         }
 
     @torch.no_grad()
-    def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
-        """How similar the (frozen) extractors find the segments of the batch (`segment_similarities`)."""
+    def draw_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, phase: str, epoch: int) -> None:
+        """How similar the (frozen) extractors find the segments of the batch (`segment_similarities`).
+        Frozen extractors give the same picture every epoch, so then only the first one is drawn (the plot
+        takes longer than a tiny model's epoch)."""
+        extractors_learn = len(self.model.frozen_extractors) < 2
+        if not (cfg_get(self.cfg, "logging.vis_segment_sim") and (epoch == 0 or extractors_learn)):
+            return
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
         self.model.train(was_training)
+        path = self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
         save_similarity_matrices(segment_similarities(vfeat, afeat), path)
-
-    def draw_similarity(self, epoch: int) -> bool:
-        """Whether to draw this epoch's segment similarities: frozen extractors give the same picture
-        every epoch, so then only the first one (the plot takes longer than a tiny model's epoch)."""
-        extractors_learn = len(self.model.frozen_extractors) < 2
-        return bool(cfg_get(self.cfg, "logging.vis_segment_sim")) and (epoch == 0 or extractors_learn)
 
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
@@ -92,10 +92,8 @@ class SyncTrainer(Trainer):
         for i, batch, vis, aud in batches:
             n_bad += int(batch["n_bad_samples"])
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
-            if i == 0 and phase != "test" and env.is_main and self.draw_similarity(epoch):
-                self.save_segment_similarity(
-                    vis, aud, self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
-                )
+            if i == 0 and phase != "test" and env.is_main:
+                self.draw_segment_similarity(vis, aud, phase, epoch)
             with self.autocast(), torch.set_grad_enabled(is_train):
                 loss, logits = net(vis, aud, targets=targets)
             if is_train and not self.step(loss, f"epoch {epoch}, iteration {i}"):
