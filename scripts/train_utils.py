@@ -324,15 +324,15 @@ class Trainer:
         return ckpt
 
     def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:
-        """A progress bar over the phase's loader, set to `epoch`'s randomness (shuffling and per-item
-        augmentation), and the `(i, batch, vis, aud)` of its first `training.max_{train,eval}_iters` batches
+        """A progress bar over the phase's loader, with `epoch`'s randomness set (shuffling, per-item
+        augmentation, dropout), and the `(i, batch, vis, aud)` of its first `training.max_{train,eval}_iters` batches
         that hold a good sample."""
         is_train, loader, device = phase == "train", self.loaders[phase], self.env.device
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         max_iters = cfg_get(self.cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
-        seed_everything(derive_seed(self.cfg.training.seed, self.env.rank, epoch))  # dropout
+        seed_everything(derive_seed(self.cfg.training.seed, self.env.rank, epoch))
         progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not self.env.is_main, leave=False)
 
         def good_batches() -> Iterator:
