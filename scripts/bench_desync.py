@@ -68,21 +68,15 @@ def whole_process(cmd: list[str], threads: int) -> float:
     return time.perf_counter() - start
 
 
-def make_videos(root: Path, n: int) -> Path:
-    """`n` 8.5 s synthetic clips with their audio in `root/videos`."""
-    videos = root / "videos"
-    videos.mkdir()
-    for i in range(n):
-        make_clip(videos / f"clip{i}.mp4", ClipSpec(duration_sec=8.5, seed=100 + i))
-    return videos
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = get_parser().parse_args(argv)
     reuse_freed_memory()
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="bench_desync_"))
-    videos = make_videos(root, args.n_videos)
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(args.n_videos):  # 8.5 s synthetic clips with their audio
+        make_clip(videos / f"clip{i}.mp4", ClipSpec(duration_sec=8.5, seed=100 + i))
     cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=args.tiny, tiny_inputs=False)
     ckpt = root / "model.pt"
     save_checkpoint({"model": instantiate_from_config(cfg.model).state_dict(), "args": cfg}, ckpt)

@@ -15,16 +15,10 @@ import time
 from pathlib import Path
 
 from dataset.synthetic import ClipSpec, make_clip
+from scripts.bench_model import CLIPS, SHARED
 from scripts.prepare_data import list_videos, run_jobs
 from utils.cli import run_cli
 from utils.utils import write_json
-
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SAMPLE_CLIPS = [
-    "vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4",
-    "vggsound/h264_video_25fps_256side_16000hz_aac/ZYc410CE4Rg_0_10000.mp4",
-    "lrs3/h264_uncropped_25fps_256side_16000hz_aac/pretrain/C8zY0oAdQrs/00018.mp4",
-]
 
 
 def main() -> None:
@@ -43,8 +37,8 @@ def main() -> None:
                 make_clip(src / f"clip{i}.mp4", ClipSpec(duration_sec=2, height=64, width=96, seed=i))
         else:
             for i in range(args.repeat):
-                for j, clip in enumerate(SAMPLE_CLIPS):
-                    (src / f"sample{j}_copy{i}.mp4").symlink_to(SAMPLES / clip)
+                for j, clip in enumerate(CLIPS):
+                    (src / f"sample{j}_copy{i}.mp4").symlink_to(SHARED / clip)
         jobs = list_videos(src)
         runs = []
         for workers in args.workers:

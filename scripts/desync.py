@@ -100,9 +100,8 @@ class AVBenchScorer:
     @torch.inference_mode()
     def logits(self, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """frames (B, T, 3, 224, 224) uint8, audio (B, S, 1, 128, 66) -> logits (B, 2 windows, K)."""
-        vis = segments(
-            normalise_frames(frames.to(self.device)), SEGMENT_FRAMES, STEP_FRAMES, dim=1
-        )  # (B, S, 16, 3, 224, 224)
+        # (B, S, 16, 3, 224, 224)
+        vis = segments(normalise_frames(frames.to(self.device)), SEGMENT_FRAMES, STEP_FRAMES, dim=1)
         with autocast(self.precision, self.device):
             vfeat = self.model.extract_vfeats(vis)  # (B, S, tv, D)
             afeat = self.model.extract_afeats(audio.to(self.device))  # (B, S, ta, D)

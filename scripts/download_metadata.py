@@ -60,14 +60,10 @@ FILES = {
 }  # fmt: skip
 
 
-def is_complete(path: Path, size: int | None) -> bool:
-    return path.is_file() and (path.stat().st_size == size if size is not None else path.stat().st_size > 0)
-
-
 def fetch(rel_path: str, out_dir: Path, base_url: str = BASE_URL, timeout: float = 30) -> str:
     """Downloads one file unless it is already complete; returns 'skipped' or 'downloaded'."""
     size, path = FILES.get(rel_path), out_dir / rel_path
-    if is_complete(path, size):
+    if path.is_file() and (path.stat().st_size == size if size is not None else path.stat().st_size > 0):
         return "skipped"
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")

@@ -18,12 +18,12 @@ import torch
 from sklearn.metrics import roc_curve
 
 from dataset.dataset_utils import get_datasets
-from scripts.train_utils import build_loader, build_model, load_weights, mixed_precision, setup_run
+from scripts.train_utils import build_loader, load_weights, mixed_precision, setup_run
 from utils.cli import run_cli
 from utils.config import ConfigError, load_config
 from utils.dist import all_gather_objects, cleanup
 from utils.metrics import classification_metrics
-from utils.utils import reuse_freed_memory, write_json
+from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 OWN_KEYS = ("config_sync", "ckpt_path_sync", "config_off", "ckpt_path_off")
@@ -64,24 +64,21 @@ def main(argv: list[str]) -> None:
     if ("config_off" in args) != ("ckpt_path_off" in args):
         raise ConfigError("config_off and ckpt_path_off go together.")
     test_only = ["training.run_test_only=True", "training.resume=False", "training.finetune=False"]
-    cfg = load_config([f"config={args['config_sync']}", f"ckpt_path={args['ckpt_path_sync']}", *overrides, *test_only])
-    cfg_off = None
-    if "config_off" in args:
-        cfg_off = load_config(
-            [f"config={args['config_off']}", f"ckpt_path={args['ckpt_path_off']}", *overrides, *test_only]
-        )
-        set_n_segments(cfg, cfg_off.data.n_segments)
+    cfgs = {
+        m: load_config([f"config={args[f'config_{m}']}", f"ckpt_path={args[f'ckpt_path_{m}']}", *overrides, *test_only])
+        for m in ("sync", "off")
+        if f"config_{m}" in args
+    }
+    cfg = cfgs["sync"]
+    if "off" in cfgs:
+        set_n_segments(cfg, cfgs["off"].data.n_segments)
         for name in ("afeat_extractor", "vfeat_extractor"):
-            cfg_off.model.params[name].params.ckpt_path = None  # the weights come with the checkpoint
+            cfgs["off"].model.params[name].params.ckpt_path = None  # the weights come with the checkpoint
 
     env, run_dir, logger = setup_run(cfg)
-    models = {"sync": build_model(cfg).to(env.device)}
-    load_weights(models["sync"], cfg.ckpt_path, strict=True)
-    if cfg_off is not None:
-        models["off"] = build_model(cfg_off).to(env.device)
-        load_weights(models["off"], cfg_off.ckpt_path, strict=True)
-    for model in models.values():
-        model.eval()
+    models = {m: instantiate_from_config(c.model).to(env.device).eval() for m, c in cfgs.items()}
+    for m, c in cfgs.items():
+        load_weights(models[m], c.ckpt_path, strict=True)
 
     loader = build_loader(cfg, get_datasets(cfg, ["test"])["test"], "test", env)
     autocast, _ = mixed_precision(cfg, env.device)

@@ -17,29 +17,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
-    BadLossGuard,
-    EarlyStopper,
-    build_loader,
-    build_model,
-    checkpoint_to_resume,
-    count_params,
-    derive_seed,
+    Trainer,
+    build_run,
     load_weights,
     lr_factor_fn,
-    mixed_precision,
-    optimizer_step,
-    seed_everything,
-    set_loader_epoch,
-    setup_run,
-    wrap_ddp,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
-from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices
 from utils.metrics import shifted_window_accuracy
 
@@ -57,18 +44,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class AVCLIPTrainer:
+class AVCLIPTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
-        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        super().__init__(cfg, env, loaders, model, run_dir)
         training = cfg.training
-        self.params = [p for p in model.parameters() if p.requires_grad]
         opt = training.optimizer
         self.optimizer = torch.optim.AdamW(
             param_groups(model, opt.weight_decay), lr=training.learning_rate, betas=tuple(opt.betas), eps=1e-8
         )
-        steps_per_epoch = len(loaders["train"])
-        if cfg_get(cfg, "training.max_train_iters") is not None:
-            steps_per_epoch = min(steps_per_epoch, cfg_get(cfg, "training.max_train_iters"))
+        max_iters = cfg_get(cfg, "training.max_train_iters")
+        steps_per_epoch = len(loaders["train"]) if max_iters is None else min(len(loaders["train"]), max_iters)
         sched = training.lr_scheduler
         factor = lr_factor_fn(
             sched.name,
@@ -81,14 +66,10 @@ class AVCLIPTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skip_scheduler = training.get("skip_scheduler", False)
-        self.autocast, self.scaler = mixed_precision(cfg, env.device)
-        self.stopper = EarlyStopper(training.patience, training.to_max_metric, training.metric_name)
-        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
         self.loss_weights = {
             "segment_contrastive_loss": training.segment_loss_weight,
             "global_contrastive_loss": training.global_loss_weight,
         }
-        self.net = wrap_ddp(model, env)
 
     def state_dict(self, epoch: int, metrics: dict) -> dict:
         """The original's stage-1 format (`state_dict`, `epoch` = epochs completed); the same weights are
@@ -101,21 +82,8 @@ class AVCLIPTrainer:
             "name": self.cfg.start_time,
             "epoch": epoch + 1,
             "metrics": {"sync_w_shifts": metrics},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "early_stopper": self.stopper.state_dict(),
+            **self.optimisation_state(),
         }
-
-    def load_state_dict(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.stopper.load_state_dict(ckpt["early_stopper"])
-
-    def weighted_loss(self, losses: dict) -> torch.Tensor:
-        return sum(self.loss_weights[name] * loss for name, loss in losses.items())
 
     @torch.no_grad()
     def evaluate_batch(self, vis, aud, phase: str, viz_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,28 +107,17 @@ class AVCLIPTrainer:
         return self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
 
     def train_epoch(self, epoch: int) -> dict:
-        cfg, env, loader = self.cfg, self.env, self.loaders["train"]
-        max_iters = cfg_get(cfg, "training.max_train_iters")
-        set_loader_epoch(loader, epoch)
-        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
+        cfg, env = self.cfg, self.env
         loss_sum, n_items, precisions, n_bad = 0.0, 0, [], 0
-        progress = tqdm(loader, desc=f"train ({epoch})", disable=not env.is_main, leave=False)
-        for i, batch in enumerate(progress):
-            if max_iters is not None and i >= max_iters:
-                break
-            if not all_ranks_agree(batch is not None, env.device):
-                continue  # only bad samples in this batch on some rank: every rank skips the step
+        progress, batches = self.batches("train", epoch)
+        for i, batch, vis, aud in batches:
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             self.model.train()
             with self.autocast():
                 out = self.net(vis, aud)
-            loss = self.weighted_loss(out["losses"])
-            self.optimizer.zero_grad(set_to_none=True)
-            if not self.guard.check(all_ranks_agree(bool(torch.isfinite(loss)), env.device), f"epoch {epoch}, it {i}"):
+            loss = sum(self.loss_weights[name] * value for name, value in out["losses"].items())
+            if not self.step(loss, f"epoch {epoch}, it {i}", step_scheduler=not self.skip_scheduler):
                 continue
-            scheduler = None if self.skip_scheduler else self.scheduler
-            optimizer_step(loss, self.params, self.optimizer, self.scaler, scheduler, cfg.training.max_clip_norm)
             loss_sum += loss.item() * len(vis)
             n_items += len(vis)
             if i % cfg.logging.log_frequency == 0:
@@ -182,18 +139,10 @@ class AVCLIPTrainer:
 
     def validate(self, epoch: int) -> dict:
         """Shifted-window precision over the validation clips of all ranks."""
-        cfg, env, loader = self.cfg, self.env, self.loaders["valid"]
-        max_iters = cfg_get(cfg, "training.max_eval_iters")
         self.model.eval()
-        set_loader_epoch(loader, epoch)
         precisions, loss_sum, n_bad = [], 0.0, 0
-        for i, batch in enumerate(tqdm(loader, desc=f"valid ({epoch})", disable=not env.is_main, leave=False)):
-            if max_iters is not None and i >= max_iters:
-                break
-            if batch is None:
-                continue
+        for i, batch, vis, aud in self.batches("valid", epoch)[1]:
             n_bad += int(batch["n_bad_samples"])
-            vis, aud = batch["video"].to(env.device).float(), batch["audio"].to(env.device).float()
             precision, loss = self.evaluate_batch(vis, aud, "valid", self.viz_path("valid", epoch) if i == 0 else None)
             precisions.append(precision.cpu())
             loss_sum += loss.item() * len(vis)
@@ -207,24 +156,16 @@ class AVCLIPTrainer:
 
 
 def train(cfg: DictConfig) -> None:
-    env, run_dir, logger = setup_run(cfg)
+    env, run_dir, logger, model, loaders = build_run(cfg, ["train", "valid"])
     training = cfg.training
-    seed_everything(training.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(env.device)
-    logging.info(count_params(model))
-
-    datasets = get_datasets(cfg, ["train", "valid"])
-    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in datasets}
     trainer = AVCLIPTrainer(cfg, env, loaders, model, run_dir)
 
     ckpt_dir = run_dir / "checkpoints"
     start_epoch = 0
     if training.get("resume"):
-        ckpt = load_checkpoint(checkpoint_to_resume(ckpt_dir / "epoch_latest.pt"), map_location=env.device)
-        trainer.load_state_dict(ckpt)
+        ckpt = trainer.resume(ckpt_dir / "epoch_latest.pt")
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
-
     elif training.get("run_test_only"):
         # the zero-shot offset accuracy of a checkpoint on the validation split, as the original offers
         load_weights(model, cfg.ckpt_path, strict=True)

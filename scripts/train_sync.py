@@ -19,41 +19,27 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from dataset.dataset_utils import get_datasets
 from scripts.train_utils import (
-    BadLossGuard,
-    EarlyStopper,
-    build_loader,
-    build_model,
+    Trainer,
     build_optimizer,
-    checkpoint_to_resume,
-    count_params,
-    derive_seed,
+    build_run,
     load_weights,
     lr_factor_fn,
-    mixed_precision,
-    optimizer_step,
-    seed_everything,
-    set_loader_epoch,
-    setup_run,
-    wrap_ddp,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
-from utils.dist import DistEnv, all_gather_objects, all_ranks_agree, barrier, cleanup
+from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices, segment_similarities
 from utils.metrics import classification_metrics
 
 
-class Trainer:
+class SyncTrainer(Trainer):
     """The state of a stage-2 run and the loop over one phase's data."""
 
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
-        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        super().__init__(cfg, env, loaders, model, run_dir)
         self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
-        self.params = [p for p in model.parameters() if p.requires_grad]
         use_half = cfg.training.use_half_precision
         # lr scales with the number of processes (the global batch grows with it)
         lr = cfg.training.base_learning_rate * env.world_size
@@ -61,10 +47,6 @@ class Trainer:
         sched = cfg.training.lr_scheduler
         factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.autocast, self.scaler = mixed_precision(cfg, env.device)
-        self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
-        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
-        self.net = wrap_ddp(model, env)
         if cfg.training.get("compile", False):
             self.net = torch.compile(self.net)
 
@@ -76,75 +58,46 @@ class Trainer:
             "epoch": epoch,
             "metrics": metrics,
             "loss": loss,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "early_stopper": self.stopper.state_dict(),
+            **self.optimisation_state(),
             "model_type": type(self.model).__name__,
         }
 
-    def load_state_dict(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.stopper.load_state_dict(ckpt["early_stopper"])
-
     @torch.no_grad()
-    def save_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, path: Path) -> None:
-        """How similar the (frozen) extractors find the segments of the batch (`segment_similarities`)."""
+    def draw_segment_similarity(self, vis: torch.Tensor, aud: torch.Tensor, phase: str, epoch: int) -> None:
+        """How similar the (frozen) extractors find the segments of the batch (`segment_similarities`).
+        Frozen extractors give the same picture every epoch, so then only the first one is drawn (the plot
+        takes longer than a tiny model's epoch)."""
+        extractors_learn = len(self.model.frozen_extractors) < 2
+        if not (cfg_get(self.cfg, "logging.vis_segment_sim") and (epoch == 0 or extractors_learn)):
+            return
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
         self.model.train(was_training)
+        path = self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
         save_similarity_matrices(segment_similarities(vfeat, afeat), path)
-
-    def draw_similarity(self, epoch: int) -> bool:
-        """Whether to draw this epoch's segment similarities: frozen extractors give the same picture
-        every epoch, so then only the first one (the plot takes longer than a tiny model's epoch)."""
-        extractors_learn = len(self.model.frozen_extractors) < 2
-        return bool(cfg_get(self.cfg, "logging.vis_segment_sim")) and (epoch == 0 or extractors_learn)
 
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
-        cfg, env, loader = self.cfg, self.env, self.loaders[phase]
+        cfg, env = self.cfg, self.env
         is_train = phase == "train"
         self.model.train(is_train)  # frozen extractors stay in eval mode
         # evaluation runs without DDP: ranks may hold different numbers of batches
         net = self.net if is_train else self.model
-        max_iters = cfg_get(cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
         # keep the outputs of every `stride`-th batch only, so that their memory stays bounded
-        stride = max(1, math.ceil(len(loader.dataset) / cfg_get(cfg, "logging.log_max_items")))
-        set_loader_epoch(loader, epoch)
-        seed_everything(derive_seed(cfg.training.seed, env.rank, epoch))  # dropout
+        stride = max(1, math.ceil(len(self.loaders[phase].dataset) / cfg_get(cfg, "logging.log_max_items")))
         kept, loss_sum, n_items, n_bad = [], 0.0, 0, 0
-        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not env.is_main, leave=False)
-        for i, batch in enumerate(progress):
-            if max_iters is not None and i >= max_iters:
-                break
-            if is_train and not all_ranks_agree(batch is not None, env.device):
-                continue  # only bad samples in this batch on some rank: every rank skips the step
-            if batch is None:
-                continue
+        progress, batches = self.batches(phase, epoch)
+        for i, batch, vis, aud in batches:
             n_bad += int(batch["n_bad_samples"])
-            vis = batch["video"].to(env.device, non_blocking=True).float()  # frames may come as fp16
-            aud = batch["audio"].to(env.device, non_blocking=True).float()
             targets = batch["targets"][self.target_key].to(env.device, non_blocking=True)
-            if i == 0 and phase != "test" and env.is_main and self.draw_similarity(epoch):
-                self.save_segment_similarity(
-                    vis, aud, self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
-                )
+            if i == 0 and phase != "test" and env.is_main:
+                self.draw_segment_similarity(vis, aud, phase, epoch)
             with self.autocast(), torch.set_grad_enabled(is_train):
                 loss, logits = net(vis, aud, targets=targets)
-            if is_train:
-                self.optimizer.zero_grad(set_to_none=True)
-                is_finite = all_ranks_agree(bool(torch.isfinite(loss)), env.device)
-                if not self.guard.check(is_finite, f"epoch {epoch}, iteration {i}"):
-                    continue
-                optimizer_step(
-                    loss, self.params, self.optimizer, self.scaler, self.scheduler, cfg.training.max_clip_norm
-                )
+            if is_train and not self.step(loss, f"epoch {epoch}, iteration {i}"):
+                continue
             loss_sum += loss.item() * len(targets)
             n_items += len(targets)
             if i % stride == 0:
@@ -173,23 +126,15 @@ def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dic
 
 
 def train(cfg: DictConfig) -> None:
-    env, run_dir, logger = setup_run(cfg)
     training = cfg.training
-    seed_everything(training.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(env.device)
-    logging.info(count_params(model))
-
     phases = ["test"] if training.run_test_only else ["train", "valid"] + ([] if training.skip_test else ["test"])
-    datasets = get_datasets(cfg, phases)
-    loaders = {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
-    trainer = Trainer(cfg, env, loaders, model, run_dir)
+    env, run_dir, logger, model, loaders = build_run(cfg, phases)
+    trainer = SyncTrainer(cfg, env, loaders, model, run_dir)
 
-    best_path = run_dir / f"{cfg.start_time}_best.pt"
+    latest, best_path = run_dir / f"{cfg.start_time}_latest.pt", run_dir / f"{cfg.start_time}_best.pt"
     start_epoch = 0
     if training.resume:
-        latest = checkpoint_to_resume(run_dir / f"{cfg.start_time}_latest.pt")
-        ckpt = load_checkpoint(latest, map_location=env.device)
-        trainer.load_state_dict(ckpt)
+        ckpt = trainer.resume(latest)
         start_epoch = ckpt["epoch"] + 1
         logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
     elif training.finetune:
@@ -206,7 +151,7 @@ def train(cfg: DictConfig) -> None:
         improved = trainer.stopper.update(metrics[training.early_stop_phase])
         if env.is_main:
             ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
-            save_checkpoint(ckpt, run_dir / f"{cfg.start_time}_latest.pt")
+            save_checkpoint(ckpt, latest)
             if improved:
                 save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
                 save_checkpoint(ckpt, best_path)

@@ -10,18 +10,19 @@ draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or 
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
-from dataset.dataset_utils import collate_drop_bad
+from dataset.dataset_utils import collate_drop_bad, get_datasets
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, cfg_get
-from utils.dist import DistEnv, broadcast_object, init_distributed
+from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed
 from utils.logger import RunLogger, setup_logging
 from utils.precision import AUTOCAST_DTYPES, autocast, resolve_precision
 from utils.utils import instantiate_from_config
@@ -71,20 +72,6 @@ class SeededItems(Dataset):
         return item
 
 
-class ShardSampler(Sampler):
-    """Evaluation sampler: rank r takes items r, r + world, ... in order, without padding, so that the
-    gathered predictions of all ranks are exactly the dataset."""
-
-    def __init__(self, n_items: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n_items, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) -> DataLoader:
     """A loader of `dataset` seeded per item (see `SeededItems`); bad samples are dropped by the collate."""
     dataset = SeededItems(dataset, cfg.training.seed)
@@ -92,7 +79,9 @@ def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) ->
         # shuffled by (seed, epoch) through `set_epoch`; every rank gets the same number of batches
         sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=cfg.training.seed)
     else:
-        sampler = ShardSampler(len(dataset), env.rank, env.world_size)
+        # rank r takes items r, r + world, ... in order, without padding, so that the gathered predictions
+        # of all ranks are exactly the dataset
+        sampler = range(env.rank, len(dataset), env.world_size)
     return DataLoader(
         dataset,
         batch_size=cfg.training.base_batch_size,
@@ -103,26 +92,11 @@ def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) ->
     )
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Sets the randomness of the next pass over `loader`: shuffling (train) and per-item augmentation."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
-
-
-def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    if env.world_size == 1:
-        return model
-    device_ids = None if env.device.type == "cpu" else [env.device.index]
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
 def build_optimizer(params, opt_cfg: DictConfig, lr: float, eps: float) -> torch.optim.Optimizer:
     name = opt_cfg.name
-    if name == "adam":
-        return torch.optim.Adam(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
+    if name in ("adam", "adamw"):
+        adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return adam(params, lr, betas=tuple(opt_cfg.betas), eps=eps, weight_decay=opt_cfg.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
     raise ConfigError(f"Unknown optimizer '{name}' (training.optimizer.name): expected adam, adamw or sgd.")
@@ -145,16 +119,13 @@ def lr_factor_fn(
       `cooldown_end` (a multiplier of the base rate here).
     """
 
-    def warmup_factor(step: int) -> float:
-        return (step + 1) / warmup
-
     def factor(step: int) -> float:
         if name == "constant_with_warmup":
             return 1 / 100 + (1 - 1 / 100) * min(step, warmup) / warmup if warmup > 0 else 1.0
         if name == "constant":
             return 1.0
         if step < warmup:
-            return warmup_factor(step)
+            return (step + 1) / warmup
         if name == "cosine":
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
         if name == "const":
@@ -199,19 +170,6 @@ def mixed_precision(cfg: DictConfig, device: torch.device):
     logging.info(f"Precision: {precision} on {device}")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return (lambda: autocast(precision, device)), scaler
-
-
-def optimizer_step(
-    loss: torch.Tensor, params: Sequence[torch.Tensor], optimizer, scaler, scheduler, max_clip_norm: float | None
-) -> None:
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    if max_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    if scheduler is not None:
-        scheduler.step()
 
 
 class BadLossGuard:
@@ -290,16 +248,6 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict
     return ckpt
 
 
-def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate_from_config(cfg.model)
-
-
-def count_params(model: torch.nn.Module) -> str:
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    return f"{n_train / 1e6:.3f}M trainable of {n_all / 1e6:.3f}M parameters"
-
-
 def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
     """Checks the run mode, joins the process group, and sets up logging in `<logdir>/<start_time>/`."""
     training = cfg.training
@@ -323,10 +271,95 @@ def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
     return env, run_dir, logger
 
 
-def checkpoint_to_resume(path: Path) -> Path:
-    if not path.is_file():
-        raise ConfigError(
-            f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
-            "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
+def build_run(cfg: DictConfig, phases: list[str]) -> tuple[DistEnv, Path, RunLogger, torch.nn.Module, dict]:
+    """`setup_run`, then the model, on every rank with the same initial weights, and the phases' loaders."""
+    env, run_dir, logger = setup_run(cfg)
+    seed_everything(cfg.training.seed)
+    model = instantiate_from_config(cfg.model).to(env.device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logging.info(f"{n_train / 1e6:.3f}M trainable of {n_all / 1e6:.3f}M parameters")
+    datasets = get_datasets(cfg, phases)
+    return env, run_dir, logger, model, {phase: build_loader(cfg, datasets[phase], phase, env) for phase in phases}
+
+
+class Trainer:
+    """What the trainers of both stages share: the run, mixed precision, early stopping, the guard against
+    non-finite losses, and the optimisation step. A subclass sets `optimizer` and `scheduler`."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
+        self.cfg, self.env, self.loaders, self.model, self.run_dir = cfg, env, loaders, model, run_dir
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast, self.scaler = mixed_precision(cfg, env.device)
+        self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
+        self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
+        self.net = model
+        if env.world_size > 1:
+            device_ids = None if env.device.type == "cpu" else [env.device.index]
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def checkpointed(self) -> dict:
+        """What a checkpoint keeps besides the weights, by its names there."""
+        return dict(
+            optimizer=self.optimizer, scaler=self.scaler, lr_scheduler=self.scheduler, early_stopper=self.stopper
         )
-    return path
+
+    def optimisation_state(self) -> dict:
+        return {name: part.state_dict() for name, part in self.checkpointed().items()}
+
+    def resume(self, path: Path) -> dict:
+        """Restores the state saved in the checkpoint `path` of an interrupted run; returns the checkpoint."""
+        if not path.is_file():
+            raise ConfigError(
+                f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
+                "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
+            )
+        ckpt = load_checkpoint(path, map_location=self.env.device)
+        self.model.load_state_dict(ckpt["model"])
+        for name, part in self.checkpointed().items():
+            part.load_state_dict(ckpt[name])
+        return ckpt
+
+    def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:
+        """A progress bar over the phase's loader, with `epoch`'s randomness set (shuffling, per-item
+        augmentation, dropout), and the `(i, batch, vis, aud)` of its first `training.max_{train,eval}_iters` batches
+        that hold a good sample."""
+        is_train, loader, device = phase == "train", self.loaders[phase], self.env.device
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        max_iters = cfg_get(self.cfg, f"training.max_{'train' if is_train else 'eval'}_iters")
+        seed_everything(derive_seed(self.cfg.training.seed, self.env.rank, epoch))
+        progress = tqdm(loader, desc=f"{phase} ({epoch})", disable=not self.env.is_main, leave=False)
+
+        def good_batches() -> Iterator:
+            for i, batch in enumerate(progress):
+                if max_iters is not None and i >= max_iters:
+                    break
+                good = batch is not None
+                if is_train:  # DDP steps together: a batch with nothing on one rank is skipped on all
+                    good = all_ranks_agree(good, device)
+                if good:
+                    vis = batch["video"].to(device, non_blocking=True).float()  # frames may come as fp16
+                    yield i, batch, vis, batch["audio"].to(device, non_blocking=True).float()
+
+        return progress, good_batches()
+
+    def step(self, loss: torch.Tensor, where: str, step_scheduler: bool = True) -> bool:
+        """Optimises `loss` unless it is non-finite on some rank (then every rank skips the step, see
+        `BadLossGuard`); returns whether the step was taken."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.guard.check(all_ranks_agree(bool(torch.isfinite(loss)), self.env.device), where):
+            return False
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.training.max_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if step_scheduler:
+            self.scheduler.step()
+        return True
