@@ -31,22 +31,12 @@ SAFE_GLOBALS = [
     omegaconf.base.Node,
     *(getattr(omegaconf.nodes, name) for name in dir(omegaconf.nodes) if name.endswith("Node")),
     typing.Any,
-    collections.defaultdict,
-    collections.OrderedDict,
-    dict,
-    list,
-    tuple,
-    set,
-    int,
-    float,
-    bool,
-    str,
-    bytes,
+    *(collections.defaultdict, collections.OrderedDict),
+    *(dict, list, tuple, set, int, float, bool, str, bytes),
     np.dtype,
     np._core.multiarray.scalar,
     *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
 ]
-
 
 # Where other formats keep the state dict: stage-1 AVCLIP checkpoints, Motionformer '.pyth' files.
 STATE_DICT_ALIASES = ("state_dict", "model_state")

@@ -26,15 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.utils import ConfigError, get_obj_from_str
 
-RUNTIME_KEYS = {
-    "config",
-    "ckpt_path",
-    "start_time",
-    "ckpt_path_sync",
-    "config_sync",
-    "config_off",
-    "ckpt_path_off",
-}
+RUNTIME_KEYS = {"config", "ckpt_path", "start_time", "ckpt_path_sync", "config_sync", "config_off", "ckpt_path_off"}
 # Keys that are optional in the YAML because the code reads them with a default. Keep in sync with
 # the `cfg.get(...)` calls in the trainers and datasets.
 OPTIONAL_KEYS = {
@@ -72,12 +64,6 @@ def curr_time_with_random_shift() -> str:
     """A timestamp shifted back by up to a minute, so that jobs started together get distinct log dirs."""
     now = datetime.now() - timedelta(seconds=random.randint(0, 59))
     return now.strftime("%y-%m-%dT%H-%M-%S")
-
-
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("add"):
-        # `${add:1,2,3}` -> 6
-        OmegaConf.register_resolver("add", lambda *args: sum(args))
 
 
 def _all_key_paths(node, prefix: str = "") -> list[str]:
@@ -152,7 +138,8 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> DictConfi
 
 def load_config(argv: list[str]) -> DictConfig:
     """Builds the run's config from `config=path.yaml` and dotlist overrides in `argv`."""
-    _register_resolvers()
+    if not OmegaConf.has_resolver("add"):
+        OmegaConf.register_resolver("add", lambda *args: sum(args))  # `${add:1,2,3}` -> 6
     try:
         cfg_cli = OmegaConf.from_dotlist(argv)
     except Exception as e:
