@@ -41,12 +41,9 @@ def published_urls(exp_name: str) -> dict[str, str]:
     }
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def md5sum(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0) -> Path:

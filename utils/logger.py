@@ -27,19 +27,18 @@ CURVES_EVERY_SEC = 60  # redraw a run's curves.png at most this often (and when 
 
 def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
     """Console logging on every rank (rank > 0: warnings only) and, on rank 0, appending to train.log."""
-    formatter = logging.Formatter(LOG_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handlers = [logging.StreamHandler(sys.stdout)]
     if run_dir is not None and rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", mode="a"))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+    # force: replaces (and closes) the handlers of an earlier call
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=LOG_FORMAT.format(rank=rank),
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
     logging.getLogger("transformers").setLevel(logging.WARNING)  # too chatty at INFO
 
 

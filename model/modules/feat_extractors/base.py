@@ -34,9 +34,6 @@ class SegmentFeatureExtractor(nn.Module):
         global_x = None if self.global_attn_agg is None else self.global_attn_agg(x)  # (B, D)
         return x, global_x  # (B, S, D) or (B, S, t, D) if time is not pooled
 
-    def forward_segments(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def build_time_and_segment_aggregators(
         self,
         agg_time_module: str,
