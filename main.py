@@ -19,13 +19,7 @@ def get_action(action: str):
     if action not in ACTIONS:
         raise ConfigError(f"Unknown action '{action}'; expected one of {sorted(ACTIONS)}.")
     module_name, func_name = ACTIONS[action].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise NotImplementedError(f"The action '{action}' needs {module_name}.py, which this checkout lacks.") from e
-    return getattr(module, func_name)
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: list[str]) -> None:

@@ -109,10 +109,6 @@ class RunLogger:
         plot_learning_curves({self.run_dir.name: self.run_dir}, self.curves)
         self.curves_drawn_at = time.monotonic()
 
-    def log_scalars(self, scalars: dict, step: int) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars | {"step": step})
-
     def finish(self) -> None:
         if self.curves is not None:
             self.draw_curves()

@@ -27,7 +27,6 @@ ATTN_TYPE_OF_CKPT = {
     "ssv2_joint_224_16x4.pyth": "joint",
     "ssv2_motionformer_224_16x4.pyth": "trajectory",
 }
-ATTN_TYPES = ("divided", "joint", "trajectory")
 MOTIONFORMER_URL = "https://dl.fbaipublicfiles.com/motionformer"
 
 
@@ -300,7 +299,7 @@ def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | Non
             f"MotionFormer ckpt_path {ckpt_path} is neither a Motionformer checkpoint "
             f"({', '.join(ATTN_TYPE_OF_CKPT)}) nor a stage-1 '.pt' checkpoint."
         )
-    if found not in ATTN_TYPES or (attn_type is not None and attn_type != found):
+    if found not in ATTN_TYPE_OF_CKPT.values() or (attn_type is not None and attn_type != found):
         raise ValueError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
     return found
 
