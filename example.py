@@ -57,8 +57,7 @@ def print_offset_prediction(logits: torch.Tensor, grid: torch.Tensor, offset_lab
     """Prints the ground truth (the offset snapped to the class grid) and the top-5 classes in the original's
     format; returns the probabilities."""
     print("Ground Truth offset (sec):", f"{offset_label:.2f} ({quantize_offset(grid, offset_label)[-1].item()})")
-    print()
-    print("Prediction Results:")
+    print("\nPrediction Results:")
     probs = torch.softmax(logits, dim=-1)
     for k in torch.topk(logits, min(5, len(logits))).indices.tolist():
         print(f'p={probs[k]:.4f} ({logits[k]:.4f}), "{grid[k]:.2f}" ({k})')

@@ -161,9 +161,7 @@ def load_config(argv: list[str]) -> DictConfig:
 
 def set_env_from_slurm(environ: dict = os.environ) -> None:
     """Maps SLURM's task variables to the ones torch.distributed reads, unless torchrun set them."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return
-    if "SLURM_JOB_ID" in environ:
+    if "SLURM_JOB_ID" in environ and not ("RANK" in environ and "WORLD_SIZE" in environ):
         environ["LOCAL_RANK"] = environ["SLURM_LOCALID"]
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]

@@ -230,10 +230,11 @@ class MotionFormer(SegmentFeatureExtractor):
         self.patch_embed_3d = PatchEmbed(in_chans, embed_dim, (tubelet_size, patch_size, patch_size))
 
         drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        attention = {"joint": Attention, "trajectory": TrajectoryAttention}.get(self.attn_type)
         self.blocks = nn.ModuleList(
-            DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, p)
-            if self.attn_type == "divided"
-            else Block(embed_dim, num_heads, mlp_ratio, _ATTENTION[self.attn_type](embed_dim, num_heads), p)
+            Block(embed_dim, num_heads, mlp_ratio, attention(embed_dim, num_heads), p)
+            if attention
+            else DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, p)
             for p in drop_path
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -277,9 +278,6 @@ class MotionFormer(SegmentFeatureExtractor):
         x = self.norm(x[:, 1:])  # the CLS token is not a feature: (N, t*h*w, D)
         x = self.spatial_attn_agg(x.view(N * t, h * w, self.embed_dim)).view(N, t, self.embed_dim)  # (N, t, D)
         return self.temp_attn_agg(x)  # (N, t, D) or (N, D)
-
-
-_ATTENTION = {"joint": Attention, "trajectory": TrajectoryAttention}
 
 
 def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | None) -> str:
