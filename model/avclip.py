@@ -51,13 +51,6 @@ class AVCLIP(nn.Module):
             )
         self.global_logit_scale = nn.Parameter(torch.tensor(float(init_scale))) if add_global[0] else None
 
-    @torch.no_grad()
-    def clamp_logit_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for scale in (self.logit_scale, self.global_logit_scale):
-            if scale is not None:
-                scale.clamp_(self.clamp_scale_min, self.clamp_scale_max)
-        return self.logit_scale, self.global_logit_scale
-
     def encode(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
         """vis (B, S, C, Tv, H, W), aud (B, S, Ta, F) -> ((v_segment, v_global), (a_segment, a_global)).
 
@@ -77,7 +70,11 @@ class AVCLIP(nn.Module):
         'logit_scales': (segment temperature, global temperature or None), after clamping;
         'losses': {'segment_contrastive_loss'[, 'global_contrastive_loss']}.
         """
-        logit_scales = self.clamp_logit_scales()
+        logit_scales = (self.logit_scale, self.global_logit_scale)
+        with torch.no_grad():
+            for scale in logit_scales:
+                if scale is not None:
+                    scale.clamp_(self.clamp_scale_min, self.clamp_scale_max)
         (v_seg, v_glob), (a_seg, a_glob) = self.encode(vis, aud, for_loop)
         losses = {"segment_contrastive_loss": contrastive_loss(v_seg, a_seg, self.logit_scale, self.gather_for_loss)[0]}
         if v_glob is not None:

@@ -108,6 +108,5 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 
 def config_of(ckpt: dict) -> DictConfig | None:
-    """The config stored in a loaded checkpoint, if any."""
     args = ckpt.get("args")
     return args if isinstance(args, DictConfig) else None

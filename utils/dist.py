@@ -19,7 +19,6 @@ from utils.precision import resolve_device
 @dataclass
 class DistEnv:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
 
@@ -44,7 +43,7 @@ def init_distributed(backend: str | None = None, device: str | None = None, time
             logging.info(f"The backend '{backend}' does not run on the CPU: using '{device_backend}' instead.")
             backend = device_backend
         dist.init_process_group(backend or device_backend, timeout=timedelta(minutes=timeout_min))
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistEnv(rank=rank, world_size=world_size, device=device)
 
 
 def is_distributed() -> bool:

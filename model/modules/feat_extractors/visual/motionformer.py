@@ -131,8 +131,6 @@ class TrajectoryAttention(Attention):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
-
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn: nn.Module, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
