@@ -21,7 +21,6 @@ from utils.config import cfg_get, curr_time_with_random_shift
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
 
-LOG_FORMAT = "%(asctime)s @ {rank} | %(levelname)s | %(message)s"
 CURVES_EVERY_SEC = 60  # redraw a run's curves.png at most this often (and when it ends): tiny epochs are faster
 
 
@@ -34,7 +33,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
     # force: replaces (and closes) the handlers of an earlier call
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=LOG_FORMAT.format(rank=rank),
+        format=f"%(asctime)s @ {rank} | %(levelname)s | %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         handlers=handlers,
         force=True,
