@@ -65,12 +65,10 @@ def print_offset_prediction(logits: torch.Tensor, grid: torch.Tensor, offset_lab
 
 
 def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure state to set up
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     ax.bar(range(len(probs)), probs.numpy(), color="tab:blue")
     gt = quantize_offset(grid, offset_sec)[-1].item()
     ax.bar([gt], [probs[gt].item()], color="tab:orange", label=f"ground truth {offset_sec:+.2f} s")
@@ -80,7 +78,6 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     print(f"Saved the class probabilities to {path}")
 
 

@@ -76,9 +76,5 @@ class SegmentFeatureExtractor(nn.Module):
 def submodule_state_dict(state_dict: dict, name: str) -> dict:
     """The entries of submodule `name` (e.g. 'v_encoder' of a stage-1 AVCLIP checkpoint, saved with or
     without the DDP 'module.' prefix) with that prefix removed."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in (f"module.{name}.", f"{name}."):
-            if key.startswith(prefix):
-                out[key.removeprefix(prefix)] = value
-    return out
+    prefixes = (f"module.{name}.", f"{name}.")
+    return {key.removeprefix(p): value for key, value in state_dict.items() for p in prefixes if key.startswith(p)}
