@@ -105,7 +105,7 @@ def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str, so
         if isinstance(node, DictConfig) and any(k.startswith(f"{path}.") for k in allowed):
             continue  # a new parent of an allowed key, e.g. `data` for `data.iter_times`
         # name a full key (`trainig.lr`, not `trainig`) so the suggestion is a full key too
-        leaf = next((p for p in _all_key_paths(node, f"{path}.")), path) if isinstance(node, DictConfig) else path
+        leaf = next(iter(_all_key_paths(node, f"{path}.")), path)
         close = difflib.get_close_matches(leaf, sorted(known | allowed), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(

@@ -30,13 +30,12 @@ def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
     if run_dir is not None and rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", mode="a"))
-    # force: replaces (and closes) the handlers of an earlier call
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s @ {rank} | %(levelname)s | %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         handlers=handlers,
-        force=True,
+        force=True,  # replaces (and closes) the handlers of an earlier call
     )
     logging.getLogger("transformers").setLevel(logging.WARNING)  # too chatty at INFO
 
