@@ -257,20 +257,17 @@ class MotionFormer(SegmentFeatureExtractor):
                 fresh_prefixes=("spatial_attn_agg.", "temp_attn_agg.", "global_attn_agg."),
             )
 
-    def position_embedding(self) -> torch.Tensor:
-        """(1, 1+t*h*w, D): 'separate' embeddings (image position + frame index) or 'joint' ones."""
-        if self.attn_type == "joint":
-            return self.st_embed
-        space = self.pos_embed[:, None, 1:]  # (1, 1, h*w, D)
-        time = self.temp_embed[:, :, None]  # (1, t, 1, D)
-        return torch.cat([self.pos_embed[:, :1], (space + time).flatten(1, 2)], dim=1)
-
     def forward_segments(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, T, H, W) segments -> (N, t, D) or (N, D) features."""
         N = x.shape[0]
         t, h, w = self.grid
+        if self.attn_type == "joint":
+            pos = self.st_embed  # (1, 1+t*h*w, D)
+        else:  # 'separate' embeddings: image position (1, 1, h*w, D) + frame index (1, t, 1, D)
+            space_time = (self.pos_embed[:, None, 1:] + self.temp_embed[:, :, None]).flatten(1, 2)  # (1, t*h*w, D)
+            pos = torch.cat([self.pos_embed[:, :1], space_time], dim=1)
         x = self.patch_embed_3d(x)  # (N, t*h*w, D), tokens ordered (t, h, w)
-        x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1) + self.position_embedding()  # (N, 1+t*h*w, D)
+        x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1) + pos  # (N, 1+t*h*w, D)
         for block in self.blocks:
             x = block(x, (t, h * w))
         x = self.norm(x[:, 1:])  # the CLS token is not a feature: (N, t*h*w, D)
