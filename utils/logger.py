@@ -46,8 +46,7 @@ def snapshot_code(src: Path, dst: Path, patterns_to_ignore: list[str]) -> None:
         return
 
     def keep(info: tarfile.TarInfo):
-        name = Path(info.name).name
-        return None if any(fnmatch.fnmatch(name, p) for p in patterns_to_ignore) else info
+        return None if any(fnmatch.fnmatch(Path(info.name).name, p) for p in patterns_to_ignore) else info
 
     tmp = dst.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
