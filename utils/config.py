@@ -27,8 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from utils.utils import ConfigError, get_obj_from_str
 
 RUNTIME_KEYS = {"config", "ckpt_path", "start_time", "ckpt_path_sync", "config_sync", "config_off", "ckpt_path_off"}
-# Keys that are optional in the YAML because the code reads them with a default. Keep in sync with
-# the `cfg.get(...)` calls in the trainers and datasets.
+# Keys the YAML may omit: the code reads them through `cfg_get`, with these defaults.
 OPTIONAL_KEYS = {
     "data.iter_times": 1,
     "data.skip_bad_samples": False,
