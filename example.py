@@ -53,25 +53,11 @@ def predict(model: Synchformer, item: dict, device: torch.device, precision: str
     return logits[0].float().cpu()
 
 
-def print_offset_prediction(logits: torch.Tensor, grid: torch.Tensor, offset_label: float) -> torch.Tensor:
-    """Prints the ground truth (the offset snapped to the class grid) and the top-5 classes in the original's
-    format; returns the probabilities."""
-    print("Ground Truth offset (sec):", f"{offset_label:.2f} ({quantize_offset(grid, offset_label)[-1].item()})")
-    print()
-    print("Prediction Results:")
-    probs = torch.softmax(logits, dim=-1)
-    for k in torch.topk(logits, min(5, len(logits))).indices.tolist():
-        print(f'p={probs[k]:.4f} ({logits[k]:.4f}), "{grid[k]:.2f}" ({k})')
-    return probs
-
-
 def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure state to set up
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     ax.bar(range(len(probs)), probs.numpy(), color="tab:blue")
     gt = quantize_offset(grid, offset_sec)[-1].item()
     ax.bar([gt], [probs[gt].item()], color="tab:orange", label=f"ground truth {offset_sec:+.2f} s")
@@ -81,7 +67,6 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     print(f"Saved the class probabilities to {path}")
 
 
@@ -109,7 +94,13 @@ def main(args) -> None:
     grid = offset_grid(cfg, len(logits))
     if not grid.min() <= args.offset_sec <= grid.max():
         print(f"WARNING: offset_sec={args.offset_sec} is outside the trained grid: {grid}")
-    probs = print_offset_prediction(logits, grid, float(item["targets"]["offset_label"]))
+    # the ground truth (the offset snapped to the class grid) and the top-5 classes in the original's format
+    label = float(item["targets"]["offset_label"])
+    print("Ground Truth offset (sec):", f"{label:.2f} ({quantize_offset(grid, label)[-1].item()})")
+    print("\nPrediction Results:")
+    probs = torch.softmax(logits, dim=-1)
+    for k in torch.topk(logits, min(5, len(logits))).indices.tolist():
+        print(f'p={probs[k]:.4f} ({logits[k]:.4f}), "{grid[k]:.2f}" ({k})')
     if args.plot:
         save_plot(probs, grid, args.offset_sec, args.plot)
 

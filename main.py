@@ -7,32 +7,21 @@ from utils.cli import run_cli
 from utils.config import ConfigError, load_config, set_env_from_slurm
 from utils.utils import reuse_freed_memory
 
-# `action` in the config -> the function that runs it, imported only when asked for.
+# `action` in the config -> the module whose `train` runs it, imported only when asked for.
 ACTIONS = {
-    "train_avclip": "scripts.train_avclip:train",
-    "train_avsync_model": "scripts.train_sync:train",
-    "ft_avsync_model_for_syncability": "scripts.train_sync:train",
+    "train_avclip": "scripts.train_avclip",
+    "train_avsync_model": "scripts.train_sync",
+    "ft_avsync_model_for_syncability": "scripts.train_sync",
 }
-
-
-def get_action(action: str):
-    if action not in ACTIONS:
-        raise ConfigError(f"Unknown action '{action}'; expected one of {sorted(ACTIONS)}.")
-    module_name, func_name = ACTIONS[action].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise NotImplementedError(f"The action '{action}' needs {module_name}.py, which this checkout lacks.") from e
-    return getattr(module, func_name)
 
 
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     set_env_from_slurm()
     reuse_freed_memory()
-    get_action(cfg.action)(cfg)
+    if cfg.action not in ACTIONS:
+        raise ConfigError(f"Unknown action '{cfg.action}'; expected one of {sorted(ACTIONS)}.")
+    importlib.import_module(ACTIONS[cfg.action]).train(cfg)
 
 
 if __name__ == "__main__":

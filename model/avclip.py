@@ -51,30 +51,17 @@ class AVCLIP(nn.Module):
             )
         self.global_logit_scale = nn.Parameter(torch.tensor(float(init_scale))) if add_global[0] else None
 
-    @torch.no_grad()
-    def clamp_logit_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for scale in (self.logit_scale, self.global_logit_scale):
-            if scale is not None:
-                scale.clamp_(self.clamp_scale_min, self.clamp_scale_max)
-        return self.logit_scale, self.global_logit_scale
-
-    @staticmethod
-    def _encode_stream(x: torch.Tensor, encoder: nn.Module, proj: nn.Module, for_loop: bool):
-        segment, whole = encoder(x, for_loop=for_loop)  # (B, S, D), (B, D) or None
-        B, S, D = segment.shape
-        segment = F.normalize(proj(segment.reshape(B * S, D)), dim=-1)  # (B*S, D), rows b-major
-        whole = F.normalize(proj(whole), dim=-1) if whole is not None else None
-        return segment, whole
-
     def encode(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
         """vis (B, S, C, Tv, H, W), aud (B, S, Ta, F) -> ((v_segment, v_global), (a_segment, a_global)).
 
         Segment features are (B*S, D), global ones (B, D) or None; all L2-normalised.
         """
-        return (
-            self._encode_stream(vis, self.v_encoder, self.vproj, for_loop),
-            self._encode_stream(aud, self.a_encoder, self.aproj, for_loop),
-        )
+        streams = []
+        for x, encoder, proj in ((vis, self.v_encoder, self.vproj), (aud, self.a_encoder, self.aproj)):
+            segment, whole = encoder(x, for_loop=for_loop)  # (B, S, D), (B, D) or None
+            segment = F.normalize(proj(segment.flatten(0, 1)), dim=-1)  # (B*S, D), rows b-major
+            streams.append((segment, F.normalize(proj(whole), dim=-1) if whole is not None else None))
+        return tuple(streams)
 
     def forward(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False) -> dict:
         """vis (B, S, C, Tv, H, W), aud (B, S, Ta, F) -> dict with
@@ -83,7 +70,11 @@ class AVCLIP(nn.Module):
         'logit_scales': (segment temperature, global temperature or None), after clamping;
         'losses': {'segment_contrastive_loss'[, 'global_contrastive_loss']}.
         """
-        logit_scales = self.clamp_logit_scales()
+        logit_scales = (self.logit_scale, self.global_logit_scale)
+        with torch.no_grad():
+            for scale in logit_scales:
+                if scale is not None:
+                    scale.clamp_(self.clamp_scale_min, self.clamp_scale_max)
         (v_seg, v_glob), (a_seg, a_glob) = self.encode(vis, aud, for_loop)
         losses = {"segment_contrastive_loss": contrastive_loss(v_seg, a_seg, self.logit_scale, self.gather_for_loss)[0]}
         if v_glob is not None:

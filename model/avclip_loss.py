@@ -8,12 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from utils.dist import is_distributed
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -36,8 +31,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenates `x` (same shape on every rank) from all ranks in rank order; gradients flow back to each rank."""
-    _, world_size = _world()
-    return _GatherWithGrad.apply(x) if world_size > 1 else x
+    return _GatherWithGrad.apply(x) if is_distributed() and dist.get_world_size() > 1 else x
 
 
 def contrastive_loss(
@@ -49,7 +43,7 @@ def contrastive_loss(
     local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
     """
     N = vfeat.shape[0]
-    rank = _world()[0] if gather else 0
+    rank = dist.get_rank() if gather and is_distributed() else 0
     vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
     sim_v2a = vfeat @ afeat_all.T / temperature  # (N, N_all)
     sim_a2v = afeat @ vfeat_all.T / temperature  # (N, N_all)

@@ -24,29 +24,15 @@ from utils.cli import UserError
 
 # Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
 SAFE_GLOBALS = [
-    omegaconf.DictConfig,
-    omegaconf.ListConfig,
-    omegaconf.base.ContainerMetadata,
-    omegaconf.base.Metadata,
-    omegaconf.base.Node,
+    *(omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.Node),
+    *(omegaconf.base.ContainerMetadata, omegaconf.base.Metadata),
     *(getattr(omegaconf.nodes, name) for name in dir(omegaconf.nodes) if name.endswith("Node")),
     typing.Any,
-    collections.defaultdict,
-    collections.OrderedDict,
-    dict,
-    list,
-    tuple,
-    set,
-    int,
-    float,
-    bool,
-    str,
-    bytes,
-    np.dtype,
-    np._core.multiarray.scalar,
+    *(collections.defaultdict, collections.OrderedDict),
+    *(dict, list, tuple, set, int, float, bool, str, bytes),
+    *(np.dtype, np._core.multiarray.scalar),
     *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
 ]
-
 
 # Where other formats keep the state dict: stage-1 AVCLIP checkpoints, Motionformer '.pyth' files.
 STATE_DICT_ALIASES = ("state_dict", "model_state")
@@ -118,6 +104,5 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 
 def config_of(ckpt: dict) -> DictConfig | None:
-    """The config stored in a loaded checkpoint, if any."""
     args = ckpt.get("args")
     return args if isinstance(args, DictConfig) else None

@@ -26,17 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.utils import ConfigError, get_obj_from_str
 
-RUNTIME_KEYS = {
-    "config",
-    "ckpt_path",
-    "start_time",
-    "ckpt_path_sync",
-    "config_sync",
-    "config_off",
-    "ckpt_path_off",
-}
-# Keys that are optional in the YAML because the code reads them with a default. Keep in sync with
-# the `cfg.get(...)` calls in the trainers and datasets.
+RUNTIME_KEYS = {"config", "ckpt_path", "start_time", "ckpt_path_sync", "config_sync", "config_off", "ckpt_path_off"}
+# Keys the YAML may omit: the code reads them through `cfg_get`, with these defaults.
 OPTIONAL_KEYS = {
     "data.iter_times": 1,
     "data.skip_bad_samples": False,
@@ -72,12 +63,6 @@ def curr_time_with_random_shift() -> str:
     """A timestamp shifted back by up to a minute, so that jobs started together get distinct log dirs."""
     now = datetime.now() - timedelta(seconds=random.randint(0, 59))
     return now.strftime("%y-%m-%dT%H-%M-%S")
-
-
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("add"):
-        # `${add:1,2,3}` -> 6
-        OmegaConf.register_resolver("add", lambda *args: sum(args))
 
 
 def _all_key_paths(node, prefix: str = "") -> list[str]:
@@ -119,7 +104,7 @@ def check_overrides(cfg_yml: DictConfig, cfg_cli: DictConfig, yaml_path: str, so
         if isinstance(node, DictConfig) and any(k.startswith(f"{path}.") for k in allowed):
             continue  # a new parent of an allowed key, e.g. `data` for `data.iter_times`
         # name a full key (`trainig.lr`, not `trainig`) so the suggestion is a full key too
-        leaf = next((p for p in _all_key_paths(node, f"{path}.")), path) if isinstance(node, DictConfig) else path
+        leaf = next(iter(_all_key_paths(node, f"{path}.")), path)
         close = difflib.get_close_matches(leaf, sorted(known | allowed), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
@@ -152,7 +137,8 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> DictConfi
 
 def load_config(argv: list[str]) -> DictConfig:
     """Builds the run's config from `config=path.yaml` and dotlist overrides in `argv`."""
-    _register_resolvers()
+    if not OmegaConf.has_resolver("add"):
+        OmegaConf.register_resolver("add", lambda *args: sum(args))  # `${add:1,2,3}` -> 6
     try:
         cfg_cli = OmegaConf.from_dotlist(argv)
     except Exception as e:
@@ -174,9 +160,7 @@ def load_config(argv: list[str]) -> DictConfig:
 
 def set_env_from_slurm(environ: dict = os.environ) -> None:
     """Maps SLURM's task variables to the ones torch.distributed reads, unless torchrun set them."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return
-    if "SLURM_JOB_ID" in environ:
+    if "SLURM_JOB_ID" in environ and not ("RANK" in environ and "WORLD_SIZE" in environ):
         environ["LOCAL_RANK"] = environ["SLURM_LOCALID"]
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]

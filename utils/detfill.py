@@ -11,12 +11,8 @@ import hashlib
 import numpy as np
 
 
-def key_seed(key: str) -> int:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16)
-
-
 def fill_values(key: str, shape, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng([seed, key_seed(key)])
+    rng = np.random.default_rng([seed, int(hashlib.sha256(key.encode()).hexdigest()[:12], 16)])
     x = rng.standard_normal(tuple(shape), dtype=np.float64) * 0.02
     if len(shape) == 1 and key.endswith(".weight"):
         x = x + 1.0
@@ -27,13 +23,10 @@ def det_state_dict(model_state_dict, seed: int = 0):
     """Returns a new state dict (torch tensors) with deterministic values for every floating tensor."""
     import torch
 
-    out = {}
-    for k, v in model_state_dict.items():
-        if torch.is_floating_point(v):
-            out[k] = torch.from_numpy(fill_values(k, v.shape, seed)).to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
+    return {
+        k: torch.from_numpy(fill_values(k, v.shape, seed)).to(v.dtype) if torch.is_floating_point(v) else v.clone()
+        for k, v in model_state_dict.items()
+    }
 
 
 def det_input(shape, seed: int, scale: float = 1.0) -> np.ndarray:

@@ -19,7 +19,6 @@ from utils.precision import resolve_device
 @dataclass
 class DistEnv:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
 
@@ -28,29 +27,23 @@ class DistEnv:
         return self.rank == 0
 
 
-def pick_device(device: str | None, local_rank: int) -> torch.device:
-    """The configured device, else this process's accelerator (CUDA, ROCm, XPU, MPS...) or the CPU."""
-    device = resolve_device(device, "training.device")
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, local_rank)
-    if device.type != "cpu":
-        torch.accelerator.set_device_index(device.index)
-    return device
-
-
 def init_distributed(backend: str | None = None, device: str | None = None, timeout_min: int = 10) -> DistEnv:
-    """Joins the process group when launched with several processes; picks this process's device."""
+    """Joins the process group when launched with several processes; picks this process's device: the
+    configured one, else this process's accelerator (CUDA, ROCm, XPU, MPS...) or the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(device, local_rank)
+    device = resolve_device(device, "training.device")
+    if device.type != "cpu":
+        device = torch.device(device.type, local_rank) if device.index is None else device
+        torch.accelerator.set_device_index(device.index)
     if world_size > 1 and not dist.is_initialized():
         device_backend = dist.get_default_backend_for_device(device)
         if backend is not None and backend != device_backend and device.type == "cpu":
             logging.info(f"The backend '{backend}' does not run on the CPU: using '{device_backend}' instead.")
             backend = device_backend
         dist.init_process_group(backend or device_backend, timeout=timedelta(minutes=timeout_min))
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistEnv(rank=rank, world_size=world_size, device=device)
 
 
 def is_distributed() -> bool:

@@ -23,10 +23,6 @@ PUBLISHED_MODELS = {
 STAGE1_IDS = {"23-12-22T16-04-18", "23-12-22T16-10-50", "23-12-22T16-13-38"}
 
 
-def _ckpt_relpath(exp_name: str) -> str:
-    return "checkpoints/epoch_best.pt" if exp_name in STAGE1_IDS else f"{exp_name}.pt"
-
-
 class DownloadError(RuntimeError, UserError):
     """A file that could not be fetched or failed its checksum."""
 
@@ -35,18 +31,13 @@ def published_urls(exp_name: str) -> dict[str, str]:
     """The config and checkpoint URLs of a published experiment, keyed by 'cfg' and 'ckpt'."""
     if exp_name not in PUBLISHED_MODELS:
         raise DownloadError(f"Unknown published experiment '{exp_name}'; known: {sorted(PUBLISHED_MODELS)}.")
-    return {
-        "cfg": f"{PARENT_URL}/{exp_name}/cfg-{exp_name}.yaml",
-        "ckpt": f"{PARENT_URL}/{exp_name}/{_ckpt_relpath(exp_name)}",
-    }
+    ckpt = "checkpoints/epoch_best.pt" if exp_name in STAGE1_IDS else f"{exp_name}.pt"
+    return {"cfg": f"{PARENT_URL}/{exp_name}/cfg-{exp_name}.yaml", "ckpt": f"{PARENT_URL}/{exp_name}/{ckpt}"}
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def md5sum(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0) -> Path:
@@ -89,10 +80,11 @@ def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout:
 def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") -> tuple[Path, Path]:
     """Returns local (config, checkpoint) paths of a published experiment, downloading what is missing.
 
-    The layout is the original's: `<root>/<exp>/cfg-<exp>.yaml` and `<root>/<exp>/<exp>.pt`.
+    The layout is the original's, that of the server below `PARENT_URL`: `<root>/<exp>/cfg-<exp>.yaml` and
+    `<root>/<exp>/<exp>.pt` (stage 1: `<root>/<exp>/checkpoints/epoch_best.pt`).
     """
     urls = published_urls(exp_name)
-    exp_dir = Path(root) / exp_name
-    cfg_path = download(urls["cfg"], exp_dir / f"cfg-{exp_name}.yaml")
-    ckpt_path = download(urls["ckpt"], exp_dir / _ckpt_relpath(exp_name), md5_prefix=PUBLISHED_MODELS[exp_name]["md5"])
+    local = {k: Path(root) / url.removeprefix(f"{PARENT_URL}/") for k, url in urls.items()}
+    cfg_path = download(urls["cfg"], local["cfg"])
+    ckpt_path = download(urls["ckpt"], local["ckpt"], md5_prefix=PUBLISHED_MODELS[exp_name]["md5"])
     return cfg_path, ckpt_path

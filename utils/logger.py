@@ -21,25 +21,22 @@ from utils.config import cfg_get, curr_time_with_random_shift
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
 
-LOG_FORMAT = "%(asctime)s @ {rank} | %(levelname)s | %(message)s"
 CURVES_EVERY_SEC = 60  # redraw a run's curves.png at most this often (and when it ends): tiny epochs are faster
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
     """Console logging on every rank (rank > 0: warnings only) and, on rank 0, appending to train.log."""
-    formatter = logging.Formatter(LOG_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handlers = [logging.StreamHandler(sys.stdout)]
     if run_dir is not None and rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", mode="a"))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s @ {rank} | %(levelname)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=handlers,
+        force=True,  # replaces (and closes) the handlers of an earlier call
+    )
     logging.getLogger("transformers").setLevel(logging.WARNING)  # too chatty at INFO
 
 
@@ -49,8 +46,7 @@ def snapshot_code(src: Path, dst: Path, patterns_to_ignore: list[str]) -> None:
         return
 
     def keep(info: tarfile.TarInfo):
-        name = Path(info.name).name
-        return None if any(fnmatch.fnmatch(name, p) for p in patterns_to_ignore) else info
+        return None if any(fnmatch.fnmatch(Path(info.name).name, p) for p in patterns_to_ignore) else info
 
     tmp = dst.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
@@ -109,10 +105,6 @@ class RunLogger:
     def draw_curves(self) -> None:
         plot_learning_curves({self.run_dir.name: self.run_dir}, self.curves)
         self.curves_drawn_at = time.monotonic()
-
-    def log_scalars(self, scalars: dict, step: int) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars | {"step": step})
 
     def finish(self) -> None:
         if self.curves is not None:

@@ -15,7 +15,6 @@ def topk_accuracy(targets: torch.Tensor, logits: torch.Tensor, k: int, tol: int 
     the top-k predictions."""
     N, C = logits.shape
     topk = logits.topk(min(k, C), dim=1).indices  # (N, k)
-    # a prediction is right if it is within `tol` classes from the target (clamped to the class range)
     dist = (topk - targets.view(N, 1)).abs()  # (N, k)
     return (dist <= tol).any(dim=1).float().mean().item()
 

@@ -22,12 +22,10 @@ class ConfigError(ValueError, UserError):
     from its `params` (imported from `utils.config`, its home; defined here, where objects are built)."""
 
 
-def get_obj_from_str(string: str, reload: bool = False) -> Any:
+def get_obj_from_str(string: str) -> Any:
     """Returns the object named by a dotted path, e.g. 'torch.nn.Linear' -> the Linear class."""
     module_name, attr = string.rsplit(".", 1)
     module = importlib.import_module(module_name)
-    if reload:
-        module = importlib.reload(module)
     try:
         return getattr(module, attr)
     except AttributeError as e:

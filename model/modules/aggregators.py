@@ -73,8 +73,6 @@ class PositionalCLSTokenAggregator(CLSTokenAggregator):
 
 
 class AveragePooling(nn.Module):
-    """Pools a sequence by its mean: `(N, L, D) -> (N, D)`."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)
 

@@ -12,48 +12,43 @@ class DoNothingBridge(nn.Identity):
     """Identity; accepts and ignores the arguments of a projection (e.g. in/out_features) so configs can swap it in."""
 
 
-class ConvBridge(nn.Module):
-    """Convolution + GELU; `ndim` 2 for spectrogram features (B, D, F, T), 3 for video features (B, D, T, H, W)."""
-
-    def __init__(self, ndim: int, **conv_kwargs):
-        super().__init__()
-        conv = {2: nn.Conv2d, 3: nn.Conv3d}[ndim]
-        self.bridge = nn.Sequential(conv(**conv_kwargs), nn.GELU())
+class _Bridge(nn.Module):
+    """Applies `self.bridge`, the name the checkpoints store its parameters under."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bridge(x)
 
 
-class AvgPoolBridge(nn.Module):
-    """Average pooling; `ndim` as in `ConvBridge`."""
+class ConvBridgeAudio(_Bridge):
+    """Convolution + GELU over spectrogram features (B, D, F, T)."""
 
-    def __init__(self, ndim: int, kernel_size, stride=None, **pool_kwargs):
+    conv = nn.Conv2d
+
+    def __init__(self, **conv_kwargs):
         super().__init__()
-        pool = {2: nn.AvgPool2d, 3: nn.AvgPool3d}[ndim]
-        self.bridge = pool(kernel_size=kernel_size, stride=stride, **pool_kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bridge(x)
+        self.bridge = nn.Sequential(self.conv(**conv_kwargs), nn.GELU())
 
 
-class ConvBridgeAudio(ConvBridge):
-    def __init__(self, **conv_kwargs):
-        super().__init__(2, **conv_kwargs)
+class ConvBridgeVisual(ConvBridgeAudio):
+    """Convolution + GELU over video features (B, D, T, H, W)."""
+
+    conv = nn.Conv3d
 
 
-class ConvBridgeVisual(ConvBridge):
-    def __init__(self, **conv_kwargs):
-        super().__init__(3, **conv_kwargs)
+class AvgPoolBridgeAudio(_Bridge):
+    """Average pooling over spectrogram features (B, D, F, T)."""
+
+    pool = nn.AvgPool2d
+
+    def __init__(self, kernel_size, stride=None, **pool_kwargs):
+        super().__init__()
+        self.bridge = self.pool(kernel_size=kernel_size, stride=stride, **pool_kwargs)
 
 
-class AvgPoolBridgeAudio(AvgPoolBridge):
-    def __init__(self, **pool_kwargs):
-        super().__init__(2, **pool_kwargs)
+class AvgPoolBridgeVisual(AvgPoolBridgeAudio):
+    """Average pooling over video features (B, D, T, H, W)."""
 
-
-class AvgPoolBridgeVisual(AvgPoolBridge):
-    def __init__(self, **pool_kwargs):
-        super().__init__(3, **pool_kwargs)
+    pool = nn.AvgPool3d
 
 
 class AppendZerosToHidden(nn.Module):

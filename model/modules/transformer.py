@@ -40,8 +40,6 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
     def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd)
@@ -71,18 +69,18 @@ def sincos_table(*shape: int) -> torch.Tensor:
 
 
 class LearnedPositionalEncoding(nn.Module):
-    """A trainable embedding of shape (1, *block_shape, n_embd) added to the token sequence.
+    """A trainable embedding of shape (1, *block_shape, n_embd) added to the token sequence, initialised by
+    `init` (each subclass, named by the configs, sets its own).
 
     It knows nothing about modalities or segments: position i is simply the i-th token. A checkpoint
     trained on longer sequences (more segments) loads by keeping its first positions.
     """
 
-    def __init__(self, block_shape: list[int], n_embd: int, init: str = "randn"):
+    init = staticmethod(torch.randn)
+
+    def __init__(self, block_shape: list[int], n_embd: int):
         super().__init__()
-        inits = {"randn": torch.randn, "zeros": torch.zeros, "sincos": sincos_table}
-        if init not in inits:
-            raise ValueError(f"init must be one of {list(inits)}, got '{init}'")
-        self.pos_emb = nn.Parameter(inits[init](1, *block_shape, n_embd))
+        self.pos_emb = nn.Parameter(self.init(1, *block_shape, n_embd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:-1] != self.pos_emb.shape[1:-1]:
@@ -111,15 +109,9 @@ class LearnedPositionalEncoding(nn.Module):
 class RandInitPositionalEncoding(LearnedPositionalEncoding):
     """Learned position encoding initialised from N(0, 1) (the configs' default)."""
 
-    def __init__(self, block_shape: list[int], n_embd: int):
-        super().__init__(block_shape, n_embd, init="randn")
-
 
 class ZeroInitPositionalEncoding(LearnedPositionalEncoding):
-    """Learned position encoding initialised with zeros."""
-
-    def __init__(self, block_shape: list[int], n_embd: int):
-        super().__init__(block_shape, n_embd, init="zeros")
+    init = staticmethod(torch.zeros)
 
 
 class SinCosInitPositionalEncoding(LearnedPositionalEncoding):
@@ -131,8 +123,7 @@ class SinCosInitPositionalEncoding(LearnedPositionalEncoding):
     tiny demo configs use it; the published models use `RandInitPositionalEncoding`.
     """
 
-    def __init__(self, block_shape: list[int], n_embd: int):
-        super().__init__(block_shape, n_embd, init="sincos")
+    init = staticmethod(sincos_table)
 
 
 class NoPosEncoding(nn.Identity):

@@ -34,9 +34,6 @@ class SegmentFeatureExtractor(nn.Module):
         global_x = None if self.global_attn_agg is None else self.global_attn_agg(x)  # (B, D)
         return x, global_x  # (B, S, D) or (B, S, t, D) if time is not pooled
 
-    def forward_segments(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def build_time_and_segment_aggregators(
         self,
         agg_time_module: str,
@@ -79,9 +76,5 @@ class SegmentFeatureExtractor(nn.Module):
 def submodule_state_dict(state_dict: dict, name: str) -> dict:
     """The entries of submodule `name` (e.g. 'v_encoder' of a stage-1 AVCLIP checkpoint, saved with or
     without the DDP 'module.' prefix) with that prefix removed."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in (f"module.{name}.", f"{name}."):
-            if key.startswith(prefix):
-                out[key.removeprefix(prefix)] = value
-    return out
+    prefixes = (f"module.{name}.", f"{name}.")
+    return {key.removeprefix(p): value for key, value in state_dict.items() for p in prefixes if key.startswith(p)}

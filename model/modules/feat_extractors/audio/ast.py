@@ -103,8 +103,7 @@ class ASTEncoder(nn.Module):
 
 class AST(SegmentFeatureExtractor):
     """Spectrogram segments (B, S, T, F) (T = `max_spec_t` frames, F mel bins) -> features (B, S, t, D)
-    with `agg_time_module` Identity, else (B, S, D); `forward` returns them with the clip feature (B, D) if
-    `add_global_repr`, else None.
+    with `agg_time_module` Identity, else (B, S, D), and the clip feature (B, D) if `add_global_repr`.
 
     `ckpt_path`: None (random init), a stage-1 '.pt' checkpoint (its 'a_encoder'), or a Hugging Face model
     id or local folder of AST weights (e.g. 'MIT/ast-finetuned-audioset-10-10-0.4593'), whose position

@@ -27,7 +27,6 @@ ATTN_TYPE_OF_CKPT = {
     "ssv2_joint_224_16x4.pyth": "joint",
     "ssv2_motionformer_224_16x4.pyth": "trajectory",
 }
-ATTN_TYPES = ("divided", "joint", "trajectory")
 MOTIONFORMER_URL = "https://dl.fbaipublicfiles.com/motionformer"
 
 
@@ -132,8 +131,6 @@ class TrajectoryAttention(Attention):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
-
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn: nn.Module, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -231,10 +228,11 @@ class MotionFormer(SegmentFeatureExtractor):
         self.patch_embed_3d = PatchEmbed(in_chans, embed_dim, (tubelet_size, patch_size, patch_size))
 
         drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        attention = {"joint": Attention, "trajectory": TrajectoryAttention}.get(self.attn_type)
         self.blocks = nn.ModuleList(
-            DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, p)
-            if self.attn_type == "divided"
-            else Block(embed_dim, num_heads, mlp_ratio, _ATTENTION[self.attn_type](embed_dim, num_heads), p)
+            Block(embed_dim, num_heads, mlp_ratio, attention(embed_dim, num_heads), p)
+            if attention
+            else DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, p)
             for p in drop_path
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -259,28 +257,22 @@ class MotionFormer(SegmentFeatureExtractor):
                 fresh_prefixes=("spatial_attn_agg.", "temp_attn_agg.", "global_attn_agg."),
             )
 
-    def position_embedding(self) -> torch.Tensor:
-        """(1, 1+t*h*w, D): 'separate' embeddings (image position + frame index) or 'joint' ones."""
-        if self.attn_type == "joint":
-            return self.st_embed
-        space = self.pos_embed[:, None, 1:]  # (1, 1, h*w, D)
-        time = self.temp_embed[:, :, None]  # (1, t, 1, D)
-        return torch.cat([self.pos_embed[:, :1], (space + time).flatten(1, 2)], dim=1)
-
     def forward_segments(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, T, H, W) segments -> (N, t, D) or (N, D) features."""
         N = x.shape[0]
         t, h, w = self.grid
+        if self.attn_type == "joint":
+            pos = self.st_embed  # (1, 1+t*h*w, D)
+        else:  # 'separate' embeddings: image position (1, 1, h*w, D) + frame index (1, t, 1, D)
+            space_time = (self.pos_embed[:, None, 1:] + self.temp_embed[:, :, None]).flatten(1, 2)  # (1, t*h*w, D)
+            pos = torch.cat([self.pos_embed[:, :1], space_time], dim=1)
         x = self.patch_embed_3d(x)  # (N, t*h*w, D), tokens ordered (t, h, w)
-        x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1) + self.position_embedding()  # (N, 1+t*h*w, D)
+        x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1) + pos  # (N, 1+t*h*w, D)
         for block in self.blocks:
             x = block(x, (t, h * w))
         x = self.norm(x[:, 1:])  # the CLS token is not a feature: (N, t*h*w, D)
         x = self.spatial_attn_agg(x.view(N * t, h * w, self.embed_dim)).view(N, t, self.embed_dim)  # (N, t, D)
         return self.temp_attn_agg(x)  # (N, t, D) or (N, D)
-
-
-_ATTENTION = {"joint": Attention, "trajectory": TrajectoryAttention}
 
 
 def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | None) -> str:
@@ -300,7 +292,7 @@ def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | Non
             f"MotionFormer ckpt_path {ckpt_path} is neither a Motionformer checkpoint "
             f"({', '.join(ATTN_TYPE_OF_CKPT)}) nor a stage-1 '.pt' checkpoint."
         )
-    if found not in ATTN_TYPES or (attn_type is not None and attn_type != found):
+    if found not in ATTN_TYPE_OF_CKPT.values() or (attn_type is not None and attn_type != found):
         raise ValueError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
     return found
 
