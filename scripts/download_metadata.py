@@ -8,12 +8,10 @@ Files already present with the expected size are skipped; partial downloads resu
 """
 
 import argparse
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from utils.cli import run_cli
-from utils.download import DownloadError
+from utils.download import download
 
 BASE_URL = "https://raw.githubusercontent.com/v-iashin/Synchformer/main/data/"
 # relative path -> size in bytes (None: size unknown upstream, only checked to be non-empty)
@@ -60,29 +58,13 @@ FILES = {
 }  # fmt: skip
 
 
-def fetch(rel_path: str, out_dir: Path, base_url: str = BASE_URL, timeout: float = 30) -> str:
+def fetch(rel_path: str, out_dir: Path, base_url: str = BASE_URL) -> str:
     """Downloads one file unless it is already complete; returns 'skipped' or 'downloaded'."""
     size, path = FILES.get(rel_path), out_dir / rel_path
     if path.is_file() and (path.stat().st_size == size if size is not None else path.stat().st_size > 0):
         return "skipped"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(base_url + rel_path, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "ab" if have else "wb") as f:
-            if have and response.status != 206:  # the server ignored the range: start over
-                f.truncate(0)
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(
-            f"Could not download {base_url + rel_path}: {e}. Are you offline? Copy the original repo's `data/` "
-            f"folder into {out_dir} by hand, or re-run when online (partial files resume)."
-        ) from e
-    if size is not None and part.stat().st_size != size:
-        raise DownloadError(f"{rel_path}: got {part.stat().st_size} bytes, expected {size}; re-run to resume")
-    part.replace(path)
+    path.unlink(missing_ok=True)  # of the wrong size: `download` fetches only a missing file
+    download(base_url + rel_path, path, size=size)
     return "downloaded"
 
 

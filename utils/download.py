@@ -40,11 +40,14 @@ def md5sum(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0) -> Path:
+def download(
+    url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0, size: int | None = None
+) -> Path:
     """Fetches `url` to `path` unless it is there already.
 
     Bytes go to `path.part` first; an interrupted download resumes from there (HTTP Range) and the file
-    appears under its final name only once complete and, if `md5_prefix` is given, verified.
+    appears under its final name only once complete (`size` bytes, if given) and, if `md5_prefix` is
+    given, verified.
     """
     path = Path(path)
     if path.is_file():
@@ -70,6 +73,8 @@ def download(url: str, path: str | Path, md5_prefix: str | None = None, timeout:
             f"Could not download {url} to {path} ({e}). If this machine is offline, fetch the file elsewhere "
             f"and place it at {path}."
         ) from e
+    if size is not None and part.stat().st_size != size:  # kept: a re-run resumes from it
+        raise DownloadError(f"{url}: got {part.stat().st_size} bytes, expected {size}; re-run to resume")
     if md5_prefix is not None and not md5sum(part).startswith(md5_prefix):
         part.unlink()
         raise DownloadError(f"{url} downloaded to {part} does not match md5 {md5_prefix}...: deleted; try again.")
