@@ -33,7 +33,7 @@ from dataset.io import reencode_video as reencode_video  # the original's import
 from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.cli import UserError
 from utils.config import cfg_get
-from utils.utils import get_obj_from_str, instantiate_from_config
+from utils.utils import atomic_path, get_obj_from_str, instantiate_from_config
 
 # decode this much more than the crop on each side of a fixed-offset window (covers the audio wiggle)
 WINDOW_MARGIN_SEC = 0.2
@@ -105,10 +105,8 @@ def maybe_cache_file(path) -> str:
         return str(path)
     cache_path = Path(cache_dir) / Path(path).resolve().relative_to("/")
     if not cache_path.exists():
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, cache_path)  # atomic: parallel workers never read a half-copied file
+        with atomic_path(cache_path) as tmp:  # parallel workers never read a half-copied file
+            shutil.copyfile(path, tmp)
     return str(cache_path)
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dataset.io import BadVideoError, probe_video, reencode_video
 from scripts.predict_offsets import VIDEO_SUFFIXES
 from utils.cli import run_cli
-from utils.utils import write_csv
+from utils.utils import atomic_path, write_csv
 
 MANIFEST_FIELDS = ["id", "source", "start_sec", "end_sec", "duration_sec", "fps", "sample_rate", "height", "width",
                    "status"]  # fmt: skip
@@ -123,25 +123,23 @@ def check_prepared(path: Path, vfps: float, afps: int, size: int) -> dict:
 def prepare_one(job: Job, src: Path, out_dir: Path, vfps: float, afps: int, size: int) -> dict:
     """Re-encodes (or keeps) one output; returns its manifest row, with a `reason` when it is bad."""
     row = {"id": job.id, "source": job.source, "start_sec": job.start_sec, "end_sec": job.end_sec}
-    out = out_dir / f"{job.id}.mp4"
-    for stale in glob.glob(f"{glob.escape(str(out))}.tmp-*.mp4"):  # left by a killed run
+    source, out = src / job.source, out_dir / f"{job.id}.mp4"
+    for stale in glob.glob(f"{glob.escape(str(out))}.tmp-*.mp4"):  # `atomic_path`'s, left by a killed run
         os.remove(stale)
     if out.is_file():
         try:
             return {**row, **check_prepared(out, vfps, afps, size), "status": "done"}
         except BadVideoError as e:
             logging.warning(f"Redoing {out}: {e}")
-    tmp = Path(f"{out}.tmp-{os.getpid()}.mp4")  # the muxer picks the format by the name's suffix
     try:
-        reencode_video(src / job.source, vfps, afps, size, start_sec=job.start_sec, end_sec=job.end_sec, out_path=tmp)
-        info = check_prepared(tmp, vfps, afps, size)
-        if job.end_sec is not None and info["duration_sec"] < job.end_sec - job.start_sec - 1 / vfps:
-            raise BadVideoError(src / job.source, f"ends before the clip's end ({job.end_sec} s)")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            reencode_video(source, vfps, afps, size, start_sec=job.start_sec, end_sec=job.end_sec, out_path=tmp)
+            info = check_prepared(tmp, vfps, afps, size)
+            if job.end_sec is not None and info["duration_sec"] < job.end_sec - job.start_sec - 1 / vfps:
+                raise BadVideoError(source, f"ends before the clip's end ({job.end_sec} s)")
         return {**row, **info, "status": "encoded"}
     except Exception as e:  # a batch over many files records every failure and goes on
-        tmp.unlink(missing_ok=True)
-        reason = str(e) if isinstance(e, BadVideoError) else f"{src / job.source}: {type(e).__name__}: {e}"
+        reason = str(e) if isinstance(e, BadVideoError) else f"{source}: {type(e).__name__}: {e}"
         return {**row, "status": "bad", "reason": reason}
 
 

@@ -25,7 +25,6 @@ next to the corrected copies, for cleaning a dataset; videos whose copy exists a
 import argparse
 import csv
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from dataset.io import BadVideoError
 from scripts.predict_offsets import VIDEO_SUFFIXES, add_tracking_args, predict_track
 from utils.cli import run_cli
 from utils.inference import WindowPredictor, load_model_from_args
-from utils.utils import reuse_freed_memory, write_csv
+from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
 REPORT_FIELDS = ["video", "offset_sec", "confidence", "drift", "action", "residual_sec", "output"]
@@ -69,8 +68,6 @@ def shift_audio(wave: np.ndarray, delay: int) -> np.ndarray:
 def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
     """Writes `src` to `dst` with the video packets copied and the audio delayed by `delay_sec` (advanced
     when negative); returns the delay in samples. Atomic: a temporary name, renamed when complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.stem}.tmp-{os.getpid()}{dst.suffix}")  # the muxer picks the format by the suffix
     try:
         with av.open(str(src)) as container:
             if not (container.streams.video and container.streams.audio):
@@ -79,7 +76,7 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             sr, layout, bit_rate = audio.sample_rate, audio.layout.name, audio.bit_rate
             delay = round(delay_sec * sr)
             wave = None if delay == 0 else shift_audio(decode_planar(container, audio), delay)  # (C, Ta)
-        with av.open(str(src)) as container, av.open(str(tmp), "w") as out:
+        with atomic_path(dst) as tmp, av.open(str(src)) as container, av.open(str(tmp), "w") as out:
             video, audio = container.streams.video[0], container.streams.audio[0]
             streams = {video: out.add_stream_from_template(video)}
             if wave is None:  # nothing to shift: the audio packets are copied too
@@ -99,12 +96,8 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
                 encoded = encode_chunk(out, a_out, wave, encoded)
             if wave is not None:
                 out.mux(a_out.encode())
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, av.FFmpegError):
-            raise BadVideoError(src, f"cannot be remuxed: {e}", "check that the video is complete") from e
-        raise
-    os.replace(tmp, dst)
+    except av.FFmpegError as e:
+        raise BadVideoError(src, f"cannot be remuxed: {e}", "check that the video is complete") from e
     return delay
 
 

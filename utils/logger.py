@@ -6,7 +6,6 @@ snapshot of the code. Only rank 0 writes files; other ranks log warnings only.""
 import fnmatch
 import json
 import logging
-import os
 import sys
 import tarfile
 import time
@@ -17,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.config import cfg_get, curr_time_with_random_shift
+from utils.utils import atomic_path
 
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
@@ -48,10 +48,8 @@ def snapshot_code(src: Path, dst: Path, patterns_to_ignore: list[str]) -> None:
     def keep(info: tarfile.TarInfo):
         return None if any(fnmatch.fnmatch(Path(info.name).name, p) for p in patterns_to_ignore) else info
 
-    tmp = dst.with_suffix(".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(dst) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(src, arcname=src.name, filter=keep)
-    os.replace(tmp, dst)
 
 
 class RunLogger:
@@ -165,9 +163,7 @@ def plot_learning_curves(runs: dict[str, Path], path: Path) -> Path | None:
         lines = ax.get_lines() + acc.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees half a PNG
     return path

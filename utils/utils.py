@@ -8,7 +8,8 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,28 +66,34 @@ def instantiate_from_config(config: Mapping) -> Any:
         raise ConfigError(f"{config['target']}: {e}") from e
 
 
-def _temp_name(path: Path) -> Path:
-    """A temporary name next to `path` for writing it atomically (rename it to `path` when complete)."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name next to `path` (its parent folders created) for the block to write; renamed to
+    `path` when the block completes, so that a reader never sees half a file, and removed when it fails.
+    It ends in `path`'s suffix: muxers and savefig pick the format by it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Writes `obj` as indented JSON, creating the parent folders; atomic (a temporary name, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _temp_name(path).write_text(json.dumps(obj, indent=1))
-    os.replace(_temp_name(path), path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping], fieldnames: Sequence[str] | None = None) -> None:
     """Writes dicts as CSV rows under a header of `fieldnames` (default: the first row's keys); atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_temp_name(path), "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fieldnames or rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(_temp_name(path), path)
 
 
 def reuse_freed_memory() -> bool:
