@@ -357,10 +357,7 @@ def reencode_video(
                     if keep.stop <= keep.start:
                         continue
                     if keep != slice(0, n):  # a cut's boundary: keep part of the frame
-                        resampled = av.AudioFrame.from_ndarray(
-                            np.ascontiguousarray(resampled.to_ndarray()[:, keep]), format="fltp", layout="mono"
-                        )
-                        resampled.sample_rate = afps
+                        resampled = audio_frame(resampled.to_ndarray()[:, keep], "mono", afps)
                     resampled.pts = samples_out
                     samples_out += resampled.samples
                     dst.mux(a_out.encode(resampled))
@@ -375,7 +372,7 @@ def reencode_video(
                 # emit every output tick up to this frame's start with the previous frame
                 while last is not None and next_out_i / vfps < t - 0.5 / vfps and next_out_i < n_ticks:
                     last_rgb = to_rgb(last) if last_rgb is None else last_rgb
-                    dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
+                    dst.mux(v_out.encode(rgb_frame(last_rgb, next_out_i)))
                     next_out_i += 1
                 last, last_rgb = frame, None
                 if next_out_i >= n_ticks and samples_in >= stop_sample:
@@ -383,7 +380,7 @@ def reencode_video(
             duration = float(src.duration / av.time_base) - start_sec if src.duration else (next_out_i + 1) / vfps
             while last is not None and next_out_i < min(round(duration * vfps), n_ticks):
                 last_rgb = to_rgb(last) if last_rgb is None else last_rgb
-                dst.mux(v_out.encode(_rgb_frame(last_rgb, next_out_i)))
+                dst.mux(v_out.encode(rgb_frame(last_rgb, next_out_i)))
                 next_out_i += 1
             encode_audio(resampler.resample(None))
             dst.mux(v_out.encode())
@@ -399,9 +396,17 @@ def _decode_or_fail(container, streams, path):
         raise BadVideoError(path, f"is corrupt: {e}", "re-encode or drop the file") from e
 
 
-def _rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:
+def rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:
+    """A frame to encode from (H, W, 3) uint8 pixels."""
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
     frame.pts = pts
+    return frame
+
+
+def audio_frame(wave: np.ndarray, layout: str, sample_rate: int, pts: int | None = None) -> av.AudioFrame:
+    """A frame to encode from (C, n) float32 samples."""
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = sample_rate, pts
     return frame
 
 

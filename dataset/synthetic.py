@@ -21,6 +21,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from dataset.io import audio_frame, rgb_frame
+
 VGGSOUND_VIDS_DIRNAME = "h264_video_25fps_256side_16000hz_aac"
 # two classes that differ by the pitch of the tone burst, so `vggsound_target` is learnable too
 TONE_CLASSES = {"low tone": 440.0, "high tone": 1320.0}
@@ -116,18 +118,11 @@ def write_mp4(path, frames: np.ndarray, wave: np.ndarray, vfps: float, afps: int
         a_stream = container.add_stream("aac", rate=afps)
         a_stream.layout = layout
         for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            container.mux(v_stream.encode(frame))
+            container.mux(v_stream.encode(rgb_frame(rgb, i)))
         container.mux(v_stream.encode())
         chunk = 1024  # AAC frame size
         for start in range(0, wave.shape[1], chunk):
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(wave[:, start : start + chunk]), format="fltp", layout=layout
-            )
-            frame.sample_rate = afps
-            frame.pts = start
-            container.mux(a_stream.encode(frame))
+            container.mux(a_stream.encode(audio_frame(wave[:, start : start + chunk], layout, afps, start)))
         container.mux(a_stream.encode())
 
 

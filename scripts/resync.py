@@ -32,7 +32,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataset.io import BadVideoError
+from dataset.io import BadVideoError, audio_frame
 from scripts.predict_offsets import VIDEO_SUFFIXES, add_tracking_args, predict_track
 from utils.cli import run_cli
 from utils.inference import WindowPredictor, load_model_from_args
@@ -103,10 +103,8 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
 
 def encode_chunk(out, stream, wave: np.ndarray, start: int) -> int:
     """Encodes one AAC frame of `wave` (C, Ta) from sample `start`; returns where the next one starts."""
-    chunk = np.ascontiguousarray(wave[:, start : start + AAC_FRAME])
-    frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=stream.layout.name)
-    frame.sample_rate, frame.pts = stream.sample_rate, start
-    out.mux(stream.encode(frame))
+    chunk = wave[:, start : start + AAC_FRAME]
+    out.mux(stream.encode(audio_frame(chunk, stream.layout.name, stream.sample_rate, start)))
     return start + chunk.shape[1]
 
 
