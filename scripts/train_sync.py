@@ -20,13 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import (
-    Trainer,
-    build_optimizer,
-    build_run,
-    load_weights,
-    lr_factor_fn,
-)
+from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, lr_factor_fn
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
