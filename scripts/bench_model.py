@@ -128,11 +128,6 @@ def random_inputs(model: torch.nn.Module, batch_size: int, n_segments: int, devi
     return vis, torch.randn(batch_size, n_segments, 1, F, Ta, device=device)
 
 
-def default_device() -> torch.device:
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    return accelerator or torch.device("cpu")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.accelerator.synchronize()
@@ -264,7 +259,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size and precision")
     parser.add_argument("--clips", type=int, default=len(CLIPS), help="how many sample clips to check agreement on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--device", type=torch.device, default=default_device())
+    parser.add_argument("--device", help="default: the accelerator if there is one, else the CPU")
     parser.add_argument("--tiny", action="store_true", help="reduced model, one repetition, one clip (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(

@@ -13,13 +13,12 @@ Prints one summary line and, with --out, writes the measurements as JSON.
 
 import argparse
 import os
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
-from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
+from scripts.bench_model import FLOAT32, Precision, build_model, cpu_description, random_inputs, timed
 from scripts.bench_train import bench_training
 from utils.cli import run_cli
 from utils.precision import resolve_device
@@ -33,7 +32,7 @@ OURS_COMPILED = Precision("bf16 + fused attention + compile", torch.bfloat16, co
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{device.type} ({cpu_description()}, {torch.get_num_threads()} threads)"
 
 
 def bench_inference(model, vis, aud, precision: Precision, repeats: int, device, reference: torch.Tensor) -> dict:
@@ -65,7 +64,7 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards / training steps per setting")
     parser.add_argument("--compile", action="store_true", help="also bf16 + fused attention + torch.compile")
-    parser.add_argument("--device", type=torch.device, default=default_device())
+    parser.add_argument("--device", help="default: the accelerator if there is one, else the CPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tiny", action="store_true", help="reduced model and input size, one repetition (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

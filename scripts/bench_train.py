@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_model import FLOAT32, Precision, build_model, default_device, random_inputs, timed
+from scripts.bench_model import FLOAT32, Precision, build_model, random_inputs, timed
 from utils.cli import run_cli
 from utils.config import read_yaml
 from utils.precision import resolve_device
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--full-batch-size", type=int, default=1)
     parser.add_argument("--full-iterations", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--device", type=torch.device, default=default_device())
+    parser.add_argument("--device", help="default: the accelerator if there is one, else the CPU")
     parser.add_argument("--tiny", action="store_true", help="only the tiny config, 2 iterations (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
