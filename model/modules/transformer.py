@@ -8,8 +8,9 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from model.modules.cpu_bf16 import scaled_dot_product_attention
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SelfAttention(nn.Module):
         # (B, n_head, N, D // n_head) each
         q, k, v = (t.view(B, N, self.n_head, -1).transpose(1, 2) for t in (self.query(x), self.key(x), self.value(x)))
         # dropout on the attention probabilities, as in minGPT, only while training
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D): heads side by side
         return self.resid_drop(self.proj(y))
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import ASTConfig, ASTModel
 
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
+from model.modules.cpu_bf16 import scaled_dot_product_attention
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
 from utils.checkpoint import load_checkpoint
 
@@ -39,7 +40,7 @@ class ASTSelfAttention(nn.Module):
         q, k, v = (
             proj(x).unflatten(2, (self.num_heads, -1)).transpose(1, 2) for proj in (self.query, self.key, self.value)
         )
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (N, L, D) <- (N, h, L, d)
+        return scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (N, L, D) <- (N, h, L, d)
 
 
 class ASTLayer(nn.Module):

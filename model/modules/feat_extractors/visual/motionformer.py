@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
+from model.modules.cpu_bf16 import ChunkedLinear, ChunkedMlp, scaled_dot_product_attention
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
 from utils.checkpoint import load_checkpoint
 from utils.download import download
@@ -37,8 +38,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = ChunkedLinear(dim, 3 * dim)
+        self.proj = ChunkedLinear(dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, D = x.shape
@@ -50,13 +51,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         q, k, v = self.split_heads(x)  # (B, h, N, d)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return self.merge_heads(scaled_dot_product_attention(q, k, v))
 
 
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention within each of G groups: (B, h, G, L, d) queries, (B, h, G, L', d) keys and values. Fused
     attention kernels take 4-D inputs only, hence the flattening."""
-    out = F.scaled_dot_product_attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2))  # (B, h*G, L, d)
+    out = scaled_dot_product_attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2))  # (B, h*G, L, d)
     return out.unflatten(1, q.shape[1:3])  # (B, h, G, L, d)
 
 
@@ -78,7 +79,7 @@ class DividedAttention(Attention):
         h, d = self.num_heads, D // self.num_heads
         qkv = self.qkv(x).view(B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
-        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d)
+        cls_out = scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d)
 
         patches = qkv[:, 1:].unflatten(1, grid).permute(3, 0, *self.group_dims, 4, 5)  # (3, B, G, L, h, d)
         G, L = patches.shape[2:4]
@@ -86,7 +87,7 @@ class DividedAttention(Attention):
         grouped[:, :, :, :, 1:] = patches.transpose(3, 4)
         grouped[1:, :, :, :, 0] = qkv[:, None, 0, 1:].movedim(2, 0)  # (2, B, 1, h, d), the same for all groups
         q_, k_, v_ = grouped.flatten(1, 2).unbind(0)  # (B*G, h, 1+L, d)
-        out = F.scaled_dot_product_attention(q_[:, :, 1:], k_, v_)  # (B*G, h, L, d)
+        out = scaled_dot_product_attention(q_[:, :, 1:], k_, v_)  # (B*G, h, L, d)
 
         merged = qkv.new_empty(B, N, h, d)  # back in token order
         merged[:, 0] = cls_out[:, :, 0]
@@ -112,7 +113,7 @@ class TrajectoryAttention(Attention):
         Fr, P = grid
         h, d = self.num_heads, D // self.num_heads
         q, k, v = self.split_heads(x)  # (B, h, 1+Fr*P, d)
-        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d)
+        cls_out = scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d)
 
         # every query attends within each frame: (B, h, Fr, Fr*P, d)
         queries = q[:, :, None, 1:].expand(-1, -1, Fr, -1, -1)
@@ -137,7 +138,7 @@ class Block(nn.Module):
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = ChunkedMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid))
