@@ -4,7 +4,7 @@ In float32 and on GPUs these are PyTorch's fused attention kernel and timm's `Ml
 with the original holds). Under bf16 on the CPU, profiles of the full model on a Zen 4 found two
 costs besides the GEMMs (README, "bf16 and int8 on the CPU"):
 - the fused attention kernel runs the short sequences of this model (9 keys in time attention, 197 in
-  space attention, one query in the CLS rows) 2-6x slower than two batched matmuls do;
+  space attention, one query in the CLS rows) 1.8-6x slower than two batched matmuls do;
 - the MLP's (tokens, 3072) hidden activations go out to memory three times (bias, GELU, second GEMM).
 Both are computed in chunks that stay in the caches, with the same numbers per chunk.
 """
