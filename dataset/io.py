@@ -319,8 +319,7 @@ def reencode_video(
     `start_sec` / `end_sec` cut a clip: output frame n shows time `start_sec + n/vfps` of the input, the
     audio keeps the resampled samples from `round(start_sec*afps)` to `round(end_sec*afps)`.
     Returns the new path: `out_path`, else `<out_dir>/<stem>_<vfps>fps_<in_size>side_<afps>hz.mp4`
-    (`out_dir` defaults to `./vis`, as in the original's `example.py`).
-    """
+    (`out_dir` defaults to `./vis`, as in the original's `example.py`)."""
     if out_path is None:
         out_dir = Path("vis") if out_dir is None else Path(out_dir)
         out_path = out_dir / f"{Path(path).stem}_{vfps}fps_{in_size}side_{afps}hz.mp4"
