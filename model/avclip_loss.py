@@ -40,8 +40,7 @@ def contrastive_loss(
     """Mean of the visual->audio and audio->visual cross-entropies over cosine similarities / temperature.
 
     vfeat, afeat: (N, D), L2-normalised. With `gather`, negatives come from all ranks' batches (the
-    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
-    """
+    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size))."""
     N = vfeat.shape[0]
     rank = dist.get_rank() if gather and is_distributed() else 0
     vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
