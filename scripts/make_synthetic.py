@@ -38,17 +38,10 @@ def main() -> None:
 
     if args.what == "clip":
         spec = ClipSpec(
-            duration_sec=args.duration,
-            vfps=args.vfps,
-            afps=args.afps,
-            height=args.size[0],
-            width=args.size[1],
-            n_audio_channels=args.channels,
-            offset_sec=args.offset,
-            offset_after_sec=args.offset_after,
-            gop=args.gop,
-            seed=args.seed,
-        )
+            duration_sec=args.duration, vfps=args.vfps, afps=args.afps, height=args.size[0], width=args.size[1],
+            n_audio_channels=args.channels, offset_sec=args.offset, offset_after_sec=args.offset_after,
+            gop=args.gop, seed=args.seed,
+        )  # fmt: skip
         labels = make_clip(args.path, spec)
         print(f"wrote {args.path} with {len(labels['visual_events_sec'])} events")
     else:

@@ -107,8 +107,7 @@ def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dic
     """Metrics over the items of all ranks; every rank computes the same numbers.
 
     `kept`: this rank's `(indices, logits, targets)` per batch; items are put in dataset order, so the
-    result does not depend on the number of ranks.
-    """
+    result does not depend on the number of ranks."""
     local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
     shards = all_gather_objects((local, loss_sum, n_items, n_bad))
     order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))
