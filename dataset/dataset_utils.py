@@ -9,8 +9,7 @@ Items keep the original's layout:
 
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
-batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
-"""
+batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers)."""
 
 import copy
 import csv

@@ -20,8 +20,7 @@ video is decoded from the last keyframe before the window (frames no other frame
 decoded before the window), the audio (cheap) from the file start.
 (`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
 to 10 s by `EqualifyFromRight` anyway.) `decode_video_window` can stop decoding before the window's end
-and only count the frames after that, from their packets' timestamps.
-"""
+and only count the frames after that, from their packets' timestamps."""
 
 import itertools
 import math

@@ -9,8 +9,7 @@ offset for the events in the second half of the clip (drift tests on long videos
 Events are sparse and irregular (random gaps), so the offset is identifiable from a 5 s crop; they are
 deterministic given the seed. Each clip gets a JSON sidecar with its event times.
 
-`make_vggsound_like` lays out a small dataset the way `dataset.vggsound.VGGSound*` expects it.
-"""
+`make_vggsound_like` lays out a small dataset the way `dataset.vggsound.VGGSound*` expects it."""
 
 import csv
 import json

@@ -13,8 +13,7 @@ video start snapped to the frame grid before the audio start is computed), so fi
 original's CSVs select the same frames and samples. Crops respect an optional decode window: when the
 dataset decoded only part of a file, `meta['video']['start_frame']` / `meta['audio']['start_sample']`
 say where it starts (and `meta['video']['end_frame']` where the video ends when its last frames were
-only counted, not decoded) and all indices stay absolute (file) indices.
-"""
+only counted, not decoded) and all indices stay absolute (file) indices."""
 
 import logging
 import math

@@ -1,8 +1,7 @@
 """AVCLIP (stage 1): contrastive pre-training of the visual and audio feature extractors on segments.
 
 Both extractors turn each segment into one feature (their temporal aggregation is on); matching
-segments of the two streams are pulled together, all others in the batch pushed apart.
-"""
+segments of the two streams are pulled together, all others in the batch pushed apart."""
 
 from collections.abc import Mapping
 

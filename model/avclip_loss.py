@@ -1,8 +1,7 @@
 """Symmetric contrastive (InfoNCE) loss between visual and audio features of the same segments.
 
 Row i of the visual and of the audio features come from the same segment (a positive pair); every other
-row of the batch, on every rank when gathered, is a negative.
-"""
+row of the batch, on every rank when gathered, is a negative."""
 
 import torch
 import torch.distributed as dist

@@ -3,8 +3,7 @@
 Each segment of the video (16 frames) and of the audio (a 0.64 s spectrogram) is turned into a few
 features by its extractor: 8 visual features (one per temporal patch) and 6 audio ones. All segments'
 features are flattened into one sequence `[OFF, v_1 ... v_S*8, MOD, a_1 ... a_S*6]`; the output at the
-OFF token is classified into one of the offset classes (or sync / not sync for the syncability head).
-"""
+OFF token is classified into one of the offset classes (or sync / not sync for the syncability head)."""
 
 import os
 from collections.abc import Mapping

@@ -5,8 +5,7 @@ python -m scripts.make_synthetic clip out/drift.mp4 --duration 20 --offset 0.4 -
 # the re-encoding variants (30 fps, 44.1 kHz stereo, 640x360)
 python -m scripts.make_synthetic clip out/odd.mp4 --vfps 30 --afps 44100 --channels 2 --size 360 640
 # a VGGSound look-alike for the CPU training demo
-python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300
-"""
+python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300"""
 
 import argparse
 

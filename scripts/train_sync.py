@@ -10,8 +10,7 @@ its fine-tuning for synchronizability (`ft_avsync_model_for_syncability`, a 2-cl
 
 Each epoch trains, validates, saves `<run>/<start_time>_latest.pt` and, if the validation metric improved,
 `<start_time>.pt` and `<start_time>_best.pt`. Early stopping after `patience` epochs without improvement;
-the best checkpoint is tested at the end unless `training.skip_test`.
-"""
+the best checkpoint is tested at the end unless `training.skip_test`."""
 
 import logging
 import math

@@ -4,8 +4,7 @@ checkpoint state.
 Reproducibility: all randomness of an epoch is derived from (seed, epoch): the sampler's shuffle, the
 model's dropout (torch's generator is reseeded per epoch and rank), and the data augmentation, which is
 seeded per item from (seed, epoch, item index). A run resumed from the checkpoint of epoch e therefore
-draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks.
-"""
+draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks."""
 
 import logging
 import math

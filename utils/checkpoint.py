@@ -4,8 +4,7 @@ Published Synchformer checkpoints are dicts `{'model': state_dict, 'args': <Omeg
 'optimizer', ...}`; downstream projects often redistribute the bare state dict. Both are read with
 `torch.load(weights_only=True)`: no arbitrary code runs, only the config classes listed below are
 rebuilt. Writes go to a temporary file that replaces the target in one rename, so a crash mid-write
-never leaves a truncated checkpoint behind.
-"""
+never leaves a truncated checkpoint behind."""
 
 import collections
 import os

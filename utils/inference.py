@@ -7,8 +7,7 @@ tracked by extracting features for each distinct segment once and running only t
 
 The segments of a window are found by the config's own test-time crop transforms run on index
 tensors (frame and sample numbers instead of pixels), so the windows are exactly those that
-`example.py` and the test-time pipeline would make.
-"""
+`example.py` and the test-time pipeline would make."""
 
 import argparse
 import copy

@@ -3,8 +3,7 @@
 The feature extractors pool their patch tokens step by step: over space within each frame (video) or
 over frequency within each time step (audio), then optionally over time, then optionally over the
 segments of a clip. Every aggregator here maps `(N, L, D) -> (N, D)` by pooling the `L` axis.
-Configs name them 'TransformerEncoderLayer', 'AveragePooling' or a dotted '...Identity' (no pooling).
-"""
+Configs name them 'TransformerEncoderLayer', 'AveragePooling' or a dotted '...Identity' (no pooling)."""
 
 import torch
 from timm.layers import trunc_normal_

@@ -1,8 +1,7 @@
 """Transformer layers of the synchronisation head: a minGPT-style pre-norm block and learned position encodings.
 
 Parameter names (`attn.key`, `attn.query`, `attn.value`, `attn.proj`, `ln1`, `ln2`, `mlp.0`, `mlp.2`,
-`pos_emb`) are those of the published checkpoints.
-"""
+`pos_emb`) are those of the published checkpoints."""
 
 import logging
 import math

@@ -10,8 +10,7 @@ transformers 4.27 (`ast.encoder.layer.N.attention.attention.query`, ...), which 
 (`layers.N.attention.q_proj`, ...) and may rename again. Keeping those names in a small module of our own
 keeps the checkpoints loadable without renaming hooks, and the forward pass under our control (fused
 attention). transformers is used only for the AST defaults (`ASTConfig`) and to read the pre-trained
-weights, which `ast_state_dict_from_hf` renames to ours.
-"""
+weights, which `ast_state_dict_from_hf` renames to ours."""
 
 import re
 

@@ -5,8 +5,7 @@ Trajectory Attention in Video Transformers", NeurIPS 2021), pre-trained on Somet
 8x14x14 output tokens are pooled over space within each frame, then optionally over time and segments.
 Three attention types, as published with Motionformer: 'divided' (time then space attention in every
 block; Synchformer's checkpoints), 'joint' (full space-time attention) and 'trajectory' (Motionformer's).
-State-dict names are those of the original checkpoints.
-"""
+State-dict names are those of the original checkpoints."""
 
 from pathlib import Path
 
