@@ -5,8 +5,7 @@
 The audio is shifted by `--offset_sec` and the model is asked to find the shift again (positive: the
 audio window starts that much later in the file, so its events come that much earlier than the video's).
 With the synchronizability model (24-01-22T20-34-52) it prints the probability that the clip can be
-synchronised at all.
-"""
+synchronised at all."""
 
 import argparse
 

@@ -5,8 +5,7 @@
 Each returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Weights are downloaded
 once into `<torch.hub.get_dir()>/synchformer/<experiment>/`. `precision` (fp32, bf16, fp16, int8, auto)
 is decided at `model.precision`: int8 returns the int8 CPU model; for bf16/fp16 run the model under
-`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16), which its float32 weights expect.
-"""
+`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16), which its float32 weights expect."""
 
 from pathlib import Path
 

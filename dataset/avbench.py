@@ -10,8 +10,7 @@ It differs from Synchformer's own test pipeline (256 px, centre crop 224, half-p
   spectrogram (the stage-2 configs' parameters) of 65 frames, zero-padded to 66 after the log, then
   AST-normalised.
 A video shorter than `duration` or an audio shorter than `duration` cannot be scored (av-benchmark drops
-the video, and in place of the audio takes the next file in the folder; we list both as skipped).
-"""
+the video, and in place of the audio takes the next file in the folder; we list both as skipped)."""
 
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,8 +9,7 @@ Items keep the original's layout:
 
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
-batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers).
-"""
+batch under `'n_bad_samples'` (so the trainer can count them per epoch, across dataloader workers)."""
 
 import copy
 import csv
@@ -172,33 +171,20 @@ class AudioVisualDataset(torch.utils.data.Dataset):
     `iter_times` repeats the dataset (fresh random offsets each pass when no fixed offsets are loaded).
     `windowed_decode` reads only the part of the file a fixed-offset crop needs (same output, faster).
     `cache_decoded` keeps every decoded clip in memory (per data-loader worker) and decodes it only once:
-    for small datasets of small clips (the CPU demo), where decoding costs more than the model.
-    """
+    for small datasets of small clips (the CPU demo), where decoding costs more than the model."""
 
     fixed_offsets_name = ""
     max_clip_len_sec = None
     default_meta_name = None
 
+    # `vis_load_backend` and the two `attr` arguments are ignored (PyAV reads every file)
     def __init__(
-        self,
-        split: str,
-        vids_dir,
-        transforms=None,
-        splits_path="./data",
-        seed: int = 1337,
-        load_fixed_offsets_on=("valid", "test"),
-        vis_load_backend: str = "read_video",  # ignored (PyAV reads every file), like the two attr arguments
-        size_ratio: float | None = None,
-        attr_annot_path=None,
-        max_attr_per_vid=None,
-        to_filter_bad_examples: bool = True,
-        iter_times: int = 1,
-        skip_bad_samples: bool = False,
-        audio_priming_compat: bool = True,
-        windowed_decode: bool = True,
-        cache_decoded: bool = False,
-        meta_path=None,
-    ):
+        self, split: str, vids_dir, transforms=None, splits_path="./data", seed: int = 1337,
+        load_fixed_offsets_on=("valid", "test"), vis_load_backend: str = "read_video", size_ratio: float | None = None,
+        attr_annot_path=None, max_attr_per_vid=None, to_filter_bad_examples: bool = True, iter_times: int = 1,
+        skip_bad_samples: bool = False, audio_priming_compat: bool = True, windowed_decode: bool = True,
+        cache_decoded: bool = False, meta_path=None,
+    ):  # fmt: skip
         super().__init__()
         self.split = split
         self.vids_dir = str(vids_dir)

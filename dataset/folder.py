@@ -11,8 +11,7 @@ with `data.vids_path=DST/h264_video_25fps_256side_16000hz_aac`.
 - Clips shorter than the crop plus the maximum offset (`min_len_sec`, by default read from the offset
   transform; twice the crop for synchronisability training) are left out.
 - Fixed offsets on `load_fixed_offsets_on`: one offset class and visual start per clip, drawn from the
-  seed and the clip's id, so every run (and every data-loader worker) sees the same ones.
-"""
+  seed and the clip's id, so every run (and every data-loader worker) sees the same ones."""
 
 import csv
 import hashlib

@@ -20,8 +20,7 @@ video is decoded from the last keyframe before the window (frames no other frame
 decoded before the window), the audio (cheap) from the file start.
 (`read_video` also kept a frame exactly at `end`; the only caller with an end, LRS3 at 11 s, is trimmed
 to 10 s by `EqualifyFromRight` anyway.) `decode_video_window` can stop decoding before the window's end
-and only count the frames after that, from their packets' timestamps.
-"""
+and only count the frames after that, from their packets' timestamps."""
 
 import itertools
 import math
@@ -319,8 +318,7 @@ def reencode_video(
     `start_sec` / `end_sec` cut a clip: output frame n shows time `start_sec + n/vfps` of the input, the
     audio keeps the resampled samples from `round(start_sec*afps)` to `round(end_sec*afps)`.
     Returns the new path: `out_path`, else `<out_dir>/<stem>_<vfps>fps_<in_size>side_<afps>hz.mp4`
-    (`out_dir` defaults to `./vis`, as in the original's `example.py`).
-    """
+    (`out_dir` defaults to `./vis`, as in the original's `example.py`)."""
     if out_path is None:
         out_dir = Path("vis") if out_dir is None else Path(out_dir)
         out_path = out_dir / f"{Path(path).stem}_{vfps}fps_{in_size}side_{afps}hz.mp4"

@@ -9,8 +9,7 @@ offset for the events in the second half of the clip (drift tests on long videos
 Events are sparse and irregular (random gaps), so the offset is identifiable from a 5 s crop; they are
 deterministic given the seed. Each clip gets a JSON sidecar with its event times.
 
-`make_vggsound_like` lays out a small dataset the way `dataset.vggsound.VGGSound*` expects it.
-"""
+`make_vggsound_like` lays out a small dataset the way `dataset.vggsound.VGGSound*` expects it."""
 
 import csv
 import json
@@ -136,26 +135,17 @@ def make_clip(path, spec: ClipSpec) -> dict:
 
 
 def make_vggsound_like(
-    root,
-    n_clips: int = 300,
-    splits=(("train", 0.8), ("valid", 0.1), ("test", 0.1)),
-    duration_sec: float = 8.0,
-    side: int = 64,
-    seed: int = 0,
-    fixed_offset_splits=("valid", "test"),
-    max_off_sec: float = 2.0,
-    grid_size: int = 21,
-    crop_len_sec: float = 5.0,
-    **clip_kwargs,
-) -> tuple[Path, Path]:
+    root, n_clips: int = 300, splits=(("train", 0.8), ("valid", 0.1), ("test", 0.1)), duration_sec: float = 8.0,
+    side: int = 64, seed: int = 0, fixed_offset_splits=("valid", "test"), max_off_sec: float = 2.0,
+    grid_size: int = 21, crop_len_sec: float = 5.0, **clip_kwargs,
+) -> tuple[Path, Path]:  # fmt: skip
     """A tiny in-sync VGGSound look-alike under `root`; returns `(vids_dir, splits_path)`.
 
     Writes `vids_dir/<11-char id>_0_<ms>.mp4`, and in `splits_path`: `vggsound.csv` (id, start, label,
     split), `vggsound_<split>.txt`, `picked_sparse_classes.csv` (both classes sparse), an empty
     `filtered_examples_vggsound/` list, and grid fixed offsets for `fixed_offset_splits` named like the
     original's (`<split>_size21_crop5_min-2.00_max2.00.csv`). Clips are in sync; the transforms add offsets.
-    `clip_kwargs` go to every `ClipSpec` (e.g. `flash_frames`, `tone_sec` for stronger events).
-    """
+    `clip_kwargs` go to every `ClipSpec` (e.g. `flash_frames`, `tone_sec` for stronger events)."""
     root = Path(root)
     vids_dir, splits_path = root / VGGSOUND_VIDS_DIRNAME, root / "data"
     for sub in ("filtered_examples_vggsound", "fixed_offsets_vggsound"):

@@ -13,8 +13,7 @@ video start snapped to the frame grid before the audio start is computed), so fi
 original's CSVs select the same frames and samples. Crops respect an optional decode window: when the
 dataset decoded only part of a file, `meta['video']['start_frame']` / `meta['audio']['start_sample']`
 say where it starts (and `meta['video']['end_frame']` where the video ends when its last frames were
-only counted, not decoded) and all indices stay absolute (file) indices.
-"""
+only counted, not decoded) and all indices stay absolute (file) indices."""
 
 import logging
 import math
@@ -39,15 +38,10 @@ def frames2sec(frames: int, fps: float) -> float:
 
 
 def make_class_grid(
-    leftmost_val: float,
-    rightmost_val: float,
-    grid_size: int,
-    add_extreme_offset: bool = False,
-    seg_size_vframes: int | None = None,
-    nseg: int | None = None,
-    step_size_seg: float | None = None,
+    leftmost_val: float, rightmost_val: float, grid_size: int, add_extreme_offset: bool = False,
+    seg_size_vframes: int | None = None, nseg: int | None = None, step_size_seg: float | None = None,
     vfps: float | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """`grid_size` offsets evenly spaced in [left, right] (float32); optionally one extra class for an
     offset as long as the whole segment sequence ("extreme", i.e. no overlap at all)."""
     assert grid_size >= 3, f"grid_size={grid_size} makes no sense as a class grid"
@@ -201,26 +195,16 @@ class TemporalCropAndOffset(torch.nn.Module):
     sampled: `grid` picks one of `grid_size` classes in [-max_off_sec, max_off_sec]; `uniform` draws
     U(-max, max); `uniform_binary` is in sync (U(-0.125, 0.045), ITU-T) with prob 1 - `prob_oos` and
     out of sync (U(-max, max) outside that range) otherwise. `max_wiggle_sec` jitters the audio start
-    within half a class. Writes `offset_sec`, `v_start_i_sec`, `offset_label`, `offset_target` targets.
-    """
+    within half a class. Writes `offset_sec`, `v_start_i_sec`, `offset_label`, `offset_target` targets."""
 
     ITU_T_RANGE = (-0.125, 0.045)
 
     def __init__(
-        self,
-        crop_len_sec: float,
-        max_off_sec: float,
-        offset_type: str = "grid",
-        do_offset: bool = True,
-        grid_size: int | None = None,
-        max_wiggle_sec: float | None = None,
-        add_doubt_cls: bool = False,
-        segment_size_vframes: int | None = None,
-        n_segments: int | None = None,
-        step_size_seg: float | None = None,
-        vfps: float | None = None,
-        prob_oos: float | None = None,
-    ):
+        self, crop_len_sec: float, max_off_sec: float, offset_type: str = "grid", do_offset: bool = True,
+        grid_size: int | None = None, max_wiggle_sec: float | None = None, add_doubt_cls: bool = False,
+        segment_size_vframes: int | None = None, n_segments: int | None = None, step_size_seg: float | None = None,
+        vfps: float | None = None, prob_oos: float | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.crop_len_sec = crop_len_sec
         self.max_off_sec = max_off_sec
@@ -336,16 +320,10 @@ class TemporalCropAndOffsetForSyncabilityTraining(TemporalCropAndOffset):
     prob_syncable = 0.5
 
     def __init__(
-        self,
-        max_off_sec: float,
-        do_offset: bool = True,
-        grid_size: int | None = None,
-        max_wiggle_sec: float | None = None,
-        segment_size_vframes: int | None = None,
-        n_segments: int | None = None,
-        step_size_seg: float | None = None,
-        vfps: float | None = None,
-    ):
+        self, max_off_sec: float, do_offset: bool = True, grid_size: int | None = None,
+        max_wiggle_sec: float | None = None, segment_size_vframes: int | None = None, n_segments: int | None = None,
+        step_size_seg: float | None = None, vfps: float | None = None,
+    ):  # fmt: skip
         seq_len_in_segs = n_segments - (1 - step_size_seg) * (n_segments - 1)
         crop_len_sec = round(seq_len_in_segs * segment_size_vframes / vfps, 2)
         super().__init__(crop_len_sec, max_off_sec, "grid", do_offset, grid_size, max_wiggle_sec, vfps=vfps)
@@ -386,13 +364,9 @@ class GenerateMultipleSegments(torch.nn.Module):
     at random with `is_start_random`; `audio_jitter_sec` shifts all audio segments by one random amount."""
 
     def __init__(
-        self,
-        segment_size_vframes: int,
-        n_segments: int | None = None,
-        is_start_random: bool = False,
-        audio_jitter_sec: float = 0.0,
-        step_size_seg: float = 1,
-    ):
+        self, segment_size_vframes: int, n_segments: int | None = None, is_start_random: bool = False,
+        audio_jitter_sec: float = 0.0, step_size_seg: float = 1,
+    ):  # fmt: skip
         super().__init__()
         self.segment_size_vframes = segment_size_vframes
         self.n_segments = n_segments
@@ -703,15 +677,11 @@ class ResizeAndLetterboxPad(torch.nn.Module):
         rgb = item["video"]
         height, width = rgb.shape[-2:]
         aspect, target_aspect = width / height, self.new_w / self.new_h
-        if aspect > target_aspect:
-            h = round(self.new_w / aspect)
-            rgb = TF.resize(rgb, [h, self.new_w], antialias=False)
-            top = (self.new_h - h) // 2
-            rgb = torch.nn.functional.pad(rgb, (0, 0, top, self.new_h - h - top))
-        elif aspect < target_aspect:
-            w = round(self.new_h * aspect)
-            rgb = TF.resize(rgb, [self.new_h, w], antialias=False)
-            left = (self.new_w - w) // 2
-            rgb = torch.nn.functional.pad(rgb, (left, self.new_w - w - left, 0, 0))
+        if aspect != target_aspect:  # wider: full width, pad top and bottom; taller: full height, pad the sides
+            wider = aspect > target_aspect
+            h, w = (round(self.new_w / aspect), self.new_w) if wider else (self.new_h, round(self.new_h * aspect))
+            rgb = TF.resize(rgb, [h, w], antialias=False)
+            top, left = (self.new_h - h) // 2, (self.new_w - w) // 2
+            rgb = torch.nn.functional.pad(rgb, (left, self.new_w - w - left, top, self.new_h - h - top))
         item["video"] = rgb
         return item

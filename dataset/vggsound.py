@@ -2,8 +2,7 @@
 
 Clips are `<vids_dir>/<11-char YouTube id>_<start ms>_<end ms>.mp4`; `vggsound.csv` rows are
 `id, start_sec, label, split`. Filter lists, split files and fixed offsets are read from `splits_path`
-(the original hard-coded `./data` for some of them; the default `splits_path='./data'` is the same).
-"""
+(the original hard-coded `./data` for some of them; the default `splits_path='./data'` is the same)."""
 
 import csv
 import logging

@@ -1,8 +1,7 @@
 """AVCLIP (stage 1): contrastive pre-training of the visual and audio feature extractors on segments.
 
 Both extractors turn each segment into one feature (their temporal aggregation is on); matching
-segments of the two streams are pulled together, all others in the batch pushed apart.
-"""
+segments of the two streams are pulled together, all others in the batch pushed apart."""
 
 from collections.abc import Mapping
 
@@ -20,21 +19,13 @@ class AVCLIP(nn.Module):
     `logit_scale` is a temperature (similarities are divided by it), initialised to `init_scale` and
     clamped to [clamp_scale_min, clamp_scale_max] at every forward. When the extractors also return a
     whole-clip feature (`add_global_repr: True`), a global contrastive loss with its own temperature
-    `global_logit_scale` is added. `gather_for_loss` takes negatives from all ranks.
-    """
+    `global_logit_scale` is added. `gather_for_loss` takes negatives from all ranks."""
 
     def __init__(
-        self,
-        n_embd: int,
-        afeat_extractor: Mapping,
-        vfeat_extractor: Mapping,
-        aproj: Mapping,
-        vproj: Mapping,
-        init_scale: float = 0.07,
-        clamp_scale_min: float = 0.001,
-        clamp_scale_max: float = 0.5,
+        self, n_embd: int, afeat_extractor: Mapping, vfeat_extractor: Mapping, aproj: Mapping, vproj: Mapping,
+        init_scale: float = 0.07, clamp_scale_min: float = 0.001, clamp_scale_max: float = 0.5,
         gather_for_loss: bool = False,
-    ):
+    ):  # fmt: skip
         super().__init__()
         self.n_embd = n_embd
         self.v_encoder = instantiate_from_config(vfeat_extractor)
@@ -54,8 +45,7 @@ class AVCLIP(nn.Module):
     def encode(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
         """vis (B, S, C, Tv, H, W), aud (B, S, Ta, F) -> ((v_segment, v_global), (a_segment, a_global)).
 
-        Segment features are (B*S, D), global ones (B, D) or None; all L2-normalised.
-        """
+        Segment features are (B*S, D), global ones (B, D) or None; all L2-normalised."""
         streams = []
         for x, encoder, proj in ((vis, self.v_encoder, self.vproj), (aud, self.a_encoder, self.aproj)):
             segment, whole = encoder(x, for_loop=for_loop)  # (B, S, D), (B, D) or None
@@ -68,8 +58,7 @@ class AVCLIP(nn.Module):
 
         'rgb_features', 'audio_features': (segment (B*S, D), global (B, D) or None), L2-normalised;
         'logit_scales': (segment temperature, global temperature or None), after clamping;
-        'losses': {'segment_contrastive_loss'[, 'global_contrastive_loss']}.
-        """
+        'losses': {'segment_contrastive_loss'[, 'global_contrastive_loss']}."""
         logit_scales = (self.logit_scale, self.global_logit_scale)
         with torch.no_grad():
             for scale in logit_scales:

@@ -1,8 +1,7 @@
 """Symmetric contrastive (InfoNCE) loss between visual and audio features of the same segments.
 
 Row i of the visual and of the audio features come from the same segment (a positive pair); every other
-row of the batch, on every rank when gathered, is a negative.
-"""
+row of the batch, on every rank when gathered, is a negative."""
 
 import torch
 import torch.distributed as dist
@@ -40,8 +39,7 @@ def contrastive_loss(
     """Mean of the visual->audio and audio->visual cross-entropies over cosine similarities / temperature.
 
     vfeat, afeat: (N, D), L2-normalised. With `gather`, negatives come from all ranks' batches (the
-    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size)).
-    """
+    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size))."""
     N = vfeat.shape[0]
     rank = dist.get_rank() if gather and is_distributed() else 0
     vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)

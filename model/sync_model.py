@@ -3,8 +3,7 @@
 Each segment of the video (16 frames) and of the audio (a 0.64 s spectrogram) is turned into a few
 features by its extractor: 8 visual features (one per temporal patch) and 6 audio ones. All segments'
 features are flattened into one sequence `[OFF, v_1 ... v_S*8, MOD, a_1 ... a_S*6]`; the output at the
-OFF token is classified into one of the offset classes (or sync / not sync for the syncability head).
-"""
+OFF token is classified into one of the offset classes (or sync / not sync for the syncability head)."""
 
 import os
 from collections.abc import Mapping
@@ -45,23 +44,14 @@ class StandardizeOverClip(nn.Module):
 
 class GlobalTransformer(nn.Module):
     """Joint transformer over the visual and audio features of all segments, read out at the OFF token.
-
     `pos_emb_cfg` and `off_head_cfg` are `{target, params}` configs; when absent, no position encoding is
-    added and `forward` returns the OFF token's features (B, n_embd) instead of logits.
-    """
+    added and `forward` returns the OFF token's features (B, n_embd) instead of logits."""
 
     def __init__(
-        self,
-        n_layer: int,
-        n_head: int,
-        n_embd: int,
-        tok_pdrop: float = 0.0,
-        embd_pdrop: float = 0.0,
-        resid_pdrop: float = 0.0,
-        attn_pdrop: float = 0.0,
-        pos_emb_cfg: Mapping | None = None,
+        self, n_layer: int, n_head: int, n_embd: int, tok_pdrop: float = 0.0, embd_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0, attn_pdrop: float = 0.0, pos_emb_cfg: Mapping | None = None,
         off_head_cfg: Mapping | None = None,
-    ):
+    ):  # fmt: skip
         super().__init__()
         # learned tokens: OFF is read out for the prediction, MOD separates the visual and audio parts
         self.OFF_tok = nn.Parameter(torch.randn(1, 1, n_embd))
@@ -95,10 +85,8 @@ class GlobalTransformer(nn.Module):
 
 
 class GlobalTransformerWithSyncabilityHead(GlobalTransformer):
-    """The same transformer with a 2-way head: is the clip synchronisable (1) or not (0)?
-
-    It is fine-tuned from an offset model, so it accepts (and drops) the offset head's config.
-    """
+    """The same transformer with a 2-way head: is the clip synchronisable (1) or not (0)? It is fine-tuned
+    from an offset model, so it accepts (and drops) the offset head's config."""
 
     def __init__(self, n_embd: int, off_head_cfg: Mapping | None = None, **kwargs):
         super().__init__(n_embd=n_embd, off_head_cfg=None, **kwargs)
@@ -119,18 +107,12 @@ class Synchformer(nn.Module):
 
     `standardize_features` (off in the published models) standardises each feature channel over all
     tokens of a clip before the projections: the features of small, barely trained extractors share a
-    large common part, and without it the events the head must find stand out less (the tiny configs).
-    """
+    large common part, and without it the events the head must find stand out less (the tiny configs)."""
 
     def __init__(
-        self,
-        afeat_extractor: Mapping,
-        vfeat_extractor: Mapping,
-        aproj: Mapping,
-        vproj: Mapping,
-        transformer: Mapping,
-        standardize_features: bool = False,
-    ):
+        self, afeat_extractor: Mapping, vfeat_extractor: Mapping, aproj: Mapping, vproj: Mapping,
+        transformer: Mapping, standardize_features: bool = False,
+    ):  # fmt: skip
         super().__init__()
         # no parameters: the state dict is the same either way
         self.feature_norm = StandardizeOverClip() if standardize_features else nn.Identity()
@@ -168,10 +150,8 @@ class Synchformer(nn.Module):
         return afeat
 
     def extract_features(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False):
-        """vis (B, S, Tv, C, H, W), aud (B, S, 1, F, Ta) -> segment features (B, S, tv, D) and (B, S, ta, D).
-
-        `for_loop=True` runs the extractors one segment at a time (less memory, slower).
-        """
+        """vis (B, S, Tv, C, H, W), aud (B, S, 1, F, Ta) -> segment features (B, S, tv, D) and (B, S, ta, D);
+        `for_loop=True` runs the extractors one segment at a time (less memory, slower)."""
         if vis.ndim != 6 or aud.ndim != 5 or aud.shape[2] != 1:
             raise ValueError(
                 f"Synchformer expects vis (B, S, Tv, C, H, W) and aud (B, S, 1, F, Ta), got {tuple(vis.shape)} and "
@@ -208,8 +188,7 @@ def load_synchformer(
     `ckpt_path`: a published checkpoint `{'model': state_dict, 'args': config, ...}` or a bare state dict
     (DDP's `module.` prefixes are removed). `cfg`: the training config (DictConfig or YAML path); required
     for a bare state dict, otherwise it replaces the stored one. The extractors' own `ckpt_path`s are
-    ignored: their weights are in the checkpoint.
-    """
+    ignored: their weights are in the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, map_location)
     if cfg is None:
         cfg = config_of(ckpt)

@@ -11,8 +11,7 @@ on the real sample clips, ours vs a baseline, in one run, with a check that both
     python -m scripts.bench_data --quick    # one clip, one offset, one repeat (CI)
 
 Both run with `--threads` torch threads (1 by default, as in a DataLoader worker; more threads only
-contend on a small shared machine); the video decoder's own threads are part of "ours".
-"""
+contend on a small shared machine); the video decoder's own threads are part of "ours"."""
 
 import argparse
 import json

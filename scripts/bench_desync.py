@@ -7,8 +7,7 @@ videos in the same run, with the agreement of their outputs.
     python -m scripts.bench_desync --tiny       # 1-layer, 32-wide extractors (CI)
 
 `--torchrun` also times whole `scripts/desync.py` runs: 1 process with 2 threads against 2 torchrun
-processes with 1 thread each. Weights are random: speed does not depend on them.
-"""
+processes with 1 thread each. Weights are random: speed does not depend on them."""
 
 import argparse
 import contextlib

@@ -12,8 +12,7 @@ weights (no trained weights are available offline; with --ckpt_path, a trained m
     python -m scripts.bench_model --tiny --out b.json      # reduced model, one repetition (CI)
 
 Prints one summary line (with the CPU's name and its relevant instruction-set flags) and, with --out,
-writes the measurements as JSON.
-"""
+writes the measurements as JSON."""
 
 import argparse
 import contextlib

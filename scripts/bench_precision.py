@@ -8,8 +8,7 @@ how far each setting's logits are from float32 on the same inputs.
     python -m scripts.bench_precision --compile           # also bf16 + fused attention + torch.compile
     python -m scripts.bench_precision --tiny --device cpu --out p.json   # tiny model, one repetition (CI)
 
-Prints one summary line and, with --out, writes the measurements as JSON.
-"""
+Prints one summary line and, with --out, writes the measurements as JSON."""
 
 import argparse
 import os

@@ -5,8 +5,7 @@ clips (`../shared/data`: two VGGSound clips and one LRS3 clip, each listed `--re
     python -m scripts.bench_prepare --quick   # two short synthetic clips (CI)
 
 Every worker count re-encodes all clips into a fresh folder. Prints one summary line and, with --out,
-writes the measurements as JSON.
-"""
+writes the measurements as JSON."""
 
 import argparse
 import os

@@ -11,8 +11,7 @@ Also checks that both give the same per-window logits (max abs diff).
     python -m scripts.bench_tracking                     # full-size model (random weights), 60 s video
     python -m scripts.bench_tracking --tiny --out t.json # 32-wide one-layer model, 12 s video (CI)
 
-Prints one summary line and, with --out, writes the measurements as JSON.
-"""
+Prints one summary line and, with --out, writes the measurements as JSON."""
 
 import argparse
 import os

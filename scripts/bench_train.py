@@ -5,8 +5,7 @@ configs/sync.yaml. The extractors are frozen in stage 2, so their forward is mos
     python -m scripts.bench_train                   # tiny (B=4, 10 iterations) and full (B=1, 2 iterations)
     python -m scripts.bench_train --tiny --out t.json   # tiny only, 2 iterations (CI)
 
-Prints one summary line and, with --out, writes the measurements as JSON.
-"""
+Prints one summary line and, with --out, writes the measurements as JSON."""
 
 import argparse
 import os

@@ -11,8 +11,7 @@
 
 It prints the held-out accuracy@1 and accuracy@1 within one class (chance: 1/21 and about 3/21). Each
 step is the same command a user would type (`main.py config=... key=value`), shown before it runs.
-`--quick` is a smoke run (few clips and iterations) for CI.
-"""
+`--quick` is a smoke run (few clips and iterations) for CI."""
 
 import argparse
 import time

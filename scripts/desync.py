@@ -13,8 +13,7 @@ mean over all windows of all scored videos.
 
 The audio is `AUDIO_DIR/<video stem>.<wav, flac, ...>` with `--audio_dir`, else the video's own track.
 Pairs that cannot be scored are listed with their reasons, never replaced by another file. Results are
-appended as each batch is scored, so an interrupted run resumes: videos already in `--out` are skipped.
-"""
+appended as each batch is scored, so an interrupted run resumes: videos already in `--out` are skipped."""
 
 import argparse
 import csv

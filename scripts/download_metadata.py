@@ -4,8 +4,7 @@ Synchformer repository from GitHub into `./data/` (or `--out`).
     python -m scripts.download_metadata            # everything
     python -m scripts.download_metadata --only vggsound_test.txt lrs3_test.txt
 
-Files already present with the expected size are skipped; partial downloads resume (HTTP Range).
-"""
+Files already present with the expected size are skipped; partial downloads resume (HTTP Range)."""
 
 import argparse
 from pathlib import Path

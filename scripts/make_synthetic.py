@@ -5,8 +5,7 @@ python -m scripts.make_synthetic clip out/drift.mp4 --duration 20 --offset 0.4 -
 # the re-encoding variants (30 fps, 44.1 kHz stereo, 640x360)
 python -m scripts.make_synthetic clip out/odd.mp4 --vfps 30 --afps 44100 --channels 2 --size 360 640
 # a VGGSound look-alike for the CPU training demo
-python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300
-"""
+python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300"""
 
 import argparse
 
@@ -38,17 +37,10 @@ def main() -> None:
 
     if args.what == "clip":
         spec = ClipSpec(
-            duration_sec=args.duration,
-            vfps=args.vfps,
-            afps=args.afps,
-            height=args.size[0],
-            width=args.size[1],
-            n_audio_channels=args.channels,
-            offset_sec=args.offset,
-            offset_after_sec=args.offset_after,
-            gop=args.gop,
-            seed=args.seed,
-        )
+            duration_sec=args.duration, vfps=args.vfps, afps=args.afps, height=args.size[0], width=args.size[1],
+            n_audio_channels=args.channels, offset_sec=args.offset, offset_after_sec=args.offset_after,
+            gop=args.gop, seed=args.seed,
+        )  # fmt: skip
         labels = make_clip(args.path, spec)
         print(f"wrote {args.path} with {len(labels['visual_events_sec'])} events")
     else:

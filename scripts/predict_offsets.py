@@ -8,8 +8,7 @@ and shared by all windows that contain it (strides that are multiples of 0.32 s 
 Per video it writes `<stem>.csv` (one row per window), `<stem>.json` (the overall offset: the class with
 the highest summed probability over windows, and a drift flag when the first and the second half of
 the video disagree by two classes or more) and `<stem>.png` (offset over time). A folder run skips
-videos whose JSON exists, so an interrupted run resumes, and writes `summary.csv`.
-"""
+videos whose JSON exists, so an interrupted run resumes, and writes `summary.csv`."""
 
 import argparse
 import json

@@ -15,8 +15,7 @@ instead and named like VGGSound and AudioSet clips: `<id>_<start ms>_<end ms>`.
   N-th video of the sorted list, starting at the I-th.
 - Records: `DST/manifest.csv` (`manifest-I-of-N.csv` per shard; `dataset.folder.VideoFolder` reads all
   of them), one row per output with its id, source, cut, duration, fps, sample rate, size and status
-  (`encoded`, `done`: kept from an earlier run, or `bad`), and `DST/bad_inputs.csv` with the reasons.
-"""
+  (`encoded`, `done`: kept from an earlier run, or `bad`), and `DST/bad_inputs.csv` with the reasons."""
 
 import argparse
 import csv

@@ -19,8 +19,7 @@ first |O| seconds are dropped and silence is added at its end), so both streams 
 3. Verification: the corrected copy is predicted again and the residual offset is printed.
 
 A folder run writes `resync.csv` into `--out_dir` (video, offset, confidence, drift, action, residual)
-next to the corrected copies, for cleaning a dataset; videos whose copy exists are skipped (resume).
-"""
+next to the corrected copies, for cleaning a dataset; videos whose copy exists are skipped (resume)."""
 
 import argparse
 import csv

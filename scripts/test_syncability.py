@@ -8,8 +8,7 @@ With an offset model, the inputs are made as long as the offset model needs (its
 the synchronisability model sees the first of its own `data.n_segments`. Writes
 `<logdir>/<start_time>/syncability_test.json`: the synchronisability metrics, its ROC curve and, per
 threshold, the offset metrics on the kept clips (a clip kept although not synchronisable counts as wrong).
-Runs under torchrun/srun like the trainers.
-"""
+Runs under torchrun/srun like the trainers."""
 
 import logging
 import sys

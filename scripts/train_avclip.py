@@ -9,8 +9,7 @@ Validation (every `val_frequency` epochs) is the zero-shot offset accuracy of th
 clip, each window of `run_shifted_win_val_winsize_valid` segments must be most similar to the window of
 the other modality at the same position. Checkpoints go to `<run>/checkpoints/epoch_latest.pt` (every
 epoch), `epoch_best.pt` (best validation) and `epoch_<n>.pt` (last epoch); stage 2 initialises its
-extractors from `epoch_best.pt`.
-"""
+extractors from `epoch_best.pt`."""
 
 import logging
 from pathlib import Path

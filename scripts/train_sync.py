@@ -10,8 +10,7 @@ its fine-tuning for synchronizability (`ft_avsync_model_for_syncability`, a 2-cl
 
 Each epoch trains, validates, saves `<run>/<start_time>_latest.pt` and, if the validation metric improved,
 `<start_time>.pt` and `<start_time>_best.pt`. Early stopping after `patience` epochs without improvement;
-the best checkpoint is tested at the end unless `training.skip_test`.
-"""
+the best checkpoint is tested at the end unless `training.skip_test`."""
 
 import logging
 import math
@@ -107,8 +106,7 @@ def gather_metrics(kept: list, loss_sum: float, n_items: int, n_bad: int) -> dic
     """Metrics over the items of all ranks; every rank computes the same numbers.
 
     `kept`: this rank's `(indices, logits, targets)` per batch; items are put in dataset order, so the
-    result does not depend on the number of ranks.
-    """
+    result does not depend on the number of ranks."""
     local = tuple(torch.cat(x) for x in zip(*kept)) if kept else None
     shards = all_gather_objects((local, loss_sum, n_items, n_bad))
     order, logits, targets = (torch.cat(x) for x in zip(*[s[0] for s in shards if s[0] is not None]))

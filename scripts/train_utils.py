@@ -4,8 +4,7 @@ checkpoint state.
 Reproducibility: all randomness of an epoch is derived from (seed, epoch): the sampler's shuffle, the
 model's dropout (torch's generator is reseeded per epoch and rank), and the data augmentation, which is
 seeded per item from (seed, epoch, item index). A run resumed from the checkpoint of epoch e therefore
-draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks.
-"""
+draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks."""
 
 import logging
 import math
@@ -40,10 +39,8 @@ def seed_everything(seed: int) -> None:
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so that the random augmentation of item i in epoch e depends only on (seed, e, i).
-
-    Adds the item's index to the item (to put gathered predictions back in dataset order).
-    """
+    """Wraps a dataset so that the random augmentation of item i in epoch e depends only on (seed, e, i);
+    adds the item's index to the item (to put gathered predictions back in dataset order)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
@@ -103,21 +100,16 @@ def build_optimizer(params, opt_cfg: DictConfig, lr: float, eps: float) -> torch
 
 
 def lr_factor_fn(
-    name: str,
-    warmup: int,
-    total_steps: int,
-    cooldown_steps: int = 0,
-    cooldown_power: float = 1.0,
+    name: str, warmup: int, total_steps: int, cooldown_steps: int = 0, cooldown_power: float = 1.0,
     cooldown_end: float = 0.0,
-) -> Callable[[int], float]:
+) -> Callable[[int], float]:  # fmt: skip
     """The learning-rate multiplier at optimisation step `step` for each schedule of the original.
 
     - constant_with_warmup (stage 2): linear from 1/100 to 1 over `warmup` steps, then 1;
     - constant: 1;
     - cosine / const / const-cooldown (stage 1): linear warm-up (step+1)/warmup, then a half cosine to 0
       over the remaining steps / 1 / 1 until the last `cooldown_steps`, which decay polynomially to
-      `cooldown_end` (a multiplier of the base rate here).
-    """
+      `cooldown_end` (a multiplier of the base rate here)."""
 
     def factor(step: int) -> float:
         if name == "constant_with_warmup":

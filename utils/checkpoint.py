@@ -4,8 +4,7 @@ Published Synchformer checkpoints are dicts `{'model': state_dict, 'args': <Omeg
 'optimizer', ...}`; downstream projects often redistribute the bare state dict. Both are read with
 `torch.load(weights_only=True)`: no arbitrary code runs, only the config classes listed below are
 rebuilt. Writes go to a temporary file that replaces the target in one rename, so a crash mid-write
-never leaves a truncated checkpoint behind.
-"""
+never leaves a truncated checkpoint behind."""
 
 import collections
 import os
@@ -54,8 +53,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     A bare state dict (all values tensors) is wrapped as `{'model': sd}`; the state dict of a stage-1
     (AVCLIP, 'state_dict') or Motionformer ('.pyth', 'model_state') checkpoint is moved to 'model'. A stored
-    config under 'args' is returned as a DictConfig.
-    """
+    config under 'args' is returned as a DictConfig."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or download the checkpoint.")
@@ -87,8 +85,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Saves `obj` atomically: written to a temporary file in the same folder, then renamed over `path`.
 
-    A DictConfig under 'args' is stored as it is (the published format), which `load_checkpoint` reads.
-    """
+    A DictConfig under 'args' is stored as it is (the published format), which `load_checkpoint` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

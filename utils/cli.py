@@ -2,8 +2,7 @@
 
 Each entry point ends with `run_cli(lambda: main(args))`. Our own errors derive from `UserError` and carry
 a message that names the file or setting and the fix; they print without a traceback (set
-`SYNCHFORMER_DEBUG=1` to see it). Any other exception is a bug and keeps its traceback.
-"""
+`SYNCHFORMER_DEBUG=1` to see it). Any other exception is a bug and keeps its traceback."""
 
 import os
 import sys

@@ -13,8 +13,7 @@ are allowed, because the documented commands add them:
 1. the run-time keys in `RUNTIME_KEYS` (`ckpt_path`, `start_time`, ...);
 2. the optional keys in `OPTIONAL_KEYS`, which the code reads with a default (e.g. `data.iter_times`);
 3. a new entry in a `params` block next to a `target`, when the target's constructor accepts it
-   (e.g. `model.params.vfeat_extractor.params.for_loop=True`).
-"""
+   (e.g. `model.params.vfeat_extractor.params.for_loop=True`)."""
 
 import difflib
 import inspect

@@ -3,8 +3,7 @@
 Every floating tensor of a state dict gets values drawn from numpy's PCG64 generator seeded by
 (seed, sha256(key)), so the same key always gets the same values in any process, any torch version.
 1-D tensors named '*.weight' (norm layers) get 1 + 0.02*N(0,1); all other floating tensors 0.02*N(0,1).
-Non-floating tensors (integer buffers) are left as the model made them.
-"""
+Non-floating tensors (integer buffers) are left as the model made them."""
 
 import hashlib
 

@@ -2,8 +2,7 @@
 
 Processes are started by torchrun or srun (main.py maps SLURM's variables to RANK/WORLD_SIZE/LOCAL_RANK),
 and join through `env://` (MASTER_ADDR/MASTER_PORT). The backend follows the device: nccl on CUDA/ROCm,
-gloo on CPU.
-"""
+gloo on CPU."""
 
 import logging
 import os

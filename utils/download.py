@@ -47,8 +47,7 @@ def download(
 
     Bytes go to `path.part` first; an interrupted download resumes from there (HTTP Range) and the file
     appears under its final name only once complete (`size` bytes, if given) and, if `md5_prefix` is
-    given, verified.
-    """
+    given, verified."""
     path = Path(path)
     if path.is_file():
         return path
@@ -86,8 +85,7 @@ def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") 
     """Returns local (config, checkpoint) paths of a published experiment, downloading what is missing.
 
     The layout is the original's, that of the server below `PARENT_URL`: `<root>/<exp>/cfg-<exp>.yaml` and
-    `<root>/<exp>/<exp>.pt` (stage 1: `<root>/<exp>/checkpoints/epoch_best.pt`).
-    """
+    `<root>/<exp>/<exp>.pt` (stage 1: `<root>/<exp>/checkpoints/epoch_best.pt`)."""
     urls = published_urls(exp_name)
     local = {k: Path(root) / url.removeprefix(f"{PARENT_URL}/") for k, url in urls.items()}
     cfg_path = download(urls["cfg"], local["cfg"])

@@ -7,8 +7,7 @@ tracked by extracting features for each distinct segment once and running only t
 
 The segments of a window are found by the config's own test-time crop transforms run on index
 tensors (frame and sample numbers instead of pixels), so the windows are exactly those that
-`example.py` and the test-time pipeline would make.
-"""
+`example.py` and the test-time pipeline would make."""
 
 import argparse
 import copy
@@ -30,13 +29,9 @@ from utils.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_devic
 
 
 def load_model(
-    exp_name: str | None = None,
-    ckpt_path: str | Path | None = None,
-    cfg_path: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    logdir: str | Path = "./logs/sync_models",
-    precision: str = "fp32",
-) -> tuple[Synchformer, DictConfig]:
+    exp_name: str | None = None, ckpt_path: str | Path | None = None, cfg_path: str | Path | None = None,
+    device: str | torch.device = "cpu", logdir: str | Path = "./logs/sync_models", precision: str = "fp32",
+) -> tuple[Synchformer, DictConfig]:  # fmt: skip
     """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
     downloaded into `<logdir>/<exp_name>/` when missing. `precision` (see `utils.precision`): the model of
@@ -196,13 +191,9 @@ class WindowPredictor:
     """Predicts offsets for many windows of one video, computing each distinct segment's features once."""
 
     def __init__(
-        self,
-        model: Synchformer,
-        cfg: DictConfig,
-        precision: str = "fp32",
-        batch_segments: int = 14,
+        self, model: Synchformer, cfg: DictConfig, precision: str = "fp32", batch_segments: int = 14,
         batch_windows: int = 16,
-    ):
+    ):  # fmt: skip
         """`precision`: a concrete one of `utils.precision` (int8: `model` is already quantised)."""
         self.model, self.cfg, self.precision = model.eval(), cfg, precision
         self.pipeline = SegmentPipeline.from_config(cfg)

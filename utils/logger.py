@@ -78,15 +78,10 @@ class RunLogger:
             # never prompt for a login; offline unless the config asks for more. The run id is the start
             # time, so a resumed run continues the same wandb run.
             self.wandb_run = wandb.init(
-                project=f"avsync-{cfg.action}",
-                name=cfg.start_time,
-                id=cfg.start_time,
-                dir=str(run_dir),
-                mode=cfg_get(cfg, "logging.wandb_mode"),
-                config=OmegaConf.to_container(cfg, resolve=True),
-                resume="allow" if resume else None,
-                settings=wandb.Settings(silent=True),
-            )
+                project=f"avsync-{cfg.action}", name=cfg.start_time, id=cfg.start_time, dir=str(run_dir),
+                mode=cfg_get(cfg, "logging.wandb_mode"), config=OmegaConf.to_container(cfg, resolve=True),
+                resume="allow" if resume else None, settings=wandb.Settings(silent=True),
+            )  # fmt: skip
 
     def log_metrics(self, phase: str, epoch: int, metrics: dict) -> None:
         if not self.is_main:

@@ -25,8 +25,7 @@ def classification_metrics(targets: torch.Tensor, logits: torch.Tensor, topk=(1,
     Offset classes are ordered in time, so accuracy with a tolerance of one class is also reported
     (`accuracy_{k}_tol1`). For a binary task (synchronizability) top-k and tolerance make no sense and
     only top-1 accuracy is given. mAP, mROCAUC (one-vs-rest, averaged over classes) and d-prime need every
-    class among the targets; otherwise they get the neutral values 0, 0.5, 0 (as in the original).
-    """
+    class among the targets; otherwise they get the neutral values 0, 0.5, 0 (as in the original)."""
     targets, logits = targets.long().cpu(), logits.float().cpu()
     N, C = logits.shape
     if C == 2:
@@ -55,8 +54,7 @@ def shifted_window_accuracy(afeat: torch.Tensor, vfeat: torch.Tensor, win_size: 
     segments (dot product of the concatenated features). A window is matched right when its most similar
     window of the other modality sits at the same position. Returns per-clip shares (B,) of right matches
     when picking the best audio window for each visual one ('precision_a'), the best visual window for
-    each audio one ('precision_v'), and their mean ('precision').
-    """
+    each audio one ('precision_v'), and their mean ('precision')."""
     B, S, D = afeat.shape
     if not 0 < win_size < S:
         raise ValueError(f"The window ({win_size} segments) must be shorter than the clip ({S} segments).")

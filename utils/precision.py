@@ -3,8 +3,7 @@
 - fp32: float32 throughout; the default wherever exact parity with the original matters.
 - bf16 / fp16: autocast to that dtype around the forward (weights stay float32).
 - int8: int8 Linear layers with dynamically quantised activations, CPU only (see `utils.inference`).
-- auto: bf16 where the device runs it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else fp32.
-"""
+- auto: bf16 where the device runs it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else fp32."""
 
 import contextlib
 

@@ -3,8 +3,7 @@
 The feature extractors pool their patch tokens step by step: over space within each frame (video) or
 over frequency within each time step (audio), then optionally over time, then optionally over the
 segments of a clip. Every aggregator here maps `(N, L, D) -> (N, D)` by pooling the `L` axis.
-Configs name them 'TransformerEncoderLayer', 'AveragePooling' or a dotted '...Identity' (no pooling).
-"""
+Configs name them 'TransformerEncoderLayer', 'AveragePooling' or a dotted '...Identity' (no pooling)."""
 
 import torch
 from timm.layers import trunc_normal_
@@ -18,8 +17,7 @@ class CLSTokenAggregator(nn.TransformerEncoderLayer):
     `linear1`, `norm1`, ...) are those of the published checkpoints. Only the CLS token's output is kept,
     so only its row is computed after the keys and values: its query attends over every token, and the
     output projection and the feed-forward run on it alone. The same function as the whole layer followed
-    by `[:, 0]`, at about a sixth of the layer's multiply-adds.
-    """
+    by `[:, 0]`, at about a sixth of the layer's multiply-adds."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float = 0.0):
         super().__init__(
@@ -78,15 +76,9 @@ class AveragePooling(nn.Module):
 
 
 def build_aggregator(
-    name: str,
-    *,
-    d_model: int,
-    nhead: int,
-    dim_feedforward: int,
-    dropout: float = 0.0,
-    max_len: int | None = None,
+    name: str, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float = 0.0, max_len: int | None = None,
     allow_identity: bool = True,
-) -> nn.Module:
+) -> nn.Module:  # fmt: skip
     """The aggregator a config names; `max_len` adds position embeddings to the encoder-layer aggregator."""
     if name == "TransformerEncoderLayer":
         if max_len is None:

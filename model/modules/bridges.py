@@ -1,8 +1,7 @@
 """Bridges: small adapters between a feature extractor's output and what the next module expects.
 
 `DoNothingBridge` is the projection of the stage-1 (AVCLIP) configs; the convolution and pooling bridges
-are kept for configs that name them. The stored parameter names (`bridge.0.weight`) are the original's.
-"""
+are kept for configs that name them. The stored parameter names (`bridge.0.weight`) are the original's."""
 
 import torch
 from torch import nn

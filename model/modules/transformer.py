@@ -1,8 +1,7 @@
 """Transformer layers of the synchronisation head: a minGPT-style pre-norm block and learned position encodings.
 
 Parameter names (`attn.key`, `attn.query`, `attn.value`, `attn.proj`, `ln1`, `ln2`, `mlp.0`, `mlp.2`,
-`pos_emb`) are those of the published checkpoints.
-"""
+`pos_emb`) are those of the published checkpoints."""
 
 import logging
 import math
@@ -74,8 +73,7 @@ class LearnedPositionalEncoding(nn.Module):
     `init` (each subclass, named by the configs, sets its own).
 
     It knows nothing about modalities or segments: position i is simply the i-th token. A checkpoint
-    trained on longer sequences (more segments) loads by keeping its first positions.
-    """
+    trained on longer sequences (more segments) loads by keeping its first positions."""
 
     init = staticmethod(torch.randn)
 
@@ -121,8 +119,7 @@ class SinCosInitPositionalEncoding(LearnedPositionalEncoding):
     Neighbouring tokens start with similar encodings, so a small head trained from scratch learns to
     compare the positions of visual and audio events much sooner: on clean event features (198 tokens,
     21 classes) 0.87 accuracy within one class after 1,400 steps, vs 0.26 after 1,800 from N(0, 1). The
-    tiny demo configs use it; the published models use `RandInitPositionalEncoding`.
-    """
+    tiny demo configs use it; the published models use `RandInitPositionalEncoding`."""
 
     init = staticmethod(sincos_table)
 

@@ -21,8 +21,7 @@ class SegmentFeatureExtractor(nn.Module):
         """Encodes `x` (B, S, *segment_shape) into segment features (B, S, ...) and, when the extractor
         adds a global representation, a clip feature (B, D), else None.
 
-        `for_loop=True` encodes one segment index at a time: the same result with the memory of S=1.
-        """
+        `for_loop=True` encodes one segment index at a time: the same result with the memory of S=1."""
         B, S = x.shape[:2]
         if tuple(x.shape[2:]) != tuple(self.segment_shape):
             raise ValueError(
@@ -35,13 +34,9 @@ class SegmentFeatureExtractor(nn.Module):
         return x, global_x  # (B, S, D) or (B, S, t, D) if time is not pooled
 
     def build_time_and_segment_aggregators(
-        self,
-        agg_time_module: str,
-        add_global_repr: bool,
-        agg_segments_module: str | None,
-        max_segments: int | None,
+        self, agg_time_module: str, add_global_repr: bool, agg_segments_module: str | None, max_segments: int | None,
         **layer_kwargs,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """Sets `temp_attn_agg` (pools the time steps of a segment) and `global_attn_agg` (pools the
         segments of a clip, or None)."""
         self.temp_attn_agg = build_aggregator(agg_time_module, **layer_kwargs)

@@ -10,8 +10,7 @@ transformers 4.27 (`ast.encoder.layer.N.attention.attention.query`, ...), which 
 (`layers.N.attention.q_proj`, ...) and may rename again. Keeping those names in a small module of our own
 keeps the checkpoints loadable without renaming hooks, and the forward pass under our control (fused
 attention). transformers is used only for the AST defaults (`ASTConfig`) and to read the pre-trained
-weights, which `ast_state_dict_from_hf` renames to ours.
-"""
+weights, which `ast_state_dict_from_hf` renames to ours."""
 
 import re
 
@@ -109,27 +108,18 @@ class AST(SegmentFeatureExtractor):
     `ckpt_path`: None (random init), a stage-1 '.pt' checkpoint (its 'a_encoder'), or a Hugging Face model
     id or local folder of AST weights (e.g. 'MIT/ast-finetuned-audioset-10-10-0.4593'), whose position
     embeddings, made for 1024 frames, are cut to `max_spec_t` frames. The size arguments default to
-    `transformers.ASTConfig`'s (the published model).
-    """
+    `transformers.ASTConfig`'s (the published model)."""
 
     def __init__(
-        self,
-        extract_features: bool = True,
-        ckpt_path: str | None = None,
-        max_spec_t: int = 66,
-        factorize_freq_time: bool = True,
-        agg_freq_module: str = "TransformerEncoderLayer",
-        agg_time_module: str = "torch.nn.Identity",
-        add_global_repr: bool = False,
-        agg_segments_module: str | None = None,
-        max_segments: int | None = None,
+        self, extract_features: bool = True, ckpt_path: str | None = None, max_spec_t: int = 66,
+        factorize_freq_time: bool = True, agg_freq_module: str = "TransformerEncoderLayer",
+        agg_time_module: str = "torch.nn.Identity", add_global_repr: bool = False,
+        agg_segments_module: str | None = None, max_segments: int | None = None,
         *,
-        num_mel_bins: int = ASTConfig.num_mel_bins,
-        hidden_size: int = ASTConfig.hidden_size,
-        num_hidden_layers: int = ASTConfig.num_hidden_layers,
-        num_attention_heads: int = ASTConfig.num_attention_heads,
+        num_mel_bins: int = ASTConfig.num_mel_bins, hidden_size: int = ASTConfig.hidden_size,
+        num_hidden_layers: int = ASTConfig.num_hidden_layers, num_attention_heads: int = ASTConfig.num_attention_heads,
         intermediate_size: int = ASTConfig.intermediate_size,
-    ):
+    ):  # fmt: skip
         super().__init__()
         if not (extract_features and factorize_freq_time):
             raise ValueError("AST supports only extract_features=True, factorize_freq_time=True.")

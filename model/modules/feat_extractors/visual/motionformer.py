@@ -5,8 +5,7 @@ Trajectory Attention in Video Transformers", NeurIPS 2021), pre-trained on Somet
 8x14x14 output tokens are pooled over space within each frame, then optionally over time and segments.
 Three attention types, as published with Motionformer: 'divided' (time then space attention in every
 block; Synchformer's checkpoints), 'joint' (full space-time attention) and 'trajectory' (Motionformer's).
-State-dict names are those of the original checkpoints.
-"""
+State-dict names are those of the original checkpoints."""
 
 from pathlib import Path
 
@@ -177,33 +176,17 @@ class MotionFormer(SegmentFeatureExtractor):
 
     The attention type comes from the Motionformer checkpoint's name (or, for a stage-1 '.pt' checkpoint,
     from the name its config started from); 'divided' without a checkpoint. `attn_type` may name it when
-    no checkpoint decides. The size arguments default to the published model (t = num_frames / tubelet_size).
-    """
+    no checkpoint decides. The size arguments default to the published model (t = num_frames / tubelet_size)."""
 
     def __init__(
-        self,
-        extract_features: bool = True,
-        ckpt_path: str | None = None,
-        factorize_space_time: bool = True,
-        agg_space_module: str = "TransformerEncoderLayer",
-        agg_time_module: str = "torch.nn.Identity",
-        add_global_repr: bool = False,
-        agg_segments_module: str | None = None,
-        max_segments: int | None = None,
+        self, extract_features: bool = True, ckpt_path: str | None = None, factorize_space_time: bool = True,
+        agg_space_module: str = "TransformerEncoderLayer", agg_time_module: str = "torch.nn.Identity",
+        add_global_repr: bool = False, agg_segments_module: str | None = None, max_segments: int | None = None,
         *,
-        attn_type: str | None = None,
-        img_size: int = 224,
-        num_frames: int = 16,
-        patch_size: int = 16,
-        tubelet_size: int = 2,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.2,
-        zero_init_tubelet: bool = True,
-    ):
+        attn_type: str | None = None, img_size: int = 224, num_frames: int = 16, patch_size: int = 16,
+        tubelet_size: int = 2, in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+        mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, zero_init_tubelet: bool = True,
+    ):  # fmt: skip
         super().__init__()
         if not (extract_features and factorize_space_time):
             raise ValueError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
