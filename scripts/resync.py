@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dataset.io import BadVideoError, audio_frame
 from scripts.predict_offsets import VIDEO_SUFFIXES, add_tracking_args, predict_track
-from utils.cli import run_cli
+from utils.cli import UserError, run_cli
 from utils.inference import WindowPredictor, load_model_from_args
 from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
@@ -148,9 +148,9 @@ def main(args) -> int:
     reuse_freed_memory()
     src = Path(args.input)
     if src.is_dir() == (args.out_dir is None) or (args.out is None) == (args.out_dir is None):
-        raise ValueError("Pass a video with --out FIXED.mp4, or a folder of videos with --out_dir DIR.")
+        raise UserError("Pass a video with --out FIXED.mp4, or a folder of videos with --out_dir DIR.")
     model, cfg = load_model_from_args(args)
-    predictor = WindowPredictor(model, cfg, args.batch_segments, args.batch_windows)
+    predictor = WindowPredictor(model, cfg, args.precision, args.batch_segments, args.batch_windows)
     if not src.is_dir():
         row = resync_video(predictor, src, Path(args.out), args)
         return 0 if row["output"] else 1

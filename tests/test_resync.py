@@ -18,6 +18,7 @@ from scripts import demo, resync
 from tests.reference_data import REPO
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.checkpoint import save_checkpoint
+from utils.cli import UserError
 from utils.config import load_config
 from utils.utils import instantiate_from_config
 
@@ -83,6 +84,14 @@ def test_given_offsets_shift_the_audio_back_and_copy_the_video(untrained, tmp_pa
         assert packets(tmp_path / "same.mp4", kind) == packets(tmp_path / "ahead.mp4", kind)
 
 
+def test_precision_reaches_the_predictions(untrained, tmp_path):
+    make_clip(tmp_path / "ahead.mp4", ClipSpec(**EASY, duration_sec=12, offset_sec=1.2, seed=1))
+    for precision in ("bf16", "int8"):  # each runs the model of its precision (bf16 weights need autocast)
+        out = tmp_path / f"fixed-{precision}.mp4"
+        assert run(tmp_path / "ahead.mp4", "--out", out, "--offset_sec", 1.2, "--precision", precision, *untrained) == 0
+        check_corrected(tmp_path / "ahead.mp4", out)
+
+
 def test_low_confidence_is_refused_unless_forced_and_folders_get_a_report(untrained, tmp_path, capsys):
     src = tmp_path / "videos"
     make_clip(src / "a.mp4", ClipSpec(**EASY, duration_sec=8, offset_sec=0.4, seed=3))
@@ -104,7 +113,7 @@ def test_low_confidence_is_refused_unless_forced_and_folders_get_a_report(untrai
         row = next(r for r in csv.DictReader(f) if r["video"].endswith("a.mp4"))
     assert row["action"] in ("corrected", "in sync: copied") and row["residual_sec"] != ""
     assert packets(tmp_path / "forced" / "a.mp4") == packets(src / "a.mp4")
-    with pytest.raises(ValueError, match="--out_dir"):
+    with pytest.raises(UserError, match="--out_dir"):
         run(src, "--out", tmp_path / "x.mp4", *untrained)
 
 
