@@ -16,8 +16,9 @@ from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import BadVideoError, probe_video, reencode_video
 from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
+from model.tracking import offset_grid
+from scripts.common import add_model_args, load_model_from_args
 from utils.cli import run_cli
-from utils.inference import add_model_args, load_model_from_args, offset_grid
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory
 

@@ -15,7 +15,7 @@ dependencies = ["torch", "torchvision", "torchaudio", "omegaconf", "einops", "av
 
 
 def _published(exp_name: str, device: str, precision: str):
-    from utils.inference import load_model
+    from model.pretrained import load_model
     from utils.precision import resolve_precision
 
     precision = resolve_precision(precision, device)

@@ -43,10 +43,11 @@ from dataset.avbench import (
     window_times,
 )
 from dataset.io import BadVideoError, decode_video
-from scripts.predict_offsets import VIDEO_SUFFIXES, load_for_model
+from dataset.segment_pipeline import load_for_model
+from model.tracking import WindowPredictor, offset_grid
+from scripts.common import VIDEO_SUFFIXES, add_model_args, list_videos, load_model_from_args
 from utils import dist
 from utils.cli import UserError, report_skipped, run_cli
-from utils.inference import WindowPredictor, add_model_args, load_model_from_args, offset_grid
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
@@ -58,7 +59,7 @@ def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], lis
     """The pairs to score, sorted by video name, and the videos without an audio file."""
     if not video_dir.is_dir():
         raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
-    videos = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = list_videos(video_dir)
     if audio_dir is None:
         return [Pair(v.name, v) for v in videos], []
     if not audio_dir.is_dir():

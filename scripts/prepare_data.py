@@ -33,7 +33,7 @@ import av
 from tqdm import tqdm
 
 from dataset.io import BadVideoError, probe_video, reencode_video
-from scripts.predict_offsets import VIDEO_SUFFIXES
+from scripts.common import VIDEO_SUFFIXES
 from utils.cli import run_cli
 from utils.utils import atomic_path, write_csv
 

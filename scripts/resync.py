@@ -3,7 +3,7 @@
     python scripts/resync.py VIDEO --out FIXED.mp4 [--offset_sec O] [--force] [--exp_name ... | --ckpt_path ...]
     python scripts/resync.py VIDEO_DIR --out_dir FIXED_DIR [--force]
 
-The sign: an offset O, as the model predicts it (see example.py and utils/inference.py), is positive
+The sign: an offset O, as the model predicts it (see example.py and model/tracking.py), is positive
 when the audio runs ahead of the video, each sound O seconds before its picture. The correction delays
 the audio by O: O seconds of silence go before it and its last O seconds are dropped (for O < 0 its
 first |O| seconds are dropped and silence is added at its end), so both streams keep their duration.
@@ -32,9 +32,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.io import BadVideoError, audio_frame
-from scripts.predict_offsets import VIDEO_SUFFIXES, add_tracking_args, predict_track
+from model.tracking import WindowPredictor, predict_track
+from scripts.common import add_tracking_args, list_videos, load_model_from_args
 from utils.cli import UserError, run_cli
-from utils.inference import WindowPredictor, load_model_from_args
 from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
@@ -162,7 +162,7 @@ def main(args) -> int:
         with open(report, newline="") as f:
             previous = {r["video"]: r for r in csv.DictReader(f)}
     rows = []
-    for path in tqdm(sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES), desc="videos"):
+    for path in tqdm(list_videos(src), desc="videos"):
         out = out_dir / path.name
         if str(path) in previous and (out.is_file() or previous[str(path)]["action"].startswith("refused")):
             rows.append(previous[str(path)])  # done in an earlier run

@@ -10,9 +10,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from scripts import bench_model, bench_precision, bench_tracking, bench_train
+from scripts.bench import common
+from scripts.bench import desync as bench_desync
+from scripts.bench import model as bench_model
+from scripts.bench import precision as bench_precision
+from scripts.bench import tracking as bench_tracking
+from scripts.bench import train as bench_train
 from tests.tiny import AUD_SEGMENT, VIS_SEGMENT
-from utils.inference import quantize_for_cpu
+from utils.precision import quantize_for_cpu
 
 CPU = ProfilerActivity.CPU
 
@@ -34,11 +39,11 @@ def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
         assert r["seconds_per_clip"] > 0 and all(g["fp32"] > 0 and g["bf16"] > 0 for g in r["gemm_gflops"])
         assert math.isclose(r["gflops"], result["gflop_per_clip"] / r["seconds_per_clip"])
         assert r["fraction_of_fp32_gemm"] > 0 and r["fraction_of_bf16_gemm"] > 0
-    (row,) = result["agreement"]  # one real clip at two offsets
-    assert row["clip"] == "3qesirWAGt4_20000_30000.mp4" and row["max_abs_logit_diff_fp32"] == 0
+    (row,) = result["agreement"]  # one generated clip at two offsets
+    assert row["clip"] == "generated0.mp4" and row["max_abs_logit_diff_fp32"] == 0
     assert all(len(row[f"top1_{p}"]) == 2 for p in ("fp32", "bf16", "int8"))
     assert 0 < row["max_abs_logit_diff_bf16"] < 0.1 and 0 < row["max_abs_logit_diff_int8"] < 0.1
-    assert line.startswith("bench_model (configs/sync.yaml tiny, S=2") and "of bf16 GEMM" in line
+    assert line.startswith("bench.model (configs/sync.yaml tiny, S=2") and "of bf16 GEMM" in line
     assert result["cpu"] in line and "bf16 top-1 = fp32 on" in line
 
 
@@ -68,12 +73,12 @@ def test_bench_precision_tiny(monkeypatch, capsys, tmp_path):
         assert r["clips_per_second"] > 0 and 0 <= r["top1_agreement_with_float32"] <= 1
         assert 0 < r["max_abs_logit_diff_vs_float32"] < 1  # autocast is on, and it stays close
     assert all(r["iterations_per_second"] > 0 for r in result["training"])
-    assert line.startswith("bench_precision (configs/sync.yaml tiny, S=14, cpu")
+    assert line.startswith("bench.precision (configs/sync.yaml tiny, S=14, cpu")
 
 
 @pytest.mark.parametrize("precision", [bench_precision.ORIGINAL, bench_precision.OURS])
 def test_precision_settings_switch_the_attention_kernel(precision):
-    model = bench_model.build_model("configs/sync.yaml", n_segments=14, tiny=True)
+    model = common.build_model("configs/sync.yaml", n_segments=14, tiny=True)
     vis, aud = torch.randn(1, 14, *VIS_SEGMENT), torch.randn(1, 14, *AUD_SEGMENT)
     with torch.inference_mode(), precision.context(torch.device("cpu")), profile(activities=[CPU]) as prof:
         model(vis, aud)
@@ -85,7 +90,7 @@ def test_precision_settings_switch_the_attention_kernel(precision):
 def test_quantize_for_cpu_keeps_the_model_and_stays_close():
     from torchao.quantization import Int8Tensor
 
-    model = bench_model.build_model("configs/sync.yaml", n_segments=14, tiny=True)
+    model = common.build_model("configs/sync.yaml", n_segments=14, tiny=True)
     vis, aud = torch.randn(2, 14, *VIS_SEGMENT), torch.randn(2, 14, *AUD_SEGMENT)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated API underneath
@@ -112,14 +117,11 @@ def test_quantize_for_cpu_keeps_the_model_and_stays_close():
 
 
 def test_bench_desync_tiny(capsys, tmp_path):
-    from scripts import bench_desync
-
     out = tmp_path / "result.json"
-    result = bench_desync.main(
-        ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--out", str(out)]
-    )
+    argv = ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--out", str(out)]
+    result = bench_desync.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bench_desync (tiny, 1 videos") and "fp32" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("bench.desync (tiny, 1 videos") and "fp32" in lines[0]
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["one_video_at_a_time_fp32"]["videos_per_sec"] > 0
     folder = result["folder_fp32"]

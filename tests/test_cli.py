@@ -72,7 +72,7 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
     case("window outside", "example.py", [*clip, "--v_start_i_sec", "8.0", *tiny], REAL_CLIP.name, "--v_start_i_sec")
     if not torch.cuda.is_available():
         case("no GPU", "example.py", [*clip, "--device", "cuda", *tiny[:2]], "--device=cuda", "--device=cpu")
-        case("no GPU bench", "scripts/bench_model.py", ["--tiny", "--device", "cuda:1"], "--device=cuda:1")
+        case("no GPU bench", "scripts/bench/model.py", ["--tiny", "--device", "cuda:1"], "--device=cuda:1")
     case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device=gpu0")
     case("empty folder", "scripts/predict_offsets.py", [work / "vis", *tiny], f"No videos in {work / 'vis'}")
     case("desync no folder", "scripts/desync.py", [work / "nowhere", *tiny], str(work / "nowhere"), "not a folder")

@@ -39,7 +39,8 @@ from dataset.synthetic import (
     write_mp4,
 )
 from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePickedCleanTestFixedOffsets
-from scripts import bench_data, download_metadata
+from scripts import download_metadata
+from scripts.bench import data as bench_data
 from tests.bad_media import write_bad_videos
 from utils.download import DownloadError
 

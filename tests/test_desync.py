@@ -17,9 +17,9 @@ from dataset.avbench import AudioSegments, normalise_frames, video_frames
 from dataset.io import decode_video_at_fps
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync
-from scripts.bench_model import bench_config
 from tests.reference_data import REFERENCE, REPO
 from utils.checkpoint import save_checkpoint
+from utils.config import untrained_config
 from utils.detfill import det_state_dict
 from utils.utils import instantiate_from_config
 
@@ -29,7 +29,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "desync"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """configs/sync.yaml with 1-layer, 32-wide extractors at the published input sizes (224 px, 16 frames)."""
-    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
+    cfg = untrained_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
     torch.manual_seed(0)
     model = instantiate_from_config(cfg.model)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
@@ -243,7 +243,7 @@ def test_inputs_equal_av_benchmarks(name):
 
 def depth1_model(ckpt_dir):
     """The published architecture with one block in each deep stack, filled with det_state_dict(seed=0)."""
-    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=False)
+    cfg = untrained_config(REPO / "configs" / "sync.yaml", tiny=False)
     cfg.model.params.vfeat_extractor.params.depth = 1
     cfg.model.params.afeat_extractor.params.num_hidden_layers = 1
     cfg.model.params.transformer.params.n_layer = 1
@@ -289,7 +289,7 @@ def test_desync_equals_av_benchmarks(avbench_folder, precision, tmp_path):
 @pytest.mark.skipif(not os.environ.get("SYNCHFORMER_LONG_TESTS"), reason="full-size model: SYNCHFORMER_LONG_TESTS=1")
 def test_desync_equals_av_benchmarks_full_size(avbench_folder, tmp_path):
     cases = avbench_cases()
-    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=False)
+    cfg = untrained_config(REPO / "configs" / "sync.yaml", tiny=False)
     model = instantiate_from_config(cfg.model)
     ckpt = tmp_path / "full.pt"
     save_checkpoint({"model": det_state_dict(model.state_dict(), seed=0), "args": cfg}, ckpt)

@@ -13,13 +13,17 @@ from torchao.quantization import Int8Tensor
 
 import example
 from dataset.io import BadVideoError, get_video_and_audio, probe_video
+from dataset.segment_pipeline import SegmentPipeline
 from dataset.synthetic import ClipSpec, make_clip
+from model.pretrained import load_model
+from model.tracking import WindowPredictor
 from scripts import predict_offsets
-from scripts.bench_model import bench_config
+from scripts.common import load_model_from_args
 from tests.reference_data import REPO, SHARED
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import untrained_config
 from utils.download import DownloadError
-from utils.inference import SegmentPipeline, WindowPredictor, for_precision, load_model, load_model_from_args
+from utils.precision import for_precision
 from utils.utils import instantiate_from_config
 
 REAL_CLIP = SHARED / "data/vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
@@ -28,7 +32,7 @@ PREDICTION = re.compile(r'^p=(\d\.\d{4}) \((-?\d+\.\d{4})\), "(-?\d\.\d\d)" \((\
 
 def tiny_sync_cfg():
     """configs/sync.yaml with 1-layer, 32-wide extractors at the published input sizes."""
-    return bench_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
+    return untrained_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
 
 
 @pytest.fixture(scope="module")

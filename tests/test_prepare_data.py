@@ -15,7 +15,8 @@ import main
 from dataset.folder import VideoFolder, split_by_ratios
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
-from scripts import bench_prepare, prepare_data
+from scripts import prepare_data
+from scripts.bench import prepare as bench_prepare
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.logger import read_metrics
 

@@ -20,6 +20,7 @@ import inspect
 import os
 import random
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -169,3 +170,32 @@ def cfg_get(cfg: DictConfig, path: str):
     """Reads an optional key with its registered default."""
     value = OmegaConf.select(cfg, path, default=None)
     return OPTIONAL_KEYS[path] if value is None else value
+
+
+# Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
+# says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
+TINY_WIDTHS = {
+    "model.params.vfeat_extractor.params": dict(embed_dim=32, depth=1, num_heads=2),
+    "model.params.afeat_extractor.params": dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ),
+    "model.params.vproj.params": dict(in_features=32),
+    "model.params.aproj.params": dict(in_features=32),
+    "model.params.transformer.params": dict(n_layer=1, n_head=2, n_embd=32),
+}
+TINY_INPUTS = {
+    "model.params.vfeat_extractor.params": dict(img_size=32, num_frames=4),
+    "model.params.afeat_extractor.params": dict(max_spec_t=26, num_mel_bins=32),
+}
+
+
+def untrained_config(config: str | Path, tiny: bool = False, tiny_inputs: bool = True) -> DictConfig:
+    """A model config (resolved) with random extractor weights, so nothing is downloaded: what benchmarks
+    and tests build; `tiny`: shrunk by TINY_WIDTHS (and TINY_INPUTS)."""
+    cfg = read_yaml(config)
+    for sizes in (TINY_WIDTHS, TINY_INPUTS if tiny_inputs else {}) if tiny else ():
+        for path, values in sizes.items():
+            OmegaConf.select(cfg, path).update(values)
+    for extractor in ("afeat_extractor", "vfeat_extractor"):
+        cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

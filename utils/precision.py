@@ -2,10 +2,11 @@
 
 - fp32: float32 throughout; the default wherever exact parity with the original matters.
 - bf16 / fp16: autocast to that dtype around the forward (weights stay float32).
-- int8: int8 Linear layers with dynamically quantised activations, CPU only (see `utils.inference`).
+- int8: int8 Linear layers with dynamically quantised activations, CPU only (see `quantize_for_cpu`).
 - auto: bf16 where the device runs it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else fp32."""
 
 import contextlib
+import copy
 
 import torch
 
@@ -69,3 +70,49 @@ def resolve_device(name: str | torch.device | None, setting: str = "--device") -
             f"use {setting}=cpu, or leave {setting} unset to use what is there."
         )
     return device
+
+
+def linears_outside_pooling(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The `nn.Linear` layers that a precision stores in its own dtype: all but those of the extractors'
+    pooling layers, whose multi-head attention reads its projection weights directly (and which run on
+    one token per sequence, so they cost little in float32)."""
+    pooling = [name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(name.startswith(f"{p}.") for p in pooling)
+    ]
+
+
+def for_precision(model: torch.nn.Module, precision: str, keep: bool = True) -> torch.nn.Module:
+    """`model` as it runs in a concrete `precision`: fp32 the model itself; int8 the copy of
+    `quantize_for_cpu`; bf16/fp16 the model with its Linear weights stored in that dtype (a copy if
+    `keep`), which autocast uses as they are instead of casting every weight again at every call (the
+    same numbers, half the memory); run it under `utils.precision.autocast(precision, device)`."""
+    if precision == "int8":
+        return quantize_for_cpu(model)
+    if precision not in AUTOCAST_DTYPES:
+        return model
+    low = copy.deepcopy(model) if keep else model
+    for linear in linears_outside_pooling(low):
+        linear.to(AUTOCAST_DTYPES[precision])
+    return low
+
+
+def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """An int8 copy of `model` (`--precision int8`; float32 stays the default): its `nn.Linear` layers
+    (see `linears_outside_pooling`) get int8 weights (per output channel) and dynamically quantised int8
+    activations (per token), through torchao's `quantize_` (the successor of the deprecated
+    `torch.ao.quantization.quantize_dynamic`). Outputs differ from float32 by quantisation noise, so
+    predictions may differ where the top classes are close. CPU only; the float32 `model` is left
+    unchanged. See the README for its speed."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError(
+            "quantize_for_cpu needs a model on the CPU: call it before moving the model, or use another --precision."
+        )
+    int8 = copy.deepcopy(model)
+    chosen = {id(m) for m in linears_outside_pooling(int8)}
+    quantize_(int8, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, name: id(m) in chosen)
+    return int8.eval()

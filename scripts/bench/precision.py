@@ -4,9 +4,9 @@ with the fused attention kernels (optionally also `torch.compile`d), against flo
 unfused attention (softmax(QK^T)V as separate ops, with a loss scaler), the original's setting. Also
 how far each setting's logits are from float32 on the same inputs.
 
-    python -m scripts.bench_precision                     # full size, on the accelerator
-    python -m scripts.bench_precision --compile           # also bf16 + fused attention + torch.compile
-    python -m scripts.bench_precision --tiny --device cpu --out p.json   # tiny model, one repetition (CI)
+    python -m scripts.bench.precision                     # full size, on the accelerator
+    python -m scripts.bench.precision --compile           # also bf16 + fused attention + torch.compile
+    python -m scripts.bench.precision --tiny --device cpu --out p.json   # tiny model, one repetition (CI)
 
 Prints one summary line and, with --out, writes the measurements as JSON."""
 
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_model import FLOAT32, Precision, build_model, cpu_description, random_inputs, timed
-from scripts.bench_train import bench_training
+from scripts.bench.common import FLOAT32, Precision, bench_training, build_model, cpu_description, random_inputs, timed
 from utils.cli import run_cli
 from utils.precision import resolve_device
 from utils.utils import reuse_freed_memory, write_json
@@ -98,7 +97,7 @@ def main() -> None:
         f"{i['top1_agreement_with_float32']:.0%}), train {t['iterations_per_second']:.3g} it/s (B={t['batch_size']})"
         for i, t in zip(inference, training)
     )
-    print(f"bench_precision ({args.config}{' tiny' if args.tiny else ''}, S={S}, {result['device']}): {summary}")
+    print(f"bench.precision ({args.config}{' tiny' if args.tiny else ''}, S={S}, {result['device']}): {summary}")
     if args.out:
         write_json(args.out, result)
 

@@ -3,8 +3,8 @@ batched model calls, 24 shared segments per 8 s video) at each precision, agains
 path (decoding in the main process, each 4.8 s window a forward of its own: 28 segments), on the same
 videos in the same run, with the agreement of their outputs.
 
-    python -m scripts.bench_desync [--precisions fp32 bf16 int8] [--n_videos 4] [--torchrun] [--out b.json]
-    python -m scripts.bench_desync --tiny       # 1-layer, 32-wide extractors (CI)
+    python -m scripts.bench.desync [--precisions fp32 bf16 int8] [--n_videos 4] [--torchrun] [--out b.json]
+    python -m scripts.bench.desync --tiny       # 1-layer, 32-wide extractors (CI)
 
 `--torchrun` also times whole `scripts/desync.py` runs: 1 process with 2 threads against 2 torchrun
 processes with 1 thread each. Weights are random: speed does not depend on them."""
@@ -24,14 +24,15 @@ import torch
 
 from dataset.avbench import SEGMENT_FRAMES, STEP_FRAMES, DesyncInputs, Pair, normalise_frames, segments, window_slices
 from dataset.synthetic import ClipSpec, make_clip
+from model.pretrained import load_model
 from scripts import desync
-from scripts.bench_model import bench_config, cpu_description
+from scripts.bench.common import cpu_description
 from utils.checkpoint import save_checkpoint
 from utils.cli import run_cli
-from utils.inference import load_model
+from utils.config import untrained_config
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @torch.inference_mode()
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     videos.mkdir()
     for i in range(args.n_videos):  # 8.5 s synthetic clips with their audio
         make_clip(videos / f"clip{i}.mp4", ClipSpec(duration_sec=8.5, seed=100 + i))
-    cfg = bench_config(REPO / "configs" / "sync.yaml", tiny=args.tiny, tiny_inputs=False)
+    cfg = untrained_config(REPO / "configs" / "sync.yaml", tiny=args.tiny, tiny_inputs=False)
     ckpt = root / "model.pt"
     save_checkpoint({"model": instantiate_from_config(cfg.model).state_dict(), "args": cfg}, ckpt)
     model, _ = load_model(ckpt_path=ckpt)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["torchrun"] = {"one_process_2_threads_sec": one, "two_processes_1_thread_sec": two, "same_json": same}
     folder = ", ".join(f"{p} {result[f'folder_{p}']['speedup']:.2f}x" for p in args.precisions)
     print(
-        f"bench_desync ({'tiny' if args.tiny else 'full'}, {len(pairs)} videos, {result['cpu']}): one at a time "
+        f"bench.desync ({'tiny' if args.tiny else 'full'}, {len(pairs)} videos, {result['cpu']}): one at a time "
         f"{result['one_video_at_a_time_fp32']['videos_per_sec']:.3g} videos/s; folder path {folder}"
         + (f"; torchrun 2x1 / 1x2 threads {two / one:.2f}" if args.torchrun else "")
     )

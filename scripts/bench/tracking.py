@@ -8,8 +8,8 @@ synchronisation transformer per window, against recomputing every window's segme
 
 Also checks that both give the same per-window logits (max abs diff).
 
-    python -m scripts.bench_tracking                     # full-size model (random weights), 60 s video
-    python -m scripts.bench_tracking --tiny --out t.json # 32-wide one-layer model, 12 s video (CI)
+    python -m scripts.bench.tracking                     # full-size model (random weights), 60 s video
+    python -m scripts.bench.tracking --tiny --out t.json # 32-wide one-layer model, 12 s video (CI)
 
 Prints one summary line and, with --out, writes the measurements as JSON."""
 
@@ -22,9 +22,10 @@ import torch
 
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip
-from scripts.bench_model import bench_config, timed
+from model.tracking import WindowPredictor
+from scripts.bench.common import timed
 from utils.cli import run_cli
-from utils.inference import WindowPredictor
+from utils.config import untrained_config
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     duration = args.duration or (12.0 if args.tiny else 60.0)
-    cfg = bench_config(args.config, args.tiny, tiny_inputs=False)  # real videos need the real input sizes
+    cfg = untrained_config(args.config, args.tiny, tiny_inputs=False)  # real videos need the real input sizes
     predictor = WindowPredictor(instantiate_from_config(cfg.model), cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "long.mp4"
@@ -76,7 +77,7 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average": load,
     }
-    print(f"bench_tracking ({args.config}{' tiny' if args.tiny else ''}, {duration:g} s video, {len(windows)} windows, "
+    print(f"bench.tracking ({args.config}{' tiny' if args.tiny else ''}, {duration:g} s video, {len(windows)} windows, "
           f"{len(distinct)} distinct segments, load {load[0]:.2f}): one extractor pass {pass_s:.2f} s, "
           f"tracking with reuse {reuse_s:.2f} s ({reuse_s / pass_s:.2f}x), per-window {per_window_s:.2f} s "
           f"({per_window_s / pass_s:.2f}x), max logit diff {max_diff:.1e}")  # fmt: skip

@@ -1,144 +1,42 @@
 """Times the stage-2 forward pass (feature extractors + transformer) in float32, bf16 autocast and int8
-(`utils.inference.quantize_for_cpu`) in one run, against the physical limit: the model's FLOPs (counted
+(`utils.precision.quantize_for_cpu`) in one run, against the physical limit: the model's FLOPs (counted
 with `torch.utils.flop_counter`) over the seconds it takes, as a fraction of both the float32 and the
 bfloat16 dense GEMM throughput that the same device reaches in the same run. The GEMMs are timed right
 before and after every forward, so a machine shared with other jobs is compared with itself at the same
 moment. Then how far bf16 and int8 move the outputs: top-1 agreement with float32 and the largest logit
-difference on the real sample clips at several audio offsets, with the deterministic `utils/detfill.py`
+difference on sample or generated clips at several audio offsets, with the deterministic `utils/detfill.py`
 weights (no trained weights are available offline; with --ckpt_path, a trained model's).
 
-    python -m scripts.bench_model                          # full size, 14 segments, B=1, fp32 bf16 int8
-    python -m scripts.bench_model --batch-sizes 1 4 --precisions fp32 bf16
-    python -m scripts.bench_model --tiny --out b.json      # reduced model, one repetition (CI)
+    python -m scripts.bench.model                          # full size, 14 segments, B=1, fp32 bf16 int8
+    python -m scripts.bench.model --batch-sizes 1 4 --precisions fp32 bf16
+    python -m scripts.bench.model --tiny --out b.json      # reduced model, one repetition (CI)
 
 Prints one summary line (with the CPU's name and its relevant instruction-set flags) and, with --out,
 writes the measurements as JSON."""
 
 import argparse
-import contextlib
 import copy
 import os
-import platform
 import statistics
-import time
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from example import make_input
+from dataset.dataset_utils import get_transforms, load_item
+from model.pretrained import load_model
+from scripts.bench.common import clips_or_generated, cpu_description, random_inputs, resized_for_segments, timed
 from utils.cli import run_cli
-from utils.config import read_yaml
+from utils.config import untrained_config
 from utils.detfill import det_state_dict
-from utils.inference import for_precision, load_model
-from utils.precision import PRECISIONS, autocast, resolve_device
+from utils.precision import PRECISIONS, autocast, for_precision, resolve_device
 from utils.utils import instantiate_from_config, reuse_freed_memory, write_json
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CLIPS = [  # --clips 2 covers both datasets
-    "vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4",
-    "lrs3/h264_uncropped_25fps_256side_16000hz_aac/pretrain/C8zY0oAdQrs/00018.mp4",
-    "vggsound/h264_video_25fps_256side_16000hz_aac/ZYc410CE4Rg_0_10000.mp4",
-]
 OFFSETS = (-1.6, -0.8, 0.0, 0.8, 1.6)
 V_START_SEC = 2.0  # leaves room for the audio window of every offset
 GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CPU_FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-# Small extractors and transformer (32 wide, one layer each): checks that a benchmark runs end to end,
-# says nothing about real speed. TINY_INPUTS also shrinks the inputs (not for real videos).
-TINY_WIDTHS = {
-    "model.params.vfeat_extractor.params": dict(embed_dim=32, depth=1, num_heads=2),
-    "model.params.afeat_extractor.params": dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    ),
-    "model.params.vproj.params": dict(in_features=32),
-    "model.params.aproj.params": dict(in_features=32),
-    "model.params.transformer.params": dict(n_layer=1, n_head=2, n_embd=32),
-}
-TINY_INPUTS = {
-    "model.params.vfeat_extractor.params": dict(img_size=32, num_frames=4),
-    "model.params.afeat_extractor.params": dict(max_spec_t=26, num_mel_bins=32),
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a benchmark runs the model: under autocast to `autocast_dtype` (None: float32), with the fused
-    attention kernels or the unfused one (softmax(QK^T)V as separate ops), `torch.compile`d or not."""
-
-    name: str
-    autocast_dtype: torch.dtype | None = None
-    fused_attention: bool = True
-    compile: bool = False
-
-    def context(self, device: torch.device) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast(device.type, dtype=self.autocast_dtype))
-        if not self.fused_attention:
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        return stack
-
-
-FLOAT32 = Precision("float32")
-
-
-def bench_config(config: str | Path, tiny: bool, tiny_inputs: bool = True) -> DictConfig:
-    """The config (resolved) with random extractor weights; `tiny`: TINY_WIDTHS (and TINY_INPUTS)."""
-    cfg = read_yaml(config)
-    for sizes in (TINY_WIDTHS, TINY_INPUTS if tiny_inputs else {}) if tiny else ():
-        for path, values in sizes.items():
-            OmegaConf.select(cfg, path).update(values)
-    for extractor in ("afeat_extractor", "vfeat_extractor"):
-        cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-
-
-def resized_for_segments(model: torch.nn.Module, cfg: DictConfig, n_segments: int) -> torch.nn.Module:
-    """`model` if its position embedding fits `n_segments`, else a copy with a fresh transformer that does."""
-    # one position per token: OFF, the visual tokens of all segments, MOD, the audio ones
-    tokens_per_segment = model.vfeat_extractor.grid[0] + model.afeat_extractor.grid[1]  # t of (t, h, w), (f, t)
-    pos_emb = getattr(model.transformer.pos_emb_cfg, "pos_emb", None)
-    if pos_emb is not None and pos_emb.shape[1] == 1 + n_segments * tokens_per_segment + 1:
-        return model
-    resized = copy.deepcopy(model)
-    transformer = copy.deepcopy(cfg.model.params.transformer)
-    transformer.params.pos_emb_cfg.params.block_shape = [1 + n_segments * tokens_per_segment + 1]
-    resized.transformer = instantiate_from_config(transformer).to(next(model.parameters()).device).eval()
-    return resized
-
-
-def build_model(config: str, n_segments: int, tiny: bool) -> torch.nn.Module:
-    """The stage-2 model of `config` with random weights and a transformer sized for `n_segments`."""
-    cfg = bench_config(config, tiny)
-    return resized_for_segments(instantiate_from_config(cfg.model).eval(), cfg, n_segments)
-
-
-def random_inputs(model: torch.nn.Module, batch_size: int, n_segments: int, device) -> tuple[torch.Tensor, ...]:
-    """Random video (B, S, Tv, C, H, W) and spectrogram (B, S, 1, F, Ta) segments of the model's sizes."""
-    C, Tv, H, W = model.vfeat_extractor.segment_shape
-    Ta, F = model.afeat_extractor.segment_shape
-    vis = torch.randn(batch_size, n_segments, Tv, C, H, W, device=device)
-    return vis, torch.randn(batch_size, n_segments, 1, F, Ta, device=device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
-
-
-def timed(fn, device: torch.device) -> tuple[float, Any]:
-    """`(seconds, fn())`, with the device's queued work finished before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def gemm_gflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 2) -> float:
@@ -150,21 +48,6 @@ def gemm_gflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int =
 
 def gemm_peaks(device: torch.device, n: int) -> dict[str, float]:
     return {name: gemm_gflops(device, n, dtype) for name, dtype in GEMM_DTYPES.items()}
-
-
-def cpu_description() -> str:
-    """The CPU's model name (family and model number) and the instruction sets that decide bf16 and int8 speed."""
-    info = {}
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    name = info.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in info:
-        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    flags = [f for f in CPU_FLAGS if capabilities.get(f)]
-    return f"{name}, {' '.join(flags) or 'no AVX-512/AMX flags'}"
 
 
 def count_flops(model: torch.nn.Module, vis: torch.Tensor, aud: torch.Tensor) -> int:
@@ -225,9 +108,10 @@ def offset_logits(model, vis: torch.Tensor, aud: torch.Tensor, precision: str) -
 def agreement(models: dict, cfg: DictConfig, clips: list[Path], offsets: list[float], device) -> list[dict]:
     """Per clip: the top-1 class of every precision at each audio offset (one visual window, so the video
     extractor runs once per clip and precision) and each precision's largest logit difference from fp32."""
-    rows = []
+    rows, transforms = [], get_transforms(cfg, "test")
     for path in clips:
-        items = [make_input(cfg, str(path), off, V_START_SEC) for off in offsets]
+        targets = [{"v_start_i_sec": V_START_SEC, "offset_sec": off} for off in offsets]
+        items = [load_item(str(path), "test", target, transforms) for target in targets]
         vis = items[0]["video"][None].float().to(device)  # the same visual window for every offset
         aud = torch.stack([item["audio"] for item in items]).float().to(device)
         logits = {p: offset_logits(m, vis, aud, p) for p, m in models.items()}
@@ -256,7 +140,9 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=14)
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS[:-1], default=["fp32", "bf16", "int8"])
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size and precision")
-    parser.add_argument("--clips", type=int, default=len(CLIPS), help="how many sample clips to check agreement on")
+    parser.add_argument("--clips", type=int, default=3, help="how many clips to check agreement on")
+    parser.add_argument("--clips_dir", type=Path, help="real videos for the agreement check, e.g. the sample clips "
+                        "(scripts/download_samples.py); default: generated clips")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", help="default: the accelerator if there is one, else the CPU")
     parser.add_argument("--tiny", action="store_true", help="reduced model, one repetition, one clip (CI)")
@@ -278,7 +164,7 @@ def main() -> None:
         model, cfg = load_model(ckpt_path=args.ckpt_path, device=device)
     else:
         # the real clips need the real input sizes, also in the tiny mode
-        cfg = bench_config(args.config, args.tiny, tiny_inputs=False)
+        cfg = untrained_config(args.config, args.tiny, tiny_inputs=False)
         model = instantiate_from_config(cfg.model).eval()
         model.load_state_dict(det_state_dict(model.state_dict(), seed=0))
         model.to(device)
@@ -295,7 +181,8 @@ def main() -> None:
         for p, m in timed_models.items():
             runs.append(bench_forward(m, vis, aud, p, flops_per_clip, repeats, gemm_n, device)[0])
     del timed_models, timed_model  # the full model's copies add up: free what the agreement does not use
-    rows = agreement(models, cfg, [SHARED / c for c in CLIPS[:clips]], list(offsets), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = agreement(models, cfg, clips_or_generated(args.clips_dir, clips, Path(tmp)), list(offsets), device)
     load = os.getloadavg()
     result = {
         "config": args.config,
@@ -325,9 +212,9 @@ def main() -> None:
     )
     agreements = "; ".join(agreement_summary(rows, p) for p in precisions[1:])
     malloc = "" if reuses_memory else ", default malloc"
-    print(f"bench_model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
+    print(f"bench.model ({args.config}{' tiny' if args.tiny else ''}, S={S}, {flops_per_clip / 1e9:.4g} GFLOP/clip, "
           f"{device}, {cpu_description()}, {args.threads} threads{malloc}, load {load[0]:.2f}): {summary}; "
-          f"on {len(rows)} real clips x {len(offsets)} offsets: {agreements or 'fp32 only'}")  # fmt: skip
+          f"on {len(rows)} clips x {len(offsets)} offsets: {agreements or 'fp32 only'}")  # fmt: skip
     if args.out:
         write_json(args.out, result)
 

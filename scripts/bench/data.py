@@ -1,5 +1,5 @@
 """Throughput of the test-time data pipeline (decode + `transform_sequence_test` of configs/sync.yaml)
-on the real sample clips, ours vs a baseline, in one run, with a check that both give identical items.
+on sample or generated clips, ours vs a baseline, in one run, with a check that both give identical items.
 
 - ours: `dataset.dataset_utils.load_item` with windowed decoding (only the frames the fixed-offset crop
   needs, threaded H.264 decoding, frames nobody references skipped before the window) and the transforms
@@ -7,8 +7,8 @@ on the real sample clips, ours vs a baseline, in one run, with a check that both
 - baseline: a plain full PyAV decode (every frame, one decoding thread) followed by the transforms in
   the config's order, i.e. what a straightforward reader (like the original's `read_video`) does.
 
-    python -m scripts.bench_data            # all sample clips x 3 fixed offsets, 3 repeats
-    python -m scripts.bench_data --quick    # one clip, one offset, one repeat (CI)
+    python -m scripts.bench.data            # 3 generated clips x 3 fixed offsets, 3 repeats
+    python -m scripts.bench.data --quick    # one clip, one offset, one repeat (CI)
 
 Both run with `--threads` torch threads (1 by default, as in a DataLoader worker; more threads only
 contend on a small shared machine); the video decoder's own threads are part of "ours"."""
@@ -16,6 +16,7 @@ contend on a small shared machine); the video decoder's own threads are part of 
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,12 +27,12 @@ from omegaconf import OmegaConf
 
 from dataset.dataset_utils import get_transforms, load_item
 from dataset.io import decode_audio
+from scripts.bench.common import clips_or_generated
 from utils.cli import run_cli
 from utils.utils import reuse_freed_memory, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "data"
-# (offset_sec, v_start_i_sec) pairs; the first is the reference case of shared/reference/pipeline.json
+REPO = Path(__file__).resolve().parents[2]
+# (offset_sec, v_start_i_sec) pairs
 CASES = [(1.6, 0.0), (-1.0, 3.0), (0.4, 2.52)]
 
 
@@ -54,14 +55,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers use 1)")
+    parser.add_argument("--clips_dir", type=Path, help="videos to load, e.g. the sample clips; default: generated")
     args = parser.parse_args()
     reuse_freed_memory()
     torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(REPO / "configs" / "sync.yaml")
     transforms, plain_transforms = get_transforms(cfg, "test"), get_transforms(cfg, "test", fuse=False)
-    clips = sorted(SAMPLES.glob("vggsound/*/*.mp4")) + sorted(SAMPLES.glob("lrs3/**/*.mp4"))
-    cases = CASES
+    tmp = tempfile.TemporaryDirectory()
+    clips, cases = clips_or_generated(args.clips_dir, 3, Path(tmp.name)), CASES
     if args.quick:
         clips, cases, args.repeats = clips[:1], cases[:1], 1
     jobs = [(clip, {"offset_sec": o, "v_start_i_sec": v}) for clip in clips for o, v in cases]

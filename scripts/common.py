@@ -1,0 +1,56 @@
+"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from model.pretrained import load_model
+from utils.cli import UserError
+from utils.precision import PRECISIONS, resolve_device, resolve_precision
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
+
+
+def list_videos(folder: Path) -> list[Path]:
+    """The videos directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
+    """The model-choosing arguments that every prediction CLI shares (read back with `load_model_from_args`)."""
+    parser.add_argument("--exp_name", default=default_exp, help="A published experiment, e.g. 24-01-04T16-39-21")
+    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or a bare state dict)")
+    parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
+    parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (exact, the default), bf16/fp16 autocast, int8 Linear layers (CPU), or auto: bf16 where the "
+        "device has it natively, else fp32",
+    )
+    parser.add_argument(
+        "--quantize", dest="precision", action="store_const", const="int8", help="the same as --precision int8"
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
+    """`load_model` for the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available.
+    Sets `args.precision` to the precision that runs ('auto' decided)."""
+    if args.exp_name is None and args.ckpt_path is None:
+        raise UserError("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
+    device = resolve_device(
+        args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
+    )
+    args.precision = resolve_precision(args.precision, device)
+    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
+
+
+def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    """The sliding windows' and the model's arguments (predict_offsets.py, resync.py)."""
+    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
+    parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
+    parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
+    parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
+    add_model_args(parser, default_exp="24-01-04T16-39-21")
