@@ -13,16 +13,22 @@ are allowed, because the documented commands add them:
 1. the run-time keys in `RUNTIME_KEYS` (`ckpt_path`, `start_time`, ...);
 2. the optional keys in `OPTIONAL_KEYS`, which the code reads with a default (e.g. `data.iter_times`);
 3. a new entry in a `params` block next to a `target`, when the target's constructor accepts it
-   (e.g. `model.params.vfeat_extractor.params.for_loop=True`)."""
+   (e.g. `model.params.vfeat_extractor.params.for_loop=True`).
+
+The values of the settings the trainers read are checked against `SETTINGS` as soon as the config is read.
+
+A config that the user did not write (one stored in a checkpoint, a downloaded or cached one) may build only
+trusted classes (`check_targets`); the user's own YAML and command line may name any callable, as in Hydra."""
 
 import difflib
 import inspect
 import os
 import random
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.utils import ConfigError, get_obj_from_str
 
@@ -44,6 +50,28 @@ OPTIONAL_KEYS = {
     "logging.plot_curves": True,
     "logging.log_code_state": False,
 }
+
+
+# Type and smallest value of the settings the trainers read: a wrong one fails when the config is read, not
+# after an epoch. A null is allowed where it means "off" (the flags, the optional keys whose default is None).
+SETTINGS = {
+    **{f"training.{k}": (int, 0) for k in ("num_epochs", "patience", "num_workers", "val_frequency")},
+    **{f"training.{k}": (int, 1) for k in ("base_batch_size", "max_train_iters", "max_eval_iters")},
+    **{f"training.{k}": (float, 0) for k in ("base_learning_rate", "learning_rate", "max_clip_norm")},
+    **{f"training.{k}": (bool, None) for k in ("finetune", "run_test_only", "skip_test", "to_max_metric")},
+    "training.seed": (int, None),
+    "training.max_bad_loss_steps": (int, 0),
+    "training.lr_scheduler.warmup": (int, 0),
+    **{f"data.{k}": (int, 1) for k in ("iter_times", "n_segments", "segment_size_vframes", "input_size", "afps")},
+    **{f"data.{k}": (float, 0) for k in ("vfps", "crop_len_sec", "max_off_sec")},
+    "logging.log_frequency": (int, 1),
+}
+ABSENT = object()
+
+# What a config that the user did not write may build: the classes of this project's packages, and the
+# library classes that the published configs name.
+TRUSTED_PACKAGES = ("model.", "dataset.")
+TRUSTED_LIBRARY_CLASSES = ("torch.nn.Identity", "torch.nn.Linear")
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
@@ -151,11 +179,72 @@ def load_config(argv: list[str]) -> DictConfig:
     cfg = OmegaConf.merge(cfg_yml, cfg_cli)  # the latter wins
     if cfg.get("start_time") is None:
         cfg.start_time = curr_time_with_random_shift()
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:
-        raise ConfigError(f"Could not resolve the interpolations in {yaml_path}: {e}") from e
+    cfg = resolved(cfg, yaml_path)
+    check_settings(cfg, f"{yaml_path} or the command line")
     return cfg
+
+
+def check_settings(cfg: DictConfig, source: str) -> None:
+    """ConfigError naming the first setting of `SETTINGS` whose value has the wrong type or is too small."""
+    for key, (kind, low) in SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is ABSENT or value is None and (kind is bool or OPTIONAL_KEYS.get(key, 0) is None):
+            continue
+        # a YAML integer is a fine float; a YAML boolean is not a number
+        fits = isinstance(value, int | float if kind is float else kind) and (kind is bool) == isinstance(value, bool)
+        if not fits or (low is not None and value < low):
+            want = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            at_least = "" if low is None else f" >= {low}"
+            raise ConfigError(f"{key}={value!r} (in {source}) must be {want}{at_least}.")
+
+
+def resolved(cfg: DictConfig, source: str) -> DictConfig:
+    """A fresh copy of `cfg` with its interpolations resolved; ConfigError naming `source` when they cannot be
+    (e.g. a key that refers to itself)."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:
+        raise ConfigError(f"Could not resolve the interpolations in {source}: {' '.join(str(e).split())}") from e
+
+
+def targets_of(node, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """(key path, node) of every mapping with a `target` in a config, at any depth: the model and its parts,
+    the transforms, nested params."""
+    if isinstance(node, DictConfig) and "target" in node:
+        yield path, node
+    if isinstance(node, DictConfig):
+        for key in node:
+            yield from targets_of(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from targets_of(node._get_node(i), f"{path}[{i}]")
+
+
+def is_trusted_target(name) -> bool:
+    """Whether `name` is a trusted library class or a class defined in a trusted package of this project: the
+    name is checked before anything is imported, and only this project's own modules are imported to see that
+    it is a class. A name without a module part (the templates' 'PLACEHOLDER') names nothing importable."""
+    if name in TRUSTED_LIBRARY_CLASSES or (isinstance(name, str) and "." not in name):
+        return True
+    if not isinstance(name, str) or not name.startswith(TRUSTED_PACKAGES):
+        return False
+    try:
+        obj = get_obj_from_str(name)
+    except ImportError:
+        return False
+    return inspect.isclass(obj) and obj.__module__.startswith(TRUSTED_PACKAGES)
+
+
+def check_targets(cfg: DictConfig, source: str) -> None:
+    """ConfigError naming the first `target` of the config from `source` (a checkpoint, a download) that is not
+    trusted, before anything it names is built."""
+    for path, node in targets_of(cfg):
+        if not is_trusted_target(node.target):
+            raise ConfigError(
+                f"The config of {source} names {node.target!r} at {path}: a config that comes with a checkpoint or a "
+                f"download may build only this project's classes and {', '.join(TRUSTED_LIBRARY_CLASSES)}. If you "
+                "trust it, save it as a YAML file and pass it as your own config (--cfg_path)."
+            )
 
 
 def set_env_from_slurm(environ: dict = os.environ) -> None:
@@ -198,4 +287,4 @@ def untrained_config(config: str | Path, tiny: bool = False, tiny_inputs: bool =
             OmegaConf.select(cfg, path).update(values)
     for extractor in ("afeat_extractor", "vfeat_extractor"):
         cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return resolved(cfg, str(config))
