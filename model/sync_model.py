@@ -188,10 +188,9 @@ def load_synchformer(
 
     `ckpt_path`: a published checkpoint `{'model': state_dict, 'args': config, ...}` or a bare state dict
     (DDP's `module.` prefixes are removed). `cfg`: the training config (DictConfig or YAML path); required
-    for a bare state dict, otherwise it replaces the stored one. The config stored in the checkpoint, and a
-    `cfg` that is not `trusted_cfg` (a downloaded one), may build only trusted classes
-    (`utils.config.check_targets`), checked before anything is built. The `ckpt_path`s inside the model's
-    config are ignored: all weights are in the checkpoint."""
+    for a bare state dict, otherwise it replaces the stored one. The stored config, and a `cfg` that is not
+    `trusted_cfg` (a downloaded one), may build only trusted classes (`utils.config.check_targets`). The
+    `ckpt_path`s inside the model's config are ignored: all weights are in the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, map_location)
     source = str(ckpt_path)
     if cfg is None:
@@ -210,13 +209,13 @@ def load_synchformer(
             "Synchformer (a stage-1 checkpoint holds only the feature extractors): pass a stage-2 checkpoint."
         )
     # early checkpoints name the transformer's module differently
-    cfg.model.params.transformer.target = cfg.model.params.transformer.target.replace(
+    cfg.model.params.transformer.target = str(cfg.model.params.transformer.target).replace(
         ".modules.feature_selector.", ".sync_model."
     )
     if not trusted_cfg:
         check_targets(cfg, source)
     for _, part in targets_of(cfg.model):
-        if part.get("params") and "ckpt_path" in part.params:
+        if isinstance(part.get("params"), DictConfig) and "ckpt_path" in part.params:
             part.params.ckpt_path = None
     model = instantiate_from_config(cfg.model)
     load_weights_into(model, ckpt["model"], ckpt_path)

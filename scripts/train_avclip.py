@@ -161,8 +161,7 @@ def train(cfg: DictConfig) -> None:
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
     elif training.get("run_test_only"):
-        # the zero-shot offset accuracy of a checkpoint (loaded by `build_run`) on the validation split, as the
-        # original offers
+        # the zero-shot offset accuracy of a checkpoint (loaded in `build_run`) on the valid split, as in the original
         start_epoch = training.num_epochs
         logger.log_metrics("valid", -1, trainer.validate(epoch=0))
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from dataset.dataset_utils import collate_drop_bad, get_datasets
-from utils.checkpoint import load_checkpoint, load_weights_into, resave_bests
+from utils.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from utils.config import ConfigError, cfg_get
 from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed
 from utils.logger import RunLogger, setup_logging
@@ -316,8 +316,9 @@ class Trainer:
         load_weights_into(self.model, ckpt["model"], path)
         for name, part in self.checkpointed().items():
             part.load_state_dict(ckpt[name])
-        if self.env.is_main:
-            resave_bests(ckpt, bests)
+        if ckpt.pop("is_best", False) and self.env.is_main:  # the bests' writing may have been cut short
+            for best in bests:
+                save_checkpoint(ckpt, best)
         return ckpt
 
     def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:

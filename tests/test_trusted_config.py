@@ -12,10 +12,11 @@ import hubconf
 from dataset.synthetic import ClipSpec, make_clip
 from model.sync_model import Synchformer, load_synchformer
 from tests.cli_driver import run_case
+from tests.reference_data import REPO
 from tests.test_cli import assert_one_line_error
 from tests.test_inference import tiny_sync_cfg
 from utils.checkpoint import save_checkpoint
-from utils.config import ConfigError
+from utils.config import ConfigError, check_targets, load_config
 from utils.download import PUBLISHED_MODELS, DownloadError, md5sum
 from utils.utils import instantiate_from_config
 
@@ -68,6 +69,8 @@ def test_what_a_checkpoint_config_may_build(tiny):
     ckpt = root / "plain.pt"
     save_checkpoint({"model": state_dict, "args": cfg}, ckpt)
     load_synchformer(ckpt)  # the project's classes and torch.nn.Linear
+    for config in sorted((REPO / "configs").rglob("*.yaml")):  # what the shipped configs build is trusted
+        check_targets(load_config([f"config={config}"]), str(config))
     # outside the allow-list: a library function, a function of the project (it writes files), a library class
     # that a project module imports, the same Linear by another name; at any depth
     refused = {
@@ -89,7 +92,7 @@ def test_what_a_checkpoint_config_may_build(tiny):
     looped = cfg.copy()
     looped.data.crop_len_sec = "${data.crop_len_sec}"
     save_checkpoint({"model": state_dict, "args": looped}, ckpt)
-    with pytest.raises(ConfigError, match=f"interpolations in {ckpt}: Recursive interpolation"):
+    with pytest.raises(ConfigError, match=f"Could not resolve the values in {ckpt}: Recursive interpolation"):
         load_synchformer(ckpt)
 
 
@@ -106,7 +109,7 @@ def test_the_model_cache_is_verified_before_use(tiny, monkeypatch):
     with pytest.raises(DownloadError, match=f"download .* to {yaml} .* place it at {yaml} and its md5 in"):
         hubconf.synchformer_audioset()  # a config that was not downloaded here: fetched again
     (exp_dir / f"{yaml.name}.md5").write_text(md5sum(yaml))  # as a download leaves it
-    with pytest.raises(DownloadError, match=f"^{ckpt} does not match its md5 .* Delete it"):
+    with pytest.raises(DownloadError, match=f"^{ckpt} does not match its md5 .*: delete it"):
         hubconf.synchformer_audioset()  # not the published checkpoint
     monkeypatch.setitem(PUBLISHED_MODELS[exp], "md5", md5sum(ckpt)[:7])  # pretend it is
     assert isinstance(hubconf.synchformer_audioset(), Synchformer)

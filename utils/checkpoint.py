@@ -96,19 +96,11 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 def save_epoch(ckpt: dict, latest: Path, bests: Sequence[Path], is_best: bool) -> None:
     """Saves an epoch's checkpoint as the run's latest and, when it `is_best`, under the `bests` names. The
-    latest is written first and records `is_best`: a run stopped before the bests were written saves them
-    again when it resumes (`resave_bests`), so that the latest and the best never disagree."""
+    latest is written first and records `is_best`, so that a run stopped before the bests were written
+    writes them again when it resumes from it (`scripts.train_utils.Trainer.resume`)."""
     save_checkpoint({**ckpt, "is_best": is_best}, latest)
     for path in bests if is_best else ():
         save_checkpoint(ckpt, path)
-
-
-def resave_bests(latest: dict, bests: Sequence[Path]) -> None:
-    """On resume from the checkpoint `latest` of `save_epoch`: if it was the best, saves it under the `bests`
-    names again, whose writing a stop may have cut short."""
-    if latest.pop("is_best", False):
-        for path in bests:
-            save_checkpoint(latest, path)
 
 
 def load_weights_into(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike, strict: bool = True):

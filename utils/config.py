@@ -15,10 +15,8 @@ are allowed, because the documented commands add them:
 3. a new entry in a `params` block next to a `target`, when the target's constructor accepts it
    (e.g. `model.params.vfeat_extractor.params.for_loop=True`).
 
-The values of the settings the trainers read are checked against `SETTINGS` as soon as the config is read.
-
-A config that the user did not write (one stored in a checkpoint, a downloaded or cached one) may build only
-trusted classes (`check_targets`); the user's own YAML and command line may name any callable, as in Hydra."""
+The user's YAML and command line may name any callable as a `target`, as in Hydra; a config that the user did
+not write (stored in a checkpoint, downloaded) may build only trusted classes (`check_targets`)."""
 
 import difflib
 import inspect
@@ -52,24 +50,21 @@ OPTIONAL_KEYS = {
 }
 
 
-# Type and smallest value of the settings the trainers read: a wrong one fails when the config is read, not
-# after an epoch. A null is allowed where it means "off" (the flags, the optional keys whose default is None).
+# Type and smallest value of the settings the trainers read, checked when the config is read (not after an
+# epoch); null (or absent) passes: it means "off" or "the default".
 SETTINGS = {
-    **{f"training.{k}": (int, 0) for k in ("num_epochs", "patience", "num_workers", "val_frequency")},
-    **{f"training.{k}": (int, 1) for k in ("base_batch_size", "max_train_iters", "max_eval_iters")},
-    **{f"training.{k}": (float, 0) for k in ("base_learning_rate", "learning_rate", "max_clip_norm")},
-    **{f"training.{k}": (bool, None) for k in ("finetune", "run_test_only", "skip_test", "to_max_metric")},
+    **dict.fromkeys(["training.num_epochs", "training.patience", "training.num_workers", "training.val_frequency",
+                     "training.max_bad_loss_steps", "training.lr_scheduler.warmup"], (int, 0)),
+    **dict.fromkeys(["training.base_batch_size", "training.max_train_iters", "training.max_eval_iters",
+                     "data.iter_times", "data.n_segments", "data.segment_size_vframes", "data.input_size", "data.afps",
+                     "logging.log_frequency"], (int, 1)),
+    **dict.fromkeys(["training.base_learning_rate", "training.learning_rate", "training.max_clip_norm", "data.vfps",
+                     "data.crop_len_sec", "data.max_off_sec"], (float, 0)),
+    **dict.fromkeys(["training.finetune", "training.run_test_only", "training.skip_test"], (bool, None)),
     "training.seed": (int, None),
-    "training.max_bad_loss_steps": (int, 0),
-    "training.lr_scheduler.warmup": (int, 0),
-    **{f"data.{k}": (int, 1) for k in ("iter_times", "n_segments", "segment_size_vframes", "input_size", "afps")},
-    **{f"data.{k}": (float, 0) for k in ("vfps", "crop_len_sec", "max_off_sec")},
-    "logging.log_frequency": (int, 1),
-}
-ABSENT = object()
-
-# What a config that the user did not write may build: the classes of this project's packages, and the
-# library classes that the published configs name.
+}  # fmt: skip
+# What a config that the user did not write may build: the classes of these packages of this project, and
+# the library classes that the published configs name.
 TRUSTED_PACKAGES = ("model.", "dataset.")
 TRUSTED_LIBRARY_CLASSES = ("torch.nn.Identity", "torch.nn.Linear")
 
@@ -187,61 +182,50 @@ def load_config(argv: list[str]) -> DictConfig:
 def check_settings(cfg: DictConfig, source: str) -> None:
     """ConfigError naming the first setting of `SETTINGS` whose value has the wrong type or is too small."""
     for key, (kind, low) in SETTINGS.items():
-        value = OmegaConf.select(cfg, key, default=ABSENT)
-        if value is ABSENT or value is None and (kind is bool or OPTIONAL_KEYS.get(key, 0) is None):
-            continue
+        value = OmegaConf.select(cfg, key)
         # a YAML integer is a fine float; a YAML boolean is not a number
-        fits = isinstance(value, int | float if kind is float else kind) and (kind is bool) == isinstance(value, bool)
-        if not fits or (low is not None and value < low):
+        fits = isinstance(value, int | float if kind is float else kind) and isinstance(value, bool) == (kind is bool)
+        if value is not None and (not fits or low is not None and value < low):
             want = {int: "an integer", float: "a number", bool: "true or false"}[kind]
-            at_least = "" if low is None else f" >= {low}"
-            raise ConfigError(f"{key}={value!r} (in {source}) must be {want}{at_least}.")
+            raise ConfigError(f"{key}={value!r} (in {source}) must be {want}{'' if low is None else f' >= {low}'}.")
 
 
 def resolved(cfg: DictConfig, source: str) -> DictConfig:
-    """A fresh copy of `cfg` with its interpolations resolved; ConfigError naming `source` when they cannot be
-    (e.g. a key that refers to itself)."""
+    """A copy of `cfg` with its interpolations resolved; ConfigError naming `source` when they cannot be, or
+    when a value is missing (`???`)."""
     try:
-        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    except Exception as e:
-        raise ConfigError(f"Could not resolve the interpolations in {source}: {' '.join(str(e).split())}") from e
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except Exception as e:  # e.g. a key that refers to itself
+        raise ConfigError(f"Could not resolve the values in {source}: {' '.join(str(e).split())}") from e
 
 
 def targets_of(node, path: str = "") -> Iterator[tuple[str, DictConfig]]:
-    """(key path, node) of every mapping with a `target` in a config, at any depth: the model and its parts,
-    the transforms, nested params."""
+    """(key path, node) of every mapping with a `target` in a config, at any depth (the model and its parts,
+    the transforms, nested params)."""
     if isinstance(node, DictConfig) and "target" in node:
         yield path, node
-    if isinstance(node, DictConfig):
-        for key in node:
-            yield from targets_of(node._get_node(key), f"{path}.{key}" if path else str(key))
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            yield from targets_of(node._get_node(i), f"{path}[{i}]")
-
-
-def is_trusted_target(name) -> bool:
-    """Whether `name` is a trusted library class or a class defined in a trusted package of this project: the
-    name is checked before anything is imported, and only this project's own modules are imported to see that
-    it is a class. A name without a module part (the templates' 'PLACEHOLDER') names nothing importable."""
-    if name in TRUSTED_LIBRARY_CLASSES or (isinstance(name, str) and "." not in name):
-        return True
-    if not isinstance(name, str) or not name.startswith(TRUSTED_PACKAGES):
-        return False
-    try:
-        obj = get_obj_from_str(name)
-    except ImportError:
-        return False
-    return inspect.isclass(obj) and obj.__module__.startswith(TRUSTED_PACKAGES)
+    children = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, child in children:
+        yield from targets_of(child, f"{path}.{key}".lstrip(".") if isinstance(key, str) else f"{path}[{key}]")
 
 
 def check_targets(cfg: DictConfig, source: str) -> None:
-    """ConfigError naming the first `target` of the config from `source` (a checkpoint, a download) that is not
-    trusted, before anything it names is built."""
+    """ConfigError naming the first `target` in the config from `source` that is not trusted, before anything
+    it names is built. Names are checked before anything is imported; only this project's own modules are
+    imported, to see that a name is a class defined there. A name without a module part (the templates'
+    'PLACEHOLDER') names nothing that can be imported."""
     for path, node in targets_of(cfg):
-        if not is_trusted_target(node.target):
+        name = node.target
+        trusted = isinstance(name, str) and (name in TRUSTED_LIBRARY_CLASSES or "." not in name)
+        if not trusted and isinstance(name, str) and name.startswith(TRUSTED_PACKAGES):
+            try:
+                obj = get_obj_from_str(name)
+                trusted = inspect.isclass(obj) and obj.__module__.startswith(TRUSTED_PACKAGES)
+            except ImportError:  # nothing of this project: refused
+                pass
+        if not trusted:
             raise ConfigError(
-                f"The config of {source} names {node.target!r} at {path}: a config that comes with a checkpoint or a "
+                f"The config of {source} names {name!r} at {path}: a config that comes with a checkpoint or a "
                 f"download may build only this project's classes and {', '.join(TRUSTED_LIBRARY_CLASSES)}. If you "
                 "trust it, save it as a YAML file and pass it as your own config (--cfg_path)."
             )

@@ -47,15 +47,14 @@ def download(
     url: str, path: str | Path, md5_prefix: str | None = None, timeout: float = 30.0, size: int | None = None,
     record_md5: bool = False,
 ) -> Path:  # fmt: skip
-    """Fetches `url` to `path` unless it is there already; a file already there is verified as a fresh one.
+    """Fetches `url` to `path` unless it is there already; a file already there is verified like a new one.
 
     Bytes go to `path.part` first; an interrupted download resumes from there (HTTP Range) and the file
     appears under its final name only once complete (`size` bytes, if given) and, if `md5_prefix` is
-    given, verified. `record_md5`, for a file whose md5 is not published: its md5 is recorded in
-    `<path>.md5` when downloaded and verified later; a file without that record was not downloaded here
-    and is fetched again. Processes that fetch the same file at once (the ranks of a job, on one machine
-    or on a shared file system) take turns through the lock file `<path>.lock`: one downloads, the others
-    wait and then verify the file it left."""
+    given, verified. `record_md5`, for a file without a published md5: its md5 is recorded in `<path>.md5`
+    when downloaded and verified later; a file without that record is fetched again. Processes that fetch
+    the same file at once (on one machine or a shared file system) take turns through `<path>.lock`: one
+    downloads, the others then verify its file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     part, record = path.with_name(path.name + ".part"), path.with_name(path.name + ".md5")
@@ -64,12 +63,27 @@ def download(
             md5_prefix = record.read_text().strip()
         if path.is_file() and (md5_prefix or not record_md5):
             if md5_prefix and not md5sum(path).startswith(md5_prefix):
-                raise DownloadError(
-                    f"{path} does not match its md5 ({md5_prefix}...): it is damaged or was replaced. Delete it to "
-                    "download it again."
-                )
+                raise DownloadError(f"{path} does not match its md5 ({md5_prefix}...): delete it to download it again.")
             return path
-        fetch(url, part, timeout, place=f"{path}" + (f" and its md5 in {record}" if record_md5 else ""))
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status != 206:  # the server ignored the range: start over
+                    have = 0
+                total = int(response.headers.get("Content-Length", 0)) + have
+                with (
+                    open(part, "ab" if have else "wb") as f,
+                    tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=path.name) as bar,
+                ):
+                    while block := response.read(1 << 20):
+                        f.write(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError) as e:
+            raise DownloadError(
+                f"Could not download {url} to {path} ({e}). If this machine is offline, fetch the file elsewhere "
+                f"and place it at {path}{f' and its md5 in {record}' if record_md5 else ''}."
+            ) from e
         if size is not None and part.stat().st_size != size:  # kept: a re-run resumes from it
             raise DownloadError(f"{url}: got {part.stat().st_size} bytes, expected {size}; re-run to resume")
         if md5_prefix is not None and not md5sum(part).startswith(md5_prefix):
@@ -80,30 +94,6 @@ def download(
             with atomic_path(record) as tmp:
                 tmp.write_text(md5sum(path))
     return path
-
-
-def fetch(url: str, part: Path, timeout: float, place: str) -> None:
-    """Downloads `url` into `part`, resuming from its bytes (HTTP Range), with a progress bar; the error
-    says to `place` the file by hand when the machine is offline."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if have and response.status != 206:  # the server ignored the range: start over
-                have = 0
-            total = int(response.headers.get("Content-Length", 0)) + have
-            with (
-                open(part, "ab" if have else "wb") as f,
-                tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem) as bar,
-            ):
-                while block := response.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(
-            f"Could not download {url} to {part.with_suffix('')} ({e}). If this machine is offline, fetch the file "
-            f"elsewhere and place it at {place}."
-        ) from e
 
 
 def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") -> tuple[Path, Path]:
