@@ -31,7 +31,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, audio_frame
+from dataset.io import BadVideoError, add_audio_stream, audio_frame
 from model.tracking import WindowPredictor, predict_track
 from scripts.common import add_tracking_args, list_videos, load_model_from_args
 from utils.cli import UserError, run_cli
@@ -81,13 +81,13 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             if wave is None:  # nothing to shift: the audio packets are copied too
                 streams[audio] = out.add_stream_from_template(audio)
             else:
-                a_out = out.add_stream("aac", rate=sr, layout=layout)
-                a_out.bit_rate = bit_rate or a_out.bit_rate
+                a_out = add_audio_stream(out, sr, layout, bit_rate)
             encoded = 0  # samples handed to the encoder, interleaved with the video by time
             for packet in container.demux(*streams):
-                if packet.dts is None:  # the empty packet that ends a stream
+                if not packet.size:  # the empty packet that ends a stream
                     continue
-                while wave is not None and encoded < min(wave.shape[1], (packet.dts * packet.time_base + 1) * sr):
+                t = packet.pts if packet.dts is None else packet.dts  # Matroska leaves the first dts unset
+                while wave is not None and encoded < min(wave.shape[1], (t * packet.time_base + 1) * sr):
                     encoded = encode_chunk(out, a_out, wave, encoded)
                 packet.stream = streams[packet.stream]
                 out.mux(packet)
