@@ -37,7 +37,7 @@ from pathlib import Path
 import av
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, probe_video, reencode_video
+from dataset.io import AFPS, SIDE, VFPS, BadVideoError, probe_video, reencode_video
 from scripts.common import VIDEO_SUFFIXES, refuse_collisions
 from utils.cli import SettingError, UserError, number, run_cli
 from utils.utils import UnsafeNameError, atomic_path, safe_child, write_csv
@@ -232,9 +232,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clips", help="A CSV of video,start_sec,end_sec rows: cut these clips instead")
     parser.add_argument("--workers", type=number(int, 1), default=1, help="Parallel encoding processes")
     parser.add_argument("--shard", help="I/N: this process's share (default: the SLURM array task, else all)")
-    parser.add_argument("--vfps", type=number(int, 1), default=25)
-    parser.add_argument("--afps", type=number(int, 1), default=16000)
-    parser.add_argument("--size", type=number(int, 2), default=256, help="The short side in pixels")
+    parser.add_argument("--vfps", type=number(int, 1), default=VFPS)
+    parser.add_argument("--afps", type=number(int, 1), default=AFPS)
+    parser.add_argument("--size", type=number(int, 2), default=SIDE, help="The short side in pixels")
     return parser
 
 
