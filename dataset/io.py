@@ -258,7 +258,7 @@ def decode_audio(
         # decode that much more and find the drop afterwards (it seeks), all in one opening of the file
         max_drop = abs(first_pts) if audio_priming_compat else 0
         n_samples = math.inf if end_sec is None else max_drop + round(end_sec * sr)
-        wave = _decode_wave(itertools.chain(head, container.demux(stream)), n_samples, path)  # (Ta,)
+        wave = decode_planar(itertools.chain(head, container.demux(stream)), path, n_samples).mean(axis=0)  # (Ta,)
         drop = _priming_drop(container, stream, first_pts) if audio_priming_compat else 0
     if drop > max_drop and end_sec is not None:  # a demuxer that seeks past 0: decode all of it
         wave, _ = decode_audio(path, audio_priming_compat=audio_priming_compat)
@@ -267,9 +267,9 @@ def decode_audio(
     return torch.from_numpy(np.ascontiguousarray(wave[drop + round(start_sec * sr) : stop], dtype=np.float32)), sr
 
 
-def _decode_wave(packets, n_samples: float, path) -> np.ndarray:
-    """Decodes audio `packets` until `n_samples` samples with pts >= 0 are out; (Ta,) mean over channels,
-    in pts order (for equal pts the later-decoded frame wins)."""
+def decode_planar(packets, path, n_samples: float = math.inf) -> np.ndarray:
+    """(C, Ta) float32: decodes audio `packets` until `n_samples` samples with pts >= 0 are out, in pts order
+    (for equal pts the later-decoded frame wins)."""
     to_fltp = av.AudioResampler(format="fltp")
     chunks = []
     decoded_until = 0
@@ -289,7 +289,7 @@ def _decode_wave(packets, n_samples: float, path) -> np.ndarray:
     if not chunks:
         raise BadVideoError(path, "no audio could be decoded", "the audio stream is empty")
     by_pts = dict(chunks)
-    return np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1).mean(axis=0)  # (Ta,)
+    return np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1)  # (C, Ta)
 
 
 def get_video_and_audio(

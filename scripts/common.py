@@ -29,11 +29,10 @@ def refuse_collisions(items: list, key: Callable, label: Callable = str, reserve
     for item in items:
         groups[key(item)].append(item)
     for item in items:
-        name = key(item)
+        name, others = key(item), ", ".join(label(o) for o in groups[key(item)] if o is not item)
         if name in reserved:
             refused.append((item, f"its output name {name!r} is the command's own: rename it"))
-        elif len(groups[name]) > 1:
-            others = ", ".join(label(o) for o in groups[name] if o is not item)
+        elif others:
             refused.append((item, f"its output name {name!r} is also that of {others}: rename all but one"))
         else:
             kept.append(item)

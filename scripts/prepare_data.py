@@ -17,8 +17,9 @@ instead and named like VGGSound and AudioSet clips: `<id>_<start ms>_<end ms>`.
   of them), one row per output with its id, source, cut, duration, fps, sample rate, size and status
   (`encoded`, `done`: kept from an earlier run, or `bad`), and `DST/bad_inputs.csv` with the reasons.
 - Contained: a CSV row whose video or id would lead out of SRC or DST (an absolute path, `..`, a link out
-  of DST) is refused, and so are inputs whose ids collide (`x.mp4`, `x.MP4`, `x.mkv`); DST may not lie
-  inside SRC. A problem on the output side (disk full, read-only DST) stops the run in one line."""
+  of DST) is refused, and so are inputs whose ids collide (`x.mp4`, `x.MP4`, `x.mkv`); SRC and DST may
+  not overlap (SRC may lie in DST, beside the prepared folder). A problem on the output side (disk full,
+  read-only DST) stops the run in one line."""
 
 import argparse
 import csv
@@ -77,25 +78,26 @@ def read_clips(csv_path: Path) -> tuple[list[Job], list[dict]]:
             continue
         if not (0 <= start < end and math.isfinite(end)):  # also refuses nan
             bad.append({"id": "", "source": video, "reason": f"{csv_path} row {i + 1}: needs 0 <= start < end < inf"})
-        elif not Path(video).name:
-            bad.append({"id": "", "source": video, "reason": f"{csv_path} row {i + 1}: no video file named"})
-        else:
-            stem = Path(video).with_suffix("").as_posix()
+        else:  # `video` may be anything here (empty, absolute, `..`): `refuse` checks it
+            stem = Path(os.path.splitext(video)[0]).as_posix()
             jobs.append(Job(f"{stem}_{round(start * 1000)}_{round(end * 1000)}", video, start, end))
     return jobs, bad
 
 
-def refuse_unsafe(jobs: list[Job], src: Path, out_dir: Path) -> tuple[list[Job], list[dict]]:
-    """The jobs that read inside SRC and write inside `out_dir` (`safe_child`), and the refused ones' rows."""
-    kept, bad = [], []
+def refuse(jobs: list[Job], src: Path, out_dir: Path) -> tuple[list[Job], list[dict]]:
+    """The jobs that read inside SRC and write inside `out_dir` (`safe_child`) under an id of their own, and
+    the bad-input rows of the others."""
+    kept, unsafe = [], []
     for job in jobs:
         try:
             safe_child(src, job.source, allow_links_out=True)  # a folder of links to videos elsewhere is fine
             safe_child(out_dir, f"{job.id}.mp4")
             kept.append(job)
         except UnsafeNameError as e:
-            bad.append({"id": job.id, "source": job.source, "reason": str(e)})
-    return kept, bad
+            unsafe.append((job, str(e)))
+    kept, collided = refuse_collisions(kept, key=lambda j: j.id, label=lambda j: j.source)
+    unsafe += [(job, f"{job.source}: {why}") for job, why in collided]
+    return kept, [{"id": job.id, "source": job.source, "reason": why} for job, why in unsafe]
 
 
 def parse_shard(shard: str | None, environ=os.environ) -> tuple[int, int]:
@@ -191,15 +193,13 @@ def main(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise UserError(f"{src} is not a folder: pass the folder of your videos as SRC")
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise UserError(f"DST {dst} is inside SRC {src}: reruns would take its outputs for inputs; choose another DST")
-    index, count = parse_shard(args.shard)
     out_dir = dst / f"h264_video_{args.vfps}fps_{args.size}side_{args.afps}hz_aac"
+    if dst.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(out_dir.resolve()):
+        raise UserError(f"SRC {src} and DST {dst} overlap: outputs would be taken for inputs; choose another DST")
+    index, count = parse_shard(args.shard)
     jobs, bad_rows = read_clips(Path(args.clips)) if args.clips else (list_videos(src), [])
-    jobs, unsafe = refuse_unsafe(jobs, src, out_dir)
-    jobs, collided = refuse_collisions(jobs, key=lambda j: j.id, label=lambda j: j.source)
-    bad_rows += unsafe + [{"id": j.id, "source": j.source, "reason": f"{j.source}: {why}"} for j, why in collided]
-    bad_rows = bad_rows if index == 0 else []  # refused before sharding: listed once, by the first shard
+    jobs, refused = refuse(jobs, src, out_dir)
+    bad_rows = bad_rows + refused if index == 0 else []  # refused before sharding: listed once, by the first shard
     jobs = sorted(jobs, key=lambda j: j.id)[index::count]
     suffix = "" if count == 1 else f"-{index}-of-{count}"
     logging.info(f"Shard {index}/{count}: {len(jobs)} videos from {src} to {out_dir}")

@@ -275,9 +275,11 @@ def test_csv_rows_and_links_cannot_lead_out_of_dst(small_clip, tmp_path):
     assert "absolute" in reasons[str(outside / "v.mp4")] and "'..'" in reasons["../../outside/v.mp4"]
     assert "symlink" in reasons["link/v.mp4"]
     assert "'ok_200_1000' is also that of ok.mp4" in reasons["ok.mp4"]  # two rows, one clip: neither is picked
-    with pytest.raises(UserError, match="inside SRC"):
-        prepare(src, src / "prepared")
-    assert not (src / "prepared").exists()
+    (dst / LAYOUT / "raw.mp4").write_bytes(small_clip.read_bytes())  # not in the format: it would be replaced
+    for overlapping_src, overlapping_dst in [(src, src / "prepared"), (dst / LAYOUT, dst)]:
+        with pytest.raises(UserError, match="overlap"):
+            prepare(overlapping_src, overlapping_dst)
+    assert not (src / "prepared").exists() and (dst / LAYOUT / "raw.mp4").read_bytes() == small_clip.read_bytes()
 
 
 def test_colliding_ids_are_refused_not_merged(small_clip, tmp_path):
@@ -336,11 +338,11 @@ def test_a_read_only_dst_stops_the_run_in_one_line(small_clip, tmp_path):
 
 
 def test_bad_numbers_and_still_images_are_refused(small_clip, tmp_path, capsys):
-    for args in (["--workers", "0"], ["--workers", "-1"], ["--size", "0"], ["--vfps", "nan"], ["--afps", "inf"]):
+    for args in (["--workers", "0"], ["--workers", "-1"], ["--size", "1"], ["--afps", "0"]):
         with pytest.raises(SystemExit) as e:
             prepare_data.get_parser().parse_args(["src", "dst", *args])
         assert e.value.code == 2 and f"argument {args[0]}: expected a finite int" in capsys.readouterr().err
-    for args in (["--duration", "0"], ["--duration", "nan"], ["--num_workers", "-1"]):
+    for args in (["--duration", "0"], ["--duration", "nan"], ["--duration", "inf"], ["--num_workers", "-1"]):
         with pytest.raises(SystemExit):
             desync.get_parser().parse_args(["videos", *args])
         assert f"argument {args[0]}: expected a finite" in capsys.readouterr().err

@@ -45,16 +45,13 @@ def report_skipped(skipped: Sequence[tuple[str, str]], n_done: int, what: str = 
 
 def number(kind: type, low: float, above: bool = False) -> Callable[[str], float]:
     """An argparse `type=`: a finite `kind` (int or float) >= `low` (> `low` when `above`). Anything else
-    (`0`, `-1`, `nan`, `inf`) is argparse's one-line error naming the option, with exit status 2."""
+    (`0`, `-1`, `nan`, `inf`, `abc`) is argparse's one-line error naming the option, with exit status 2."""
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
+        value = kind(text)  # a ValueError: argparse's "invalid int value"
         if not (math.isfinite(value) and (value > low if above else value >= low)):
-            bound = f"{'>' if above else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} {'>' if above else '>='} {low}")
         return value
 
+    parse.__name__ = kind.__name__
     return parse

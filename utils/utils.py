@@ -123,16 +123,14 @@ def safe_child(root: str | Path, name: str, allow_links_out: bool = False) -> Pa
     Refused with `UnsafeNameError` when `name` is empty, absolute, has a `..` part, or leads out of `root`
     through a symlink (under `root`, or `root` itself linking elsewhere is fine). `allow_links_out=True` skips
     that last check, for reading: a dataset folder of links to videos stored elsewhere is common."""
-    parts = Path(name).parts
+    path, parts = Path(root) / name, Path(name).parts
     problem = (
         "it is empty" if not parts or "\0" in name
         else "it is absolute" if Path(name).is_absolute()
         else "it climbs out with '..'" if ".." in parts
-        else None
+        else None if allow_links_out or path.resolve().is_relative_to(Path(root).resolve())
+        else "it leads out through a symlink"
     )  # fmt: skip
-    path = Path(root) / name
-    if problem is None and not allow_links_out and not path.resolve().is_relative_to(Path(root).resolve()):
-        problem = "it leads out through a symlink"
     if problem:
         raise UnsafeNameError(f"{name!r} is not a name inside {root}: {problem} (use a relative path under it)")
     return path
