@@ -79,6 +79,7 @@ def write_opus_clip(path: Path, spec: ClipSpec) -> ClipSpec:
     return spec
 
 
-def write_one_frame_video(path: Path, audio_sec: float = 8.0) -> None:
-    """One video frame and `audio_sec` of audio: a still image, not a video."""
-    write_mp4(path, np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, round(audio_sec * 16000)), np.float32), 25, 16000)
+def write_brief_video(path: Path, n_frames: int = 1, audio_sec: float = 8.0) -> None:
+    """`n_frames` at 25 fps and `audio_sec` of audio: with one frame, a still image rather than a video."""
+    frames, wave = np.zeros((n_frames, 32, 32, 3), np.uint8), np.zeros((1, round(audio_sec * 16000)), np.float32)
+    write_mp4(path, frames, wave, 25, 16000)

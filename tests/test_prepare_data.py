@@ -14,11 +14,11 @@ import pytest
 
 import main
 from dataset.folder import VideoFolder, split_by_ratios
-from dataset.io import get_video_and_audio, reencode_video
+from dataset.io import decode_video, get_video_and_audio, reencode_video
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync, prepare_data
 from scripts.bench import prepare as bench_prepare
-from tests.bad_media import write_one_frame_video
+from tests.bad_media import write_brief_video
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.cli import UserError
 from utils.logger import read_metrics
@@ -350,7 +350,7 @@ def test_bad_numbers_and_still_images_are_refused(small_clip, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "clip.mp4").write_bytes(small_clip.read_bytes())
-    write_one_frame_video(src / "still.mp4")
+    write_brief_video(src / "still.mp4")
     clips = tmp_path / "clips.csv"
     clips.write_text("clip.mp4,0,inf\nclip.mp4,nan,1\nclip.mp4,0,nan\nstill.mp4,0,1\nclip.mp4,0,1\n")
     assert prepare(src, tmp_path / "dst", "--clips", str(clips)) == 0
@@ -358,6 +358,9 @@ def test_bad_numbers_and_still_images_are_refused(small_clip, tmp_path, capsys):
     reasons = [r["reason"] for r in read_csv(tmp_path / "dst" / "bad_inputs.csv")]
     assert [f"row {i}" in r for i, r in zip((1, 2, 3), reasons)] == [True] * 3
     assert "still.mp4: has 1 video frame(s): a still image" in reasons[3]
+    write_brief_video(tmp_path / "brief.mp4", n_frames=10, audio_sec=2)
+    brief = reencode_video(tmp_path / "brief.mp4", in_size=32, out_dir=tmp_path)
+    assert decode_video(brief)[0].shape[0] == 10  # the last frame lasts its own 40 ms, not up to the audio's end
     for bad in ([str(tmp_path / "missing.csv")], []):
         with pytest.raises(UserError, match="missing"):
             prepare(tmp_path / "missing" if not bad else src, tmp_path / "dst", *(["--clips", *bad] if bad else []))
