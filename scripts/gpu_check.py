@@ -1,20 +1,15 @@
-"""What only a GPU can show, in one command: each check below records "ok" (true, false, or null when skipped)
-with its numbers in one JSON file; a failing check records its error and the others still run.
+"""What only a GPU can show, in one command: every check records "ok" (true, false, or null when skipped) and its
+numbers in one JSON file; a failing check records its error, and the others still run.
 
-    python scripts/gpu_check.py --out gpu_check.json [--reference ../shared/reference]   # one GPU
+    python scripts/gpu_check.py --out gpu_check.json [--reference ../shared/reference]
     python scripts/gpu_check.py --device cpu --tiny --out dry_run.json    # the dry run: the same code, tiny sizes
 
-- environment: torch, CUDA or HIP, the device, native bf16, the TF32 settings;
-- train_fp32, train_bf16, train_fp16: stage 2 (configs/sync.yaml) at its published sizes and batch, forward,
-  backward and two optimiser steps (fp16 with a GradScaler), peak memory;
-- grad_checkpointing: a stage-1 (configs/segment_avclip.yaml) forward and backward with and without it: the same
-  loss, less memory;
-- parity (with --reference, the original's outputs): float32 against the original with TF32 off (<= 1e-4), and
-  how far with TF32 on;
-- resume: a tiny stage-2 training killed after its first epoch and resumed, against an uninterrupted one;
-- collectives: all_reduce, all_gather and a DDP step in a one-process group on 127.0.0.1 (NCCL; gloo on a CPU);
-- desync: scripts/desync.py on generated clips with a tiny model on the device, against its output on the CPU;
-- bench_precision: the JSON of `python -m scripts.bench.precision` on the device."""
+environment (torch, CUDA or HIP, device, bf16, TF32); train_fp32/bf16/fp16: stage 2 (configs/sync.yaml) at its
+published sizes and batch, two optimiser steps (fp16 with a GradScaler), peak memory; grad_checkpointing: a stage-1
+forward and backward with and without, same loss, peak memory; parity (--reference: the original's outputs): float32
+with TF32 off (<= 1e-4) and on; resume: a tiny training killed after epoch 0 and resumed, against one not killed;
+collectives: all_reduce, all_gather, a DDP step (NCCL, gloo on a CPU); desync: scripts/desync.py with a tiny model on
+generated clips, against the CPU's output; bench_precision: `python -m scripts.bench.precision`'s JSON."""
 
 import argparse
 import copy
@@ -34,44 +29,29 @@ import torch
 import torch.distributed as dist
 
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like
-from scripts.bench.common import FLOAT32, Precision, bench_training, cpu_description
+from scripts.bench.common import Precision, bench_training, cpu_description
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_cli
 from utils.config import load_yaml, untrained_config
 from utils.detfill import det_input, det_state_dict
-from utils.precision import autocast, native_bf16, resolve_device, resolve_precision
+from utils.precision import AUTOCAST_DTYPES, autocast, native_bf16, resolve_device, resolve_precision
 from utils.utils import instantiate_from_config, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_PRECISIONS = {
-    "fp32": FLOAT32,
-    "bf16": Precision("bf16", torch.bfloat16),
-    "fp16": Precision("fp16", torch.float16),
-}
+TF32_FLAGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)  # each with `fp32_precision`
 
 
-def peak_memory(device: torch.device, reset: bool = False) -> float | None:
-    """GiB allocated at most since the last reset (CUDA and ROCm only)."""
-    if device.type != "cuda":
-        return None
-    if reset:
+def peak_memory_gib(device: torch.device, reset: bool = False) -> float | None:
+    if device.type == "cuda" and reset:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def tf32_flags() -> dict:
-    return {"matmul": torch.backends.cuda.matmul.fp32_precision, "conv": torch.backends.cudnn.conv.fp32_precision}
-
-
-def set_tf32(matmul: str, conv: str) -> None:
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def run(cmd: list, work: Path, name: str, wait: bool = True) -> subprocess.Popen:
-    """`cmd` (a command of this repository) in the background or to its end, its output in `work/<name>.log`."""
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    """A command of this repository (`python cmd...`), its output in `work/<name>.log`."""
     with open(work / f"{name}.log", "w") as log:
+        env = os.environ | {"PYTHONPATH": str(REPO)}
         proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=REPO, env=env, stdout=log, stderr=log)
     if wait and proc.wait() != 0:
         raise RuntimeError(f"{name} failed: {(work / f'{name}.log').read_text()[-2000:]}")
@@ -79,68 +59,69 @@ def run(cmd: list, work: Path, name: str, wait: bool = True) -> subprocess.Popen
 
 
 def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip, "device": name}
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip}
     if device.type == "cuda":
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        env["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return {**env, "native_bf16": native_bf16(device), "tf32_default": tf32_flags()}
+        props = torch.cuda.get_device_properties(device)
+        env |= {"device": props.name, "capability": f"{props.major}.{props.minor}", "gib": props.total_memory / 2**30}
+    else:
+        env["device"] = cpu_description()
+    return {**env, "native_bf16": native_bf16(device), "tf32_matmul_conv": [f.fp32_precision for f in TF32_FLAGS]}
 
 
 def train(device: torch.device, tiny: bool, precision: str) -> dict:
     cfg = load_yaml(REPO / "configs" / "sync.yaml")
     batch_size = 2 if tiny else cfg.training.base_batch_size
-    peak_memory(device, reset=True)
-    # a warm-up step and one timed step; fails on a loss that is not finite
-    config, S = str(REPO / "configs" / "sync.yaml"), cfg.data.n_segments
-    result = bench_training(config, tiny, batch_size, 1, S, device, TRAIN_PRECISIONS[precision])
-    return {**result, "peak_memory_gib": peak_memory(device)}
+    peak_memory_gib(device, reset=True)
+    # a warm-up step and a timed one; raises on a loss that is not finite
+    result = bench_training(str(REPO / "configs" / "sync.yaml"), tiny, batch_size, 1, cfg.data.n_segments, device,
+                            Precision(precision, AUTOCAST_DTYPES.get(precision)))  # fmt: skip
+    return {**result, "peak_memory_gib": peak_memory_gib(device)}
 
 
 def grad_checkpointing(device: torch.device, tiny: bool) -> dict:
     cfg = load_yaml(REPO / "configs" / ("tiny" if tiny else "") / "segment_avclip.yaml")
-    B, S = cfg.training.base_batch_size, cfg.data.n_segments_train
-    precision = resolve_precision("auto", device)
+    for name in ("vfeat_extractor", "afeat_extractor"):
+        cfg.model.params[name].params.ckpt_path = None
+    B, S, precision = cfg.training.base_batch_size, cfg.data.n_segments_train, resolve_precision("auto", device)
     result = {"precision": precision, "batch_size": B, "segments": S}
-    for on in (False, True):
-        cfg.training.grad_checkpointing = on
-        for name in ("vfeat_extractor", "afeat_extractor"):
-            cfg.model.params[name].params.ckpt_path = None
+    for on in ("off", "on"):
+        cfg.training.grad_checkpointing = on == "on"
         torch.manual_seed(0)
         model = instantiate_from_config(cfg.model).to(device).train()
         vis = torch.randn(B, S, *model.v_encoder.segment_shape, device=device)
         aud = torch.randn(B, S, *model.a_encoder.segment_shape, device=device)
-        peak_memory(device, reset=True)
+        peak_memory_gib(device, reset=True)
         torch.manual_seed(1)  # the same dropout
         with autocast(precision, device):
             loss = sum(model(vis, aud)["losses"].values())
         loss.backward()
-        result[f"checkpointed_{on}".lower()] = {"loss": loss.item(), "peak_memory_gib": peak_memory(device)}
+        result[on] = {"loss": loss.item(), "peak_memory_gib": peak_memory_gib(device)}
         del model, vis, aud, loss
-    off, on = result["checkpointed_false"], result["checkpointed_true"]
+    off, on = result["off"], result["on"]
     less = device.type != "cuda" or on["peak_memory_gib"] < off["peak_memory_gib"]
     return {"ok": abs(on["loss"] - off["loss"]) <= 1e-5 * abs(off["loss"]) and less, **result}
 
 
 def parity(device: torch.device, reference: Path | None) -> dict:
     if reference is None:
-        return {"ok": None, "skipped": "no --reference: the original's outputs (parity_sync.npz) are needed"}
+        return {"ok": None, "skipped": "no --reference: the folder of the original's outputs (parity_sync.npz)"}
     expected = np.load(reference / "parity_sync.npz")
     model = instantiate_from_config(untrained_config(REPO / "configs" / "sync.yaml").model)
     model.load_state_dict(det_state_dict(model.state_dict(), seed=0))
     model = model.to(device).eval()
     vis = torch.from_numpy(det_input((1, 14, 16, 3, 224, 224), seed=1)).to(device)
     aud = torch.from_numpy(det_input((1, 14, 1, 128, 66), seed=2)).to(device)
-    default, result = tf32_flags(), {}
-    for tf32 in ("ieee", "tf32"):
-        set_tf32(tf32, tf32)
+    default, result = [f.fp32_precision for f in TF32_FLAGS], {}
+    for tf32 in ("ieee", "tf32"):  # float32 matmuls and convolutions, then TF32 ones
+        for flag in TF32_FLAGS:
+            flag.fp32_precision = tf32
         with torch.no_grad():
             vfeat, afeat = model.extract_features(vis, aud)
             out = {"vfeat": vfeat, "afeat": afeat, "logits": model.forward_head(vfeat, afeat)}
-        diffs = {k: (v.cpu() - torch.from_numpy(expected[k])).abs().max().item() for k, v in out.items()}
-        result[f"max_abs_diff_{tf32}"] = diffs
-    set_tf32(**default)
-    return {"ok": max(result["max_abs_diff_ieee"].values()) <= 1e-4, **result}
+        result[tf32] = {k: (v.cpu() - torch.from_numpy(expected[k])).abs().max().item() for k, v in out.items()}
+    for flag, value in zip(TF32_FLAGS, default):
+        flag.fp32_precision = value
+    return {"ok": max(result["ieee"].values()) <= 1e-4, "max_abs_diff": result}
 
 
 def resume(device: torch.device, work: Path) -> dict:
@@ -155,7 +136,7 @@ def resume(device: torch.device, work: Path) -> dict:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     if proc.wait() != -signal.SIGKILL:
-        raise RuntimeError(f"the run ended before it could be killed: {(work / 'killed.log').read_text()[-2000:]}")
+        raise RuntimeError(f"the run ended before it was killed: {(work / 'killed.log').read_text()[-2000:]}")
     killed_after = load_checkpoint(latest)["epoch"]
     run([REPO / "main.py", f"config={work / 'killed' / 'cfg-killed.yaml'}", "training.resume=True"], work, "resumed")
     straight, resumed = load_checkpoint(work / "straight" / "straight_latest.pt"), load_checkpoint(latest)
@@ -177,36 +158,34 @@ def collectives(device: torch.device) -> dict:
         dist.all_gather(gathered, x)
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 2).to(device)
-        device_ids = None if device.index is None else [device.index]
-        plain, ddp = copy.deepcopy(model), torch.nn.parallel.DistributedDataParallel(model, device_ids)
+        plain = copy.deepcopy(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, None if device.index is None else [device.index])
         inputs = torch.randn(4, 8, device=device)
         for net in (plain, ddp):
             net(inputs).square().sum().backward()
-        torch.optim.SGD(ddp.parameters(), lr=0.1).step()
-        grads_equal = all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), model.parameters()))
-        collective_ok = torch.equal(summed, x) and torch.equal(gathered[0], x)
-        return {"ok": grads_equal and collective_ok, "backend": backend, "ddp_grads_equal": grads_equal}
+        torch.optim.SGD(ddp.parameters(), lr=0.1).step()  # the gradients are those of one process
+        same = all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), model.parameters()))
+        return {"ok": same and torch.equal(summed, x) and torch.equal(gathered[0], x), "backend": backend}
     finally:
         dist.destroy_process_group()
 
 
 def desync(device: torch.device, work: Path) -> dict:
-    videos = work / "videos"
     for i in range(2):
-        make_clip(videos / f"clip{i}.mp4", ClipSpec(duration_sec=8.5, seed=100 + i))
+        make_clip(work / "videos" / f"clip{i}.mp4", ClipSpec(duration_sec=8.5, seed=100 + i))
     cfg = untrained_config(REPO / "configs" / "sync.yaml", tiny=True, tiny_inputs=False)
     torch.manual_seed(0)
     save_checkpoint({"model": instantiate_from_config(cfg.model).state_dict(), "args": cfg}, work / "tiny.pt")
-    outputs = {}
-    for name, on in (("cpu", "cpu"), ("device", device)):
-        out = work / f"desync_{name}.json"
-        run([REPO / "scripts" / "desync.py", videos, "--ckpt_path", work / "tiny.pt", "--device", on, "--out", out,
-             "--num_workers", "0"], work, f"desync_{name}")  # fmt: skip
-        outputs[name] = json.loads(out.read_text())
-    probs = [torch.tensor([[w["probs"] for w in v["windows"]] for v in outputs[n]["videos"]]) for n in outputs]
+    probs, desyncs = [], []
+    for i, on in enumerate(("cpu", device)):
+        out = work / f"desync{i}.json"
+        run([REPO / "scripts" / "desync.py", work / "videos", "--ckpt_path", work / "tiny.pt", "--device", on,
+             "--out", out, "--num_workers", "0"], work, f"desync{i}")  # fmt: skip
+        videos = json.loads(out.read_text())["videos"]
+        probs.append(torch.tensor([[w["probs"] for w in v["windows"]] for v in videos]))
+        desyncs.append([v["desync"] for v in videos])
     diff = (probs[0] - probs[1]).abs().max().item()
-    same = [v["desync"] for v in outputs["cpu"]["videos"]] == [v["desync"] for v in outputs["device"]["videos"]]
-    return {"ok": diff <= 2e-4 and same, "max_prob_diff": diff, "desync": {n: o["desync"] for n, o in outputs.items()}}
+    return {"ok": diff <= 2e-4 and desyncs[0] == desyncs[1], "max_prob_diff": diff, "desync_cpu_device": desyncs}
 
 
 def bench_precision(device: torch.device, tiny: bool, work: Path) -> dict:
@@ -224,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="checks to leave out")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", 0)
+    device = torch.device("cuda", 0) if device == torch.device("cuda") else device
+    results = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         checks = {
             "environment": lambda: environment(device),
-            **{f"train_{p}": lambda p=p: train(device, args.tiny, p) for p in TRAIN_PRECISIONS},
+            **{f"train_{p}": lambda p=p: train(device, args.tiny, p) for p in ("fp32", "bf16", "fp16")},
             "grad_checkpointing": lambda: grad_checkpointing(device, args.tiny),
             "parity": lambda: parity(device, args.reference),
             "resume": lambda: resume(device, work),
@@ -240,21 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         if set(args.skip) - set(checks):
             parser.error(f"--skip {' '.join(args.skip)}: the checks are {', '.join(checks)}")
-        results = {}
-        for name, check in checks.items():
-            if name in args.skip:
-                continue
+        for name in [name for name in checks if name not in args.skip]:
             start = time.perf_counter()
             try:
-                results[name] = {"ok": True, **check()}
+                results[name] = {"ok": True, **checks[name]()}
             except Exception as e:  # recorded; the other checks still run
                 results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             results[name]["seconds"] = time.perf_counter() - start
             print(f"{name}: {({True: 'ok', False: 'FAILED', None: 'skipped'})[results[name]['ok']]}", flush=True)
             write_json(args.out, results)  # what is done so far, should a later check hang
     failed = [name for name, r in results.items() if r["ok"] is False]
-    print(f"gpu_check on {device}: {len(results) - len(failed)} of {len(results)} checks passed or skipped, "
-          f"failed: {', '.join(failed) or 'none'}; details: {args.out}")  # fmt: skip
+    print(f"gpu_check on {device}: {len(results) - len(failed)} of {len(results)} checks passed or skipped; failed: "
+          f"{', '.join(failed) or 'none'}; details in {args.out}")  # fmt: skip
     return 1 if failed else 0
 
 
