@@ -253,19 +253,22 @@ def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_pa
 
 def test_predict_offsets_refuses_colliding_names_and_keeps_a_video_named_summary(tiny_ckpt, clips, tmp_path, capsys):
     """x.mp4, x.MP4 and x.mkv are listed and left out, never merged; summary.mp4 keeps its per-window CSV
-    beside the folder's summary.csv."""
+    beside the folder's summary.csv; a 250-byte name gets its results too."""
     folder, out = tmp_path / "videos", tmp_path / "out"
     folder.mkdir()
-    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4"):
+    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4", "l" * 246 + ".mp4"):
         (folder / name).symlink_to(clips / "long.mp4")
     assert run_predict_offsets(folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu") == 0
     captured = capsys.readouterr()
-    assert "1 videos done, 3 skipped" in captured.out
+    assert "2 videos done, 3 skipped" in captured.out and (out / ("l" * 246 + ".mp4.json")).is_file()
     assert "x.MP4: its name collides with x.mkv, x.mp4" in captured.err
     with open(out / "summary.mp4.csv") as f:
         assert len(list(csv.DictReader(f))) == 6  # the video's windows
     with open(out / "summary.csv") as f:
-        assert [r["video"] for r in csv.DictReader(f)] == [str(folder / "summary.mp4")]
+        assert [r["video"] for r in csv.DictReader(f)] == [
+            str(folder / ("l" * 246 + ".mp4")),
+            str(folder / "summary.mp4"),
+        ]
     assert not list(out.glob("x.*"))
 
 
