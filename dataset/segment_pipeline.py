@@ -21,18 +21,27 @@ from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, RGBS
 from utils.config import cfg_get
 
 
+def in_model_format(path: str | Path, cfg: DictConfig, work_dir: str | Path, report=logging.info) -> Path:
+    """`path` if the video is at the model's fps, sample rate and short side (`cfg.data`), else a copy
+    re-encoded to them in `work_dir`; `report` gets one line saying which."""
+    info = probe_video(path)
+    vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
+    fps, sr, H, W = info["fps"], info["sample_rate"], info["height"], info["width"]
+    if (fps, sr, min(H, W)) == (vfps, afps, size):
+        report(f"Skipping reencoding. vfps: {fps}; afps: {sr}; min(H, W)={size}")
+        return Path(path)
+    report(f"Reencoding. vfps: {fps} -> {vfps}; afps: {sr} -> {afps}; {(H, W)} -> min(H, W)={size}")
+    return reencode_video(path, vfps, afps, size, out_dir=work_dir)
+
+
 def load_for_model(path: Path, cfg, work_dir: Path, pipeline: "SegmentPipeline") -> dict:
     """The test item (`SegmentPipeline.prepare`'s) of a video at the model's fps / sample rate / size,
     re-encoded into `work_dir` when needed, with the audio decoded as the model was trained
     (`data.audio_priming_compat`, default True as published). Its frames stay in the file:
     `segment_inputs` decodes them a batch of segments at a time, so memory does not grow with the length."""
-    info = probe_video(path)
-    vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
-    if (info["fps"], info["sample_rate"], min(info["height"], info["width"])) != (vfps, afps, size):
-        logging.info(f"Re-encoding {path} to {vfps} fps, {afps} Hz, {size} px")
-        path = reencode_video(path, vfps, afps, size, out_dir=work_dir)
+    path = in_model_format(path, cfg, work_dir)
     # the first frame alone is decoded (for its size); the others are counted from their timestamps
-    first, fps, n_frames = decode_video_window(path, 0.0, None, pixels_end_sec=0.5 / vfps)
+    first, fps, n_frames = decode_video_window(path, 0.0, None, pixels_end_sec=0.5 / cfg.data.vfps)
     audio, sr = decode_audio(path, audio_priming_compat=cfg_get(cfg, "data.audio_priming_compat"))
     meta = {"video": {"fps": [fps], "end_frame": n_frames}, "audio": {"framerate": [sr]}}
     return pipeline.prepare(first, audio, meta, str(path)) | {"streamed": True}

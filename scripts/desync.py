@@ -256,7 +256,6 @@ def main(args) -> int:
     if not pairs and not unpaired:
         raise UserError(f"{args.video_dir}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) to score")
     model, cfg = load_model_from_args(args)
-    model.cfg = cfg
     # rank 0 alone reads and writes the log, so resuming needs no shared file system; the others learn
     # from it what is done (or why the run cannot go on)
     log, error = None, None
