@@ -24,29 +24,23 @@ def list_videos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     by_id = defaultdict(list)
     for v in videos:
         by_id[v.stem.casefold()].append(v.name)
-    clashes = [(v.name, by_id[v.stem.casefold()]) for v in videos if len(by_id[v.stem.casefold()]) > 1]
-    reasons = [
-        (name, f"its name collides with {', '.join(n for n in names if n != name)}: rename them")
-        for name, names in clashes
-    ]
-    return [v for v in videos if len(by_id[v.stem.casefold()]) == 1], reasons
+    others = {v.name: [n for n in by_id[v.stem.casefold()] if n != v.name] for v in videos}
+    clashes = [(name, f"its name collides with {', '.join(o)}: rename them") for name, o in others.items() if o]
+    return [v for v in videos if not others[v.name]], clashes
 
 
-NUMBER_RULES = {  # name: (test of a finite value, what the value must be)
-    "finite": (lambda v: True, "a finite number"),
-    "positive": (lambda v: v > 0, "above 0"),
-    "non-negative": (lambda v: v >= 0, "0 or more"),
-    "fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-}
+NUMBER_RULES = {  # rule: (test of a finite value, what the value must be)
+    "finite": (lambda v: True, "a finite number"), "positive": (lambda v: v > 0, "above 0"),
+    "non-negative": (lambda v: v >= 0, "0 or more"), "fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}  # fmt: skip
 TRACKING_NUMBERS = {"stride_sec": "positive", "batch_segments": "positive", "batch_windows": "positive"}
 
 
 def check_numbers(args: argparse.Namespace, **rules: str) -> None:
-    """Refuses, in one line before any work, a numeric option (`name=rule` of `NUMBER_RULES`) that is NaN,
-    infinite or outside its rule; unset (None) options pass."""
+    """Refuses in one line, before any work, a numeric option that is NaN, infinite or outside its rule
+    (`name=rule` of `NUMBER_RULES`); unset (None) options pass."""
     for name, rule in rules.items():
-        value = getattr(args, name)
-        test, words = NUMBER_RULES[rule]
+        value, (test, words) = getattr(args, name), NUMBER_RULES[rule]
         if value is not None and not (math.isfinite(value) and test(value)):
             raise SettingError(f"--{name} {value}: must be {words}")
 
