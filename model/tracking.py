@@ -45,12 +45,11 @@ class WindowPredictor:
         self.segments_computed = 0  # features extracted so far: the cost that reuse saves
 
     @torch.inference_mode()
-    def features(self, item: dict, keys: Sequence[tuple[int, int]], progress: bool = False) -> dict:
+    def features(self, item: dict, keys: Sequence[tuple[int, int]]) -> dict:
         """{segment key: (visual features (tv, D), audio features (ta, D))} for the distinct `keys`."""
         keys = list(dict.fromkeys(keys))
         feats = {}
-        chunks = range(0, len(keys), self.batch_segments)
-        for i in tqdm(chunks, desc="segments", unit="batch", disable=not progress):
+        for i in range(0, len(keys), self.batch_segments):
             chunk = keys[i : i + self.batch_segments]
             vid, aud = self.pipeline.segment_inputs(item, chunk, self.seg_v, self.seg_a)
             # the chunk goes in as one clip of N segments: the extractors treat segments independently
@@ -65,15 +64,19 @@ class WindowPredictor:
 
     @torch.inference_mode()
     def predict(self, item: dict, windows: Sequence[Sequence[tuple[int, int]]], progress: bool = False):
-        """Logits (W, num_classes) of windows given as lists of segment keys."""
-        feats = self.features(item, [k for w in windows for k in w], progress)
-        logits = []
-        for i in range(0, len(windows), self.batch_windows):
+        """Logits (W, num_classes) of windows given as lists of segment keys. A batch of windows gets the
+        features it lacks just before its head call, and features are dropped after their last window, so
+        memory does not grow with the number of windows."""
+        last_use = {k: i for i, w in enumerate(windows) for k in w}
+        feats, logits = {}, []
+        for i in tqdm(range(0, len(windows), self.batch_windows), "windows", unit="batch", disable=not progress):
             chunk = windows[i : i + self.batch_windows]
+            feats |= self.features(item, [k for w in chunk for k in w if k not in feats])
             vfeat = torch.stack([torch.stack([feats[k][0] for k in w]) for w in chunk])  # (W, S, tv, D)
             afeat = torch.stack([torch.stack([feats[k][1] for k in w]) for w in chunk])  # (W, S, ta, D)
             with autocast(self.precision, self.device):
                 logits.append(self.model.forward_head(vfeat, afeat).float().cpu())
+            feats = {k: f for k, f in feats.items() if last_use[k] >= i + self.batch_windows}
         return torch.cat(logits)
 
     def window_starts(self, item: dict, stride_sec: float, crop_len_sec: float | None = None) -> list[float]:

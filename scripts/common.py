@@ -95,5 +95,5 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
     parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
     parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
-    parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
+    parser.add_argument("--progress", action="store_true", help="Show a progress bar over window batches")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
