@@ -1,48 +1,47 @@
 """Command-line code that the commands share: choosing a model and recording which one ran, the
-sliding-window options, checking numeric options, listing videos."""
+sliding-window options, listing videos and refusing those whose outputs would collide."""
 
 import argparse
 import hashlib
-import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from model.pretrained import load_model
-from utils.cli import SettingError, UserError
+from utils.cli import UserError, number
 from utils.precision import PRECISIONS, resolve_device, resolve_precision
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
 
 def list_videos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The videos directly in `folder`, sorted by name, and `(name, reason)` of those left out because their
-    names are the same up to case and extension (`x.mp4`, `x.MP4`, `x.mkv`): their outputs, and the audio
-    files paired with them by name, would be one, so none of them is taken."""
+    """The videos directly in `folder`, sorted by name, and `(name, reason)` of those whose names are the
+    same up to case and extension (`x.mp4`, `x.MP4`, `x.mkv`): none of them is taken, as their outputs, and
+    the audio files paired with them by name, would be one."""
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-    by_id = defaultdict(list)
-    for v in videos:
-        by_id[v.stem.casefold()].append(v.name)
-    others = {v.name: [n for n in by_id[v.stem.casefold()] if n != v.name] for v in videos}
-    clashes = [(name, f"its name collides with {', '.join(o)}: rename them") for name, o in others.items() if o]
-    return [v for v in videos if not others[v.name]], clashes
+    kept, refused = refuse_collisions(videos, key=lambda v: v.stem.casefold(), label=lambda v: v.name)
+    return kept, [(v.name, reason) for v, reason in refused]
 
 
-NUMBER_RULES = {  # rule: (test of a finite value, what the value must be)
-    "finite": (lambda v: True, "a finite number"), "positive": (lambda v: v > 0, "above 0"),
-    "non-negative": (lambda v: v >= 0, "0 or more"), "fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-}  # fmt: skip
-TRACKING_NUMBERS = {"stride_sec": "positive", "batch_segments": "positive", "batch_windows": "positive"}
-
-
-def check_numbers(args: argparse.Namespace, **rules: str) -> None:
-    """Refuses in one line, before any work, a numeric option that is NaN, infinite or outside its rule
-    (`name=rule` of `NUMBER_RULES`); unset (None) options pass."""
-    for name, rule in rules.items():
-        value, (test, words) = getattr(args, name), NUMBER_RULES[rule]
-        if value is not None and not (math.isfinite(value) and test(value)):
-            raise SettingError(f"--{name} {value}: must be {words}")
+def refuse_collisions(items: list, key: Callable, label: Callable = str, reserved: Iterable[str] = ()) -> tuple:
+    """`(kept, [(item, reason)])`: the `items` whose `key` (the name their outputs go under, e.g. a file's
+    stem) is theirs alone, and the refused ones: those sharing a key (`x.mp4`, `x.MP4` and `x.mkv` all
+    become `x`; none is picked, so no output mixes two inputs) or having a `reserved` one (the command's own
+    output, e.g. `summary`). `label` names an item in the reasons."""
+    groups, kept, refused = defaultdict(list), [], []
+    for item in items:
+        groups[key(item)].append(item)
+    for item in items:
+        name, others = key(item), ", ".join(label(o) for o in groups[key(item)] if o is not item)
+        if name in reserved:
+            refused.append((item, f"its output name {name!r} is the command's own: rename it"))
+        elif others:
+            refused.append((item, f"its output name {name!r} is also that of {others}: rename all but one"))
+        else:
+            kept.append(item)
+    return kept, refused
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
@@ -92,8 +91,13 @@ def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync
 
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     """The sliding windows' and the model's arguments (predict_offsets.py, resync.py)."""
-    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
-    parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
-    parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
+    parser.add_argument(
+        "--stride_sec",
+        type=number(float, 0, above=True),
+        default=1.28,
+        help="Window step; multiples of 0.32 s share work",
+    )
+    parser.add_argument("--batch_segments", type=number(int, 1), default=14, help="Segments per feature-extractor call")
+    parser.add_argument("--batch_windows", type=number(int, 1), default=32, help="Windows per head call")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar over window batches")
     add_model_args(parser, default_exp="24-01-04T16-39-21")

@@ -51,13 +51,12 @@ from model.tracking import WindowPredictor, offset_grid
 from scripts.common import (
     VIDEO_SUFFIXES,
     add_model_args,
-    check_numbers,
     list_videos,
     load_model_from_args,
     model_provenance,
 )
 from utils import dist
-from utils.cli import UserError, report_skipped, run_cli
+from utils.cli import UserError, number, report_skipped, run_cli
 from utils.precision import autocast
 from utils.resumable import ResultLog, writing
 from utils.utils import reuse_freed_memory, write_csv, write_json
@@ -244,8 +243,6 @@ def _row(record: dict, reason: str = "") -> dict:
 
 def main(args) -> int:
     reuse_freed_memory()
-    rules = {"duration": "positive", "batch_size": "positive", "num_workers": "non-negative"}
-    check_numbers(args, **rules, dist_timeout_min="positive")
     device = args.device or ("cpu" if args.precision == "int8" else None)
     env = dist.init_distributed(device=device, timeout_min=args.dist_timeout_min)
     args.device = str(env.device)
@@ -302,11 +299,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio_dir", help="A folder of audio files named like the videos (else their own audio)")
     parser.add_argument("--out", default="desync.json", help="Results: .json (everything) or .csv (a row per video)")
     parser.add_argument("--protocol", choices=("av-benchmark", "synchformer"), default="av-benchmark")
-    parser.add_argument("--duration", type=float, default=8.0, help="av-benchmark: seconds of each video scored")
-    parser.add_argument("--batch_size", type=int, help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)")
-    parser.add_argument("--num_workers", type=int, default=2, help="av-benchmark: decoding processes")
+    parser.add_argument(
+        "--duration", type=number(float, 0, above=True), default=8.0, help="av-benchmark: seconds of each video scored"
+    )
+    parser.add_argument(
+        "--batch_size", type=number(int, 1), help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)"
+    )
+    parser.add_argument("--num_workers", type=number(int, 0), default=2, help="av-benchmark: decoding processes")
     parser.add_argument("--work_dir", default="./vis", help="synchformer: where re-encoded videos go")
-    parser.add_argument("--dist_timeout_min", type=float, default=10, help="How long ranks wait for each other")
+    parser.add_argument(
+        "--dist_timeout_min", type=number(float, 0, above=True), default=10, help="How long ranks wait for each other"
+    )
     add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 

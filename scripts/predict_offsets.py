@@ -16,22 +16,15 @@ memory does not grow with its length."""
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from tqdm import tqdm
 
 from dataset.io import BadVideoError
 from model.tracking import WindowPredictor, predict_track
-from scripts.common import (
-    TRACKING_NUMBERS,
-    VIDEO_SUFFIXES,
-    add_tracking_args,
-    check_numbers,
-    list_videos,
-    load_model_from_args,
-    model_provenance,
-)
-from utils.cli import UserError, report_skipped, run_cli
+from scripts.common import VIDEO_SUFFIXES, add_tracking_args, list_videos, load_model_from_args, model_provenance
+from utils.cli import UserError, number, report_skipped, run_cli
 from utils.resumable import ResultLog, output_folder, writing
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
@@ -67,7 +60,6 @@ def track_video(predictor: WindowPredictor, path: Path, args) -> dict:
 
 def main(args) -> int:
     reuse_freed_memory()
-    check_numbers(args, **TRACKING_NUMBERS, offset_sec="finite")
     src = Path(args.input)
     is_folder = src.is_dir()
     videos, skipped = list_videos(src) if is_folder else ([src], [])
@@ -105,7 +97,9 @@ def main(args) -> int:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="A video or a folder of videos")
-    parser.add_argument("--offset_sec", type=float, default=0.0, help="Shift the audio earlier by this much first")
+    parser.add_argument(
+        "--offset_sec", type=number(float, -math.inf), default=0.0, help="Shift the audio earlier by this much first"
+    )
     parser.add_argument("--out_dir", default="./offsets", help="Where CSV/JSON/PNG results go")
     add_tracking_args(parser)
     return parser

@@ -27,6 +27,7 @@ the original must stay until the correction is recorded, so that no video is cor
 
 import argparse
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -34,35 +35,15 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, audio_frame
+from dataset.io import BadVideoError, add_audio_stream, audio_frame, decode_planar
 from model.tracking import WindowPredictor, predict_track
-from scripts.common import (
-    TRACKING_NUMBERS,
-    VIDEO_SUFFIXES,
-    add_tracking_args,
-    check_numbers,
-    list_videos,
-    load_model_from_args,
-    model_provenance,
-)
-from utils.cli import UserError, run_cli
+from scripts.common import VIDEO_SUFFIXES, add_tracking_args, list_videos, load_model_from_args, model_provenance
+from utils.cli import UserError, number, run_cli
 from utils.resumable import ResultLog, output_folder, writing
 from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
 REPORT_FIELDS = ["video", "offset_sec", "confidence", "drift", "action", "residual_sec", "output"]
-
-
-def decode_planar(stream_container, stream) -> np.ndarray:
-    """(C, Ta) float32 of an audio stream: the samples with pts >= 0 in pts order, as `dataset.io` decodes them."""
-    to_fltp = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.sample_rate)
-    chunks = {}
-    for frame in stream_container.decode(stream):
-        if frame.pts is not None and frame.pts >= 0:
-            chunks[frame.pts] = np.concatenate([f.to_ndarray() for f in to_fltp.resample(frame)], axis=1)
-    if not chunks:
-        raise BadVideoError(stream_container.name, "no audio could be decoded", "the audio stream is empty")
-    return np.concatenate([chunks[pts] for pts in sorted(chunks)], axis=1)
 
 
 def shift_audio(wave: np.ndarray, delay: int) -> np.ndarray:
@@ -86,7 +67,7 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             audio = container.streams.audio[0]
             sr, layout, bit_rate = audio.sample_rate, audio.layout.name, audio.bit_rate
             delay = round(delay_sec * sr)
-            wave = None if delay == 0 else decode_planar(container, audio)  # (C, Ta)
+            wave = None if delay == 0 else decode_planar(container.demux(audio), src)  # (C, Ta)
         if wave is not None and abs(delay) >= wave.shape[1]:
             raise BadVideoError(src, f"has {wave.shape[1] / sr:.2f} s of audio: a shift by {delay_sec:+g} s leaves "
                                 "only silence", "give an --offset_sec shorter than the audio")  # fmt: skip
@@ -99,13 +80,13 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             if wave is None:  # nothing to shift: the audio packets are copied too
                 streams[audio] = out.add_stream_from_template(audio)
             else:
-                a_out = out.add_stream("aac", rate=sr, layout=layout)
-                a_out.bit_rate = bit_rate or a_out.bit_rate
+                a_out = add_audio_stream(out, sr, layout, bit_rate)
             encoded = 0  # samples handed to the encoder, interleaved with the video by time
             for packet in container.demux(*streams):
-                if packet.dts is None:  # the empty packet that ends a stream
+                if not packet.size:  # the empty packet that ends a stream
                     continue
-                while wave is not None and encoded < min(wave.shape[1], (packet.dts * packet.time_base + 1) * sr):
+                t = packet.pts if packet.dts is None else packet.dts  # Matroska leaves the first dts unset
+                while wave is not None and encoded < min(wave.shape[1], (t * packet.time_base + 1) * sr):
                     encoded = encode_chunk(out, a_out, wave, encoded)
                 packet.stream = streams[packet.stream]
                 out.mux(packet)
@@ -164,7 +145,6 @@ def resync_video(predictor: WindowPredictor, path: Path, out: Path, args) -> dic
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     reuse_freed_memory()
-    check_numbers(args, **TRACKING_NUMBERS, offset_sec="finite", min_confidence="fraction")
     src = Path(args.input)
     if src.is_dir() == (args.out_dir is None) or (args.out is None) == (args.out_dir is None):
         raise UserError("Pass a video with --out FIXED.mp4, or a folder of videos with --out_dir DIR.")
@@ -205,9 +185,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="The corrected copy of a video (e.g. FIXED.mp4)")
     parser.add_argument("--out_dir", help="Where the corrected copies of a folder's videos and resync.csv go")
     parser.add_argument(
-        "--offset_sec", type=float, help="Apply this offset (positive: audio ahead) instead of predicting it"
+        "--offset_sec",
+        type=number(float, -math.inf),
+        help="Apply this offset (positive: audio ahead) instead of predicting it",
     )
-    parser.add_argument("--min_confidence", type=float, default=0.2, help="Refuse below this mean probability")
+    parser.add_argument(
+        "--min_confidence", type=number(float, 0), default=0.2, help="Refuse below this mean probability"
+    )
     parser.add_argument("--force", action="store_true", help="Correct even with low confidence or drift")
     add_tracking_args(parser)
     return parser

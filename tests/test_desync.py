@@ -157,7 +157,7 @@ def test_colliding_names_are_listed_and_never_merged(tiny_ckpt, tmp_path, capsys
     assert run_desync(videos, "--ckpt_path", tiny_ckpt, "--device", "cpu", "--out", out) == 1  # nothing scored
     result = json.loads(out.read_text())
     assert result["videos"] == [] and [s["video"] for s in result["skipped"]] == ["x.MP4", "x.mkv", "x.mp4"]
-    assert "its name collides with x.mkv, x.mp4" in result["skipped"][0]["reason"]
+    assert "its output name 'x' is also that of x.mkv, x.mp4" in result["skipped"][0]["reason"]
 
 
 def test_csv_has_a_row_per_video(tiny_ckpt, folder, tmp_path):

@@ -261,7 +261,7 @@ def test_predict_offsets_refuses_colliding_names_and_keeps_a_video_named_summary
     assert run_predict_offsets(folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu") == 0
     captured = capsys.readouterr()
     assert "2 videos done, 3 skipped" in captured.out and (out / ("l" * 246 + ".mp4.json")).is_file()
-    assert "x.MP4: its name collides with x.mkv, x.mp4" in captured.err
+    assert "x.MP4: its output name 'x' is also that of x.mkv, x.mp4" in captured.err
     with open(out / "summary.mp4.csv") as f:
         assert len(list(csv.DictReader(f))) == 6  # the video's windows
     with open(out / "summary.csv") as f:
