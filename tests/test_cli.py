@@ -101,11 +101,8 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
          "--base-url", "http://127.0.0.1:9/"], "http://127.0.0.1:9/lrs3_test.txt")  # fmt: skip
     case("debug", "example.py", ["--vid_path", root / "bad" / "empty.mp4", *tiny], "empty.mp4",
          env={"SYNCHFORMER_DEBUG": "1"})  # fmt: skip
-    good, offsets = root / "good" / "good.mp4", ["--out_dir", work / "offsets", *tiny]
-    good, offsets = root / "good" / "good.mp4", ["--out_dir", work / "offsets", *tiny]
-    case(
-        "resync --offset_sec", "scripts/resync.py", [good, "--offset_sec", "100", "--out", work / "f.mp4", *tiny], "100"
-    )
+    good = root / "good" / "good.mp4"
+    case("resync 100 s", "scripts/resync.py", [good, "--offset_sec", "100", "--out", work / "f.mp4", *tiny], "100 s")
     # outputs that cannot be written: a file where a folder should be, a folder where a file should be
     case("predict_offsets out_dir in a file", "scripts/predict_offsets.py", [good, "--out_dir", good / "out", *tiny],
          f"cannot write {good / 'out'}", "--out_dir")  # fmt: skip
