@@ -17,18 +17,17 @@ def load_model(
 ) -> tuple[Synchformer, DictConfig]:  # fmt: skip
     """A trained Synchformer in eval mode and its config: a local checkpoint if `ckpt_path` is given
     (a published-format file or a bare state dict with `cfg_path`), else the published `exp_name`,
-    downloaded into `<logdir>/<exp_name>/` when missing. `precision` (see `utils.precision`): the model of
+    downloaded into `<logdir>/<exp_name>/` when missing and verified (its config, not the user's, is
+    checked as a checkpoint's is). `precision` (see `utils.precision`): the model of
     `for_precision`; bf16/fp16 run under `utils.precision.autocast`, which the caller enters (as
     `WindowPredictor` does)."""
     precision = resolve_precision(precision, device)
-    if ckpt_path is None:
+    published = ckpt_path is None
+    if published:
         if exp_name is None:
             raise ValueError("Pass a published experiment name or a local checkpoint path.")
-        exp_dir = Path(logdir) / exp_name
-        cfg_path, ckpt_path = exp_dir / f"cfg-{exp_name}.yaml", exp_dir / f"{exp_name}.pt"
-        if not (cfg_path.is_file() and ckpt_path.is_file()):
-            cfg_path, ckpt_path = get_published_model(exp_name, logdir)
-    model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
+        cfg_path, ckpt_path = get_published_model(exp_name, logdir)  # files already there are verified
+    model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu", trusted_cfg=not published)
     model = for_precision(model if precision == "int8" else model.to(device), precision, keep=False)
     model.cfg = cfg  # what built it travels with it (the desync scorers and the hub entry points read it)
     return model, cfg

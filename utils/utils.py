@@ -25,6 +25,8 @@ class ConfigError(ValueError, UserError):
 
 def get_obj_from_str(string: str) -> Any:
     """Returns the object named by a dotted path, e.g. 'torch.nn.Linear' -> the Linear class."""
+    if "." not in string:
+        raise ImportError(f"'{string}' names no module")
     module_name, attr = string.rsplit(".", 1)
     module = importlib.import_module(module_name)
     try:
@@ -60,9 +62,7 @@ def instantiate_from_config(config: Mapping) -> Any:
             raise ConfigError(f"The params of {config['target']} do not fit it: {problem}. Check the config.") from e
     try:
         return target(**params)
-    except UserError:
-        raise
-    except ValueError as e:  # the constructors check their arguments with ValueError: here, the config's values
+    except ConfigError as e:  # an argument its constructor refused; each enclosing target adds its name
         raise ConfigError(f"{config['target']}: {e}") from e
 
 
