@@ -34,11 +34,10 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_cli
 from utils.config import load_yaml, untrained_config
 from utils.detfill import det_input, det_state_dict
-from utils.precision import AUTOCAST_DTYPES, autocast, native_bf16, resolve_device, resolve_precision
+from utils.precision import AUTOCAST_DTYPES, autocast, native_bf16, resolve_device, resolve_precision, set_tf32
 from utils.utils import instantiate_from_config, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-TF32_FLAGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)  # each with `fp32_precision`
 
 
 def peak_memory_gib(device: torch.device, reset: bool = False) -> float | None:
@@ -65,7 +64,8 @@ def environment(device: torch.device) -> dict:
         env |= {"device": props.name, "capability": f"{props.major}.{props.minor}", "gib": props.total_memory / 2**30}
     else:
         env["device"] = cpu_description()
-    return {**env, "native_bf16": native_bf16(device), "tf32_matmul_conv": [f.fp32_precision for f in TF32_FLAGS]}
+    tf32 = [torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision]  # torch's defaults
+    return {**env, "native_bf16": native_bf16(device), "fp32_precision_matmul_conv": tf32}
 
 
 def train(device: torch.device, tiny: bool, precision: str) -> dict:
@@ -111,17 +111,16 @@ def parity(device: torch.device, reference: Path | None) -> dict:
     model = model.to(device).eval()
     vis = torch.from_numpy(det_input((1, 14, 16, 3, 224, 224), seed=1)).to(device)
     aud = torch.from_numpy(det_input((1, 14, 1, 128, 66), seed=2)).to(device)
-    default, result = [f.fp32_precision for f in TF32_FLAGS], {}
-    for tf32 in ("ieee", "tf32"):  # float32 matmuls and convolutions, then TF32 ones
-        for flag in TF32_FLAGS:
-            flag.fp32_precision = tf32
+    result = {}
+    for tf32 in (False, True):
+        set_tf32(tf32)
         with torch.no_grad():
             vfeat, afeat = model.extract_features(vis, aud)
             out = {"vfeat": vfeat, "afeat": afeat, "logits": model.forward_head(vfeat, afeat)}
-        result[tf32] = {k: (v.cpu() - torch.from_numpy(expected[k])).abs().max().item() for k, v in out.items()}
-    for flag, value in zip(TF32_FLAGS, default):
-        flag.fp32_precision = value
-    return {"ok": max(result["ieee"].values()) <= 1e-4, "max_abs_diff": result}
+        diffs = {k: (v.cpu() - torch.from_numpy(expected[k])).abs().max().item() for k, v in out.items()}
+        result[f"max_abs_diff_tf32_{'on' if tf32 else 'off'}"] = diffs
+    set_tf32(False)  # float32, as training runs unless it asks for TF32
+    return {"ok": max(result["max_abs_diff_tf32_off"].values()) <= 1e-4, **result}
 
 
 def resume(device: torch.device, work: Path) -> dict:
