@@ -32,7 +32,9 @@ def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]
 
 
 def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2")
+    result, line = run_script(
+        bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2", "--device", "cpu"
+    )
     assert [(r["precision"], r["batch_size"]) for r in result["runs"]] == [("fp32", 1), ("bf16", 1), ("int8", 1)]
     assert result["gflop_per_clip"] > 0.01 and result["weights"] == "detfill"
     for r in result["runs"]:
@@ -48,7 +50,7 @@ def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
 
 
 def test_bench_train_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny")
+    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny", "--device", "cpu")
     (run,) = result["runs"]
     assert run["size"] == "tiny" and run["iterations_per_second"] > 0 and len(run["seconds_per_iteration"]) == 2
     # stage 2 trains the projections and the transformer, the extractors are frozen
