@@ -1,20 +1,40 @@
-"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos."""
+"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos
+and pairing them with audio files."""
 
 import argparse
 from pathlib import Path
 
 import torch
 
+from dataset.avbench import Pair
 from model.pretrained import load_model
 from utils.cli import UserError
 from utils.precision import PRECISIONS, resolve_device, resolve_precision
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 
 
 def list_videos(folder: Path) -> list[Path]:
     """The videos directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
+def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """The pairs to score, sorted by video name, and the videos without an audio file."""
+    if not video_dir.is_dir():
+        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
+    videos = list_videos(video_dir)
+    if audio_dir is None:
+        return [Pair(v.name, v) for v in videos], []
+    if not audio_dir.is_dir():
+        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
+    audio = {}
+    for p in sorted(audio_dir.iterdir()):
+        if p.suffix.lower() in AUDIO_SUFFIXES:
+            audio.setdefault(p.stem, p)
+    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
+    return [Pair(v.name, v, audio[v.stem]) for v in videos if v.stem in audio], missing
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:

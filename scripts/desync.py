@@ -45,31 +45,13 @@ from dataset.avbench import (
 from dataset.io import BadVideoError, decode_video
 from dataset.segment_pipeline import load_for_model
 from model.tracking import WindowPredictor, offset_grid
-from scripts.common import VIDEO_SUFFIXES, add_model_args, list_videos, load_model_from_args
+from scripts.common import VIDEO_SUFFIXES, add_model_args, find_pairs, load_model_from_args
 from utils import dist
 from utils.cli import UserError, report_skipped, run_cli
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 WINDOW_NAMES = ("first", "last")
-
-
-def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """The pairs to score, sorted by video name, and the videos without an audio file."""
-    if not video_dir.is_dir():
-        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
-    videos = list_videos(video_dir)
-    if audio_dir is None:
-        return [Pair(v.name, v) for v in videos], []
-    if not audio_dir.is_dir():
-        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
-    audio = {}
-    for p in sorted(audio_dir.iterdir()):
-        if p.suffix.lower() in AUDIO_SUFFIXES:
-            audio.setdefault(p.stem, p)
-    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
-    return [Pair(v.name, v, audio[v.stem]) for v in videos if v.stem in audio], missing
 
 
 def video_record(name: str, times: list[tuple[float, float]], logits: torch.Tensor, grid: torch.Tensor) -> dict:
