@@ -4,8 +4,9 @@
 
 Each returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Weights are downloaded
 once into `<torch.hub.get_dir()>/synchformer/<experiment>/`. `precision` (fp32, bf16, fp16, int8, auto)
-is decided at `model.precision`: int8 returns the int8 CPU model; for bf16/fp16 run the model under
-`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16), which its float32 weights expect."""
+is decided at `model.precision`: int8 returns the int8 CPU model; bf16/fp16 store the Linear weights in
+that dtype (the pooling layers' stay float32), so run the model under
+`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16)."""
 
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def _published(exp_name: str, device: str, precision: str):
 
     precision = resolve_precision(precision, device)
     logdir = Path(torch.hub.get_dir()) / "synchformer"
-    model, cfg = load_model(exp_name, device=device, logdir=logdir, precision=precision)
-    model.cfg, model.precision = cfg, precision
+    model, _ = load_model(exp_name, device=device, logdir=logdir, precision=precision)
+    model.precision = precision
     return model.eval()
 
 

@@ -19,10 +19,10 @@ import torch
 import torchaudio
 from torchvision.transforms import v2
 
-from dataset.io import BadVideoError, decode_audio, decode_video_at_fps
+from dataset.io import AFPS, VFPS, BadVideoError, decode_audio, decode_video_at_fps
 from dataset.transforms import AudioLog, AudioMelSpectrogram, AudioNormalizeAST, PadOrTruncate
 
-VFPS, AFPS, SIZE = 25, 16000, 224
+SIZE = 224  # av-benchmark's crop (its frames are resized to 224 on the short side, then centre-cropped)
 SEGMENT_FRAMES, STEP_FRAMES = 16, 8  # 0.64 s segments every 0.32 s
 SEGMENT_SAMPLES, STEP_SAMPLES = 10240, 5120
 WINDOW_SEGMENTS = 14  # a window of the model: 4.8 s

@@ -35,6 +35,8 @@ from av.video.reformatter import VideoReformatter
 from utils.cli import UserError
 
 # a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
+# the input format of the published models: frames per second, audio samples per second, short side in pixels
+VFPS, AFPS, SIDE = 25, 16000, 256
 _EPS_SEC = 1e-6
 
 
@@ -302,7 +304,7 @@ def get_video_and_audio(
 
 
 def reencode_video(
-    path, vfps: float = 25, afps: int = 16000, in_size: int = 256, out_dir=None,
+    path, vfps: float = VFPS, afps: int = AFPS, in_size: int = SIDE, out_dir=None,
     start_sec: float = 0.0, end_sec: float | None = None, out_path=None,
 ) -> Path:  # fmt: skip
     """Re-encodes `path` to what the models expect: `vfps` fps, the shorter side `in_size` (aspect kept,

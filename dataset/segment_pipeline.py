@@ -21,14 +21,23 @@ from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, Temp
 from utils.config import cfg_get
 
 
-def load_for_model(path: Path, cfg, work_dir: Path):
-    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed; the
-    audio decoded as the model was trained (`data.audio_priming_compat`, default True as published)."""
+def in_model_format(path: str | Path, cfg: DictConfig, work_dir: str | Path, report=logging.info) -> Path:
+    """`path` if the video is at the model's fps, sample rate and short side (`cfg.data`), else a copy
+    re-encoded to them in `work_dir`; `report` gets one line saying which."""
     info = probe_video(path)
     vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
-    if (info["fps"], info["sample_rate"], min(info["height"], info["width"])) != (vfps, afps, size):
-        logging.info(f"Re-encoding {path} to {vfps} fps, {afps} Hz, {size} px")
-        path = reencode_video(path, vfps, afps, size, out_dir=work_dir)
+    fps, sr, H, W = info["fps"], info["sample_rate"], info["height"], info["width"]
+    if (fps, sr, min(H, W)) == (vfps, afps, size):
+        report(f"Skipping reencoding. vfps: {fps}; afps: {sr}; min(H, W)={size}")
+        return Path(path)
+    report(f"Reencoding. vfps: {fps} -> {vfps}; afps: {sr} -> {afps}; {(H, W)} -> min(H, W)={size}")
+    return reencode_video(path, vfps, afps, size, out_dir=work_dir)
+
+
+def load_for_model(path: Path, cfg: DictConfig, work_dir: Path):
+    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed; the
+    audio decoded as the model was trained (`data.audio_priming_compat`, default True as published)."""
+    path = in_model_format(path, cfg, work_dir)
     return get_video_and_audio(path, get_meta=True, audio_priming_compat=cfg_get(cfg, "data.audio_priming_compat"))
 
 

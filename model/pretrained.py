@@ -29,4 +29,6 @@ def load_model(
         if not (cfg_path.is_file() and ckpt_path.is_file()):
             cfg_path, ckpt_path = get_published_model(exp_name, logdir)
     model, cfg = load_synchformer(ckpt_path, cfg_path, map_location="cpu")
-    return for_precision(model if precision == "int8" else model.to(device), precision, keep=False), cfg
+    model = for_precision(model if precision == "int8" else model.to(device), precision, keep=False)
+    model.cfg = cfg  # what built it travels with it (the desync scorers and the hub entry points read it)
+    return model, cfg

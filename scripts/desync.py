@@ -264,7 +264,6 @@ def main(args) -> int:
     todo = [p for p in pairs if p.name not in done]
     mine = todo[env.rank :: env.world_size]
     model, cfg = load_model_from_args(args)
-    model.cfg = cfg
     if args.protocol == "av-benchmark":
         batch_size = args.batch_size or (8 if env.device.type == "cuda" else 1)
         scorer = AVBenchScorer(model, args.precision, args.duration, batch_size, args.num_workers)

@@ -32,7 +32,7 @@ from pathlib import Path
 import av
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, probe_video, reencode_video
+from dataset.io import AFPS, SIDE, VFPS, BadVideoError, probe_video, reencode_video
 from scripts.common import VIDEO_SUFFIXES
 from utils.cli import run_cli
 from utils.utils import atomic_path, write_csv
@@ -188,9 +188,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clips", help="A CSV of video,start_sec,end_sec rows: cut these clips instead")
     parser.add_argument("--workers", type=int, default=1, help="Parallel encoding processes")
     parser.add_argument("--shard", help="I/N: this process's share (default: the SLURM array task, else all)")
-    parser.add_argument("--vfps", type=int, default=25)
-    parser.add_argument("--afps", type=int, default=16000)
-    parser.add_argument("--size", type=int, default=256, help="The short side in pixels")
+    parser.add_argument("--vfps", type=int, default=VFPS)
+    parser.add_argument("--afps", type=int, default=AFPS)
+    parser.add_argument("--size", type=int, default=SIDE, help="The short side in pixels")
     return parser
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, lr_factor_fn
+from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, lr_factor_fn, training_precision
 from utils.checkpoint import save_checkpoint
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
@@ -33,10 +33,11 @@ class SyncTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
         super().__init__(cfg, env, loaders, model, run_dir)
         self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
-        use_half = cfg.training.use_half_precision
+        # the original's larger epsilon for half-precision runs, decided by the precision that runs
+        eps = 1e-8 if training_precision(cfg, env.device) == "fp32" else 1e-7
         # lr scales with the number of processes (the global batch grows with it)
         lr = cfg.training.base_learning_rate * env.world_size
-        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=1e-7 if use_half else 1e-8)
+        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=eps)
         sched = cfg.training.lr_scheduler
         factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -69,7 +70,10 @@ class SyncTrainer(Trainer):
             vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
         self.model.train(was_training)
         path = self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
-        save_similarity_matrices(segment_similarities(vfeat, afeat), path)
+        # each segment's tokens averaged and L2-normalised
+        v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        save_similarity_matrices(segment_similarities(v, a), path)
 
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
