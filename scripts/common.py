@@ -1,40 +1,76 @@
-"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos
-and pairing them with audio files."""
+"""Command-line code that the commands share: choosing a model and recording which one ran, the
+sliding-window options, checking numeric options, listing videos and pairing them with audio files."""
 
 import argparse
+import hashlib
+import math
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from dataset.avbench import Pair
 from model.pretrained import load_model
-from utils.cli import UserError
+from utils.cli import SettingError, UserError
 from utils.precision import PRECISIONS, resolve_device, resolve_precision
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 
 
-def list_videos(folder: Path) -> list[Path]:
-    """The videos directly in `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+def list_videos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The videos directly in `folder`, sorted by name, and `(name, reason)` of those left out because their
+    names are the same up to case and extension (`x.mp4`, `x.MP4`, `x.mkv`): their outputs, and the audio
+    files paired with them by name, would be one, so none of them is taken."""
+    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    by_id = defaultdict(list)
+    for v in videos:
+        by_id[v.stem.casefold()].append(v.name)
+    clashes = [(v.name, by_id[v.stem.casefold()]) for v in videos if len(by_id[v.stem.casefold()]) > 1]
+    reasons = [
+        (name, f"its name collides with {', '.join(n for n in names if n != name)}: rename them")
+        for name, names in clashes
+    ]
+    return [v for v in videos if len(by_id[v.stem.casefold()]) == 1], reasons
 
 
 def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """The pairs to score, sorted by video name, and the videos without an audio file."""
+    """The pairs to score, sorted by video name, and `(name, reason)` of the videos left out: names that
+    collide, no audio file or several."""
     if not video_dir.is_dir():
         raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
-    videos = list_videos(video_dir)
+    videos, clashes = list_videos(video_dir)
     if audio_dir is None:
-        return [Pair(v.name, v) for v in videos], []
+        return [Pair(v.name, v) for v in videos], clashes
     if not audio_dir.is_dir():
         raise UserError(f"{audio_dir}: --audio_dir is not a folder")
-    audio = {}
+    audio = defaultdict(list)
     for p in sorted(audio_dir.iterdir()):
         if p.suffix.lower() in AUDIO_SUFFIXES:
-            audio.setdefault(p.stem, p)
+            audio[p.stem].append(p)
+    pairs = [Pair(v.name, v, audio[v.stem][0]) for v in videos if len(audio.get(v.stem, ())) == 1]
     missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
-    return [Pair(v.name, v, audio[v.stem]) for v in videos if v.stem in audio], missing
+    several = [(v.name, f"several audio files {v.stem}.* in {audio_dir}") for v in videos if len(audio[v.stem]) > 1]
+    return pairs, clashes + missing + several
+
+
+NUMBER_RULES = {  # name: (test of a finite value, what the value must be)
+    "finite": (lambda v: True, "a finite number"),
+    "positive": (lambda v: v > 0, "above 0"),
+    "non-negative": (lambda v: v >= 0, "0 or more"),
+    "fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}
+TRACKING_NUMBERS = {"stride_sec": "positive", "batch_segments": "positive", "batch_windows": "positive"}
+
+
+def check_numbers(args: argparse.Namespace, **rules: str) -> None:
+    """Refuses, in one line before any work, a numeric option (`name=rule` of `NUMBER_RULES`) that is NaN,
+    infinite or outside its rule; unset (None) options pass."""
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        test, words = NUMBER_RULES[rule]
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise SettingError(f"--{name} {value}: must be {words}")
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
@@ -65,6 +101,21 @@ def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/
     )
     args.precision = resolve_precision(args.precision, device)
     return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
+
+
+def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models") -> dict:
+    """What makes a loaded model's numbers (for resumable outputs): its name, the sha256 of its checkpoint
+    (and config file) and the precision that runs; call after `load_model_from_args`."""
+    ckpt = Path(args.ckpt_path) if args.ckpt_path else Path(logdir) / args.exp_name / f"{args.exp_name}.pt"
+    digest = hashlib.sha256()
+    for path in [ckpt] + ([Path(args.cfg_path)] if args.cfg_path else []):
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return {
+        "model": str(args.ckpt_path or args.exp_name),
+        "model_sha256": digest.hexdigest(),
+        "precision": args.precision,
+    }
 
 
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:

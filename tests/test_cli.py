@@ -101,6 +101,25 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
          "--base-url", "http://127.0.0.1:9/"], "http://127.0.0.1:9/lrs3_test.txt")  # fmt: skip
     case("debug", "example.py", ["--vid_path", root / "bad" / "empty.mp4", *tiny], "empty.mp4",
          env={"SYNCHFORMER_DEBUG": "1"})  # fmt: skip
+    good, offsets = root / "good" / "good.mp4", ["--out_dir", work / "offsets", *tiny]
+    for option, value in [("--stride_sec", "0"), ("--batch_segments", "0"), ("--offset_sec", "nan")]:
+        case(f"predict_offsets {option}", "scripts/predict_offsets.py", [good, option, value, *offsets], option)
+    for option, value in [("--duration", "0"), ("--num_workers", "-1"), ("--batch_size", "0")]:
+        case(f"desync {option}", "scripts/desync.py", [root / "good", option, value, *tiny], option)
+    fixed = ["--out", work / "fixed.mp4", *tiny]
+    for option, value in [("--min_confidence", "nan"), ("--offset_sec", "100")]:
+        case(
+            f"resync {option}", "scripts/resync.py", [good, option, value, *fixed], option if value == "nan" else "100"
+        )
+    # outputs that cannot be written: a file where a folder should be, a folder where a file should be
+    case("predict_offsets out_dir in a file", "scripts/predict_offsets.py", [good, "--out_dir", good / "out", *tiny],
+         f"cannot write {good / 'out'}", "--out_dir")  # fmt: skip
+    case("desync out is a folder", "scripts/desync.py", [root / "good", "--out", work / "vis.json", *tiny], "vis.json")
+    case("resync out_dir in a file", "scripts/resync.py", [root / "good", "--out_dir", good / "out", *tiny],
+         f"cannot write {good / 'out'}", "--out_dir")  # fmt: skip
+    if os.geteuid() != 0:  # permissions do not stop root
+        case("read-only out_dir", "scripts/predict_offsets.py", [good, "--out_dir", work / "read-only", *tiny],
+             "read-only", "Permission denied")  # fmt: skip
     for folder in ("mixed", "bad"):
         case(f"folder {folder}", "scripts/predict_offsets.py", [root / folder, "--out_dir", work / folder, *tiny])
     return cases
@@ -112,6 +131,8 @@ def runs(files, tmp_path_factory):
     root, problems = files
     work = tmp_path_factory.mktemp("work")
     (work / "vis").mkdir()
+    (work / "vis.json").mkdir()
+    (work / "read-only").mkdir(mode=0o555)
     (root / "broken.yaml").write_text("model: [unclosed\n")
     (root / "mixed").mkdir()
     for name in problems:

@@ -210,19 +210,63 @@ def test_bf16_windows_stay_close_to_float32(predictor, clips):
     assert torch.equal(stored_logits, bf16_logits)
 
 
+def run_predict_offsets(*argv) -> int:
+    return predict_offsets.main(predict_offsets.get_parser().parse_args([str(a) for a in argv]))
+
+
 def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_path, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()
     (folder / "long.mp4").symlink_to(clips / "long.mp4")
-    argv = [str(folder), "--ckpt_path", str(tiny_ckpt), "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
-    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
-    result = json.loads((tmp_path / "out" / "long.json").read_text())
+    argv = [folder, "--ckpt_path", tiny_ckpt, "--out_dir", tmp_path / "out", "--device", "cpu"]
+    assert run_predict_offsets(*argv) == 0
+    result = json.loads((tmp_path / "out" / "long.mp4.json").read_text())
     assert result["n_windows"] == 6 and len(result["windows"]) == 6
-    with open(tmp_path / "out" / "long.csv") as f:
+    with open(tmp_path / "out" / "long.mp4.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["start_sec"]) for r in rows] == pytest.approx([0.0, 1.28, 2.56, 3.84, 5.12, 6.4])
     assert all(0 < float(r["prob"]) <= 1 and float(r["entropy"]) >= 0 for r in rows)
-    assert (tmp_path / "out" / "long.png").stat().st_size > 0
+    assert (tmp_path / "out" / "long.mp4.png").stat().st_size > 0
     assert "segments computed: 34" in capsys.readouterr().out  # 6 windows, stride 4 segments: 14 + 5 * 4
-    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
+    assert run_predict_offsets(*argv) == 0
     assert "segments computed: 0" in capsys.readouterr().out  # resumed: nothing left to do
+
+
+def test_predict_offsets_refuses_colliding_names_and_keeps_a_video_named_summary(tiny_ckpt, clips, tmp_path, capsys):
+    """x.mp4, x.MP4 and x.mkv are listed and left out, never merged; summary.mp4 keeps its per-window CSV
+    beside the folder's summary.csv."""
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    folder.mkdir()
+    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4"):
+        (folder / name).symlink_to(clips / "long.mp4")
+    assert run_predict_offsets(folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu") == 0
+    captured = capsys.readouterr()
+    assert "1 videos done, 3 skipped" in captured.out
+    assert "x.MP4: its name collides with x.mkv, x.mp4" in captured.err
+    with open(out / "summary.mp4.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # the video's windows
+    with open(out / "summary.csv") as f:
+        assert [r["video"] for r in csv.DictReader(f)] == [str(folder / "summary.mp4")]
+    assert not list(out.glob("x.*"))
+
+
+def test_predict_offsets_refuses_another_setting_and_redoes_a_torn_record(tiny_ckpt, clips, tmp_path, capsys):
+    from utils.cli import UserError
+
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (folder / name).symlink_to(clips / "long.mp4")
+    argv = [folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu"]
+    assert run_predict_offsets(*argv) == 0
+    log = out / "offsets.progress.jsonl"
+    header, first, second = log.read_text().splitlines(keepends=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"stride_sec=1.28.*another --out_dir"):
+        run_predict_offsets(*argv, "--stride_sec", "2.56")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    log.write_text(header + first + second[:-9])  # killed while writing b.mp4's record
+    capsys.readouterr()
+    assert run_predict_offsets(*argv) == 0
+    assert "segments computed: 34" in capsys.readouterr().out  # b.mp4 again, a.mp4 kept
+    assert log.read_text() == header + first + second
