@@ -26,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from dataset.avbench import SEGMENT_FRAMES, SIZE, STEP_FRAMES, DesyncInputs, normalise_frames, segments
-from scripts.common import VIDEO_SUFFIXES, add_model_args, find_pairs, load_model_from_args
+from scripts.common import (
+    VIDEO_SUFFIXES,
+    add_model_args,
+    check_numbers,
+    find_pairs,
+    load_model_from_args,
+    model_provenance,
+)
 from utils import dist
 from utils.cli import UserError, report_skipped, run_cli
 from utils.feature_cache import LOG, ShardWriter, write_index
@@ -71,9 +78,10 @@ class SegmentFeatures:
 
 def main(args) -> int:
     reuse_freed_memory()
-    if args.duration < 0 or args.batch_size < 1 or args.batch_segments < 1 or args.shard_size < 1:
-        raise UserError("--duration must be 0 or more; --batch_size, --batch_segments and --shard_size 1 or more")
-    env = dist.init_distributed(device=args.device or ("cpu" if args.precision == "int8" else None))
+    sizes = dict.fromkeys(("batch_size", "batch_segments", "shard_size"), "positive")
+    check_numbers(args, duration="non-negative", num_workers="non-negative", dist_timeout_min="positive", **sizes)
+    device = args.device or ("cpu" if args.precision == "int8" else None)
+    env = dist.init_distributed(device=device, timeout_min=args.dist_timeout_min)
     args.device = str(env.device)
     audio_dir = Path(args.audio_dir) if args.audio_dir else None
     pairs, unpaired = find_pairs(Path(args.video_dir), audio_dir)
@@ -87,12 +95,7 @@ def main(args) -> int:
     log, error = None, None
     if env.is_main:
         audio_source = str(audio_dir.resolve()) if audio_dir else ("the videos' own" if audio else None)
-        provenance = {
-            "model": str(args.ckpt_path or args.exp_name),
-            "precision": args.precision,
-            "duration_sec": args.duration,
-            "audio": audio_source,
-        }
+        provenance = {**model_provenance(args), "duration_sec": args.duration, "audio": audio_source}
         try:
             log = ResultLog(output_folder(args.out, "--out") / LOG, provenance, "--out")
         except UserError as e:
@@ -100,7 +103,8 @@ def main(args) -> int:
     done, error = dist.broadcast_object(([n for n, r in log.records.items() if "skip" not in r] if log else [], error))
     if error:
         raise UserError(error)
-    todo = [p for p in pairs if p.name not in set(done)]
+    done = set(done)
+    todo = [p for p in pairs if p.name not in done]
     if done:
         logging.info(f"Resuming: {len(done)} videos already in {args.out}, {len(todo)} to go")
     inputs = DesyncInputs(todo[env.rank :: env.world_size], args.duration, audio)
@@ -138,6 +142,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_segments", type=int, default=48, help="Segments per feature-extractor call")
     parser.add_argument("--shard_size", type=int, default=256, help="Videos per safetensors shard")
     parser.add_argument("--num_workers", type=int, default=2, help="Decoding processes")
+    parser.add_argument("--dist_timeout_min", type=float, default=10, help="How long ranks wait for each other")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 
