@@ -16,7 +16,6 @@ from dataset.avbench import SEGMENT_FRAMES, STEP_FRAMES, AudioSegments, normalis
 from dataset.synthetic import ClipSpec, make_clip
 from model.sync_model import load_synchformer
 from scripts import extract_features
-from scripts.bench import features as bench_features
 from tests.reference_data import REPO
 from utils.checkpoint import save_checkpoint
 from utils.cli import UserError
@@ -161,24 +160,3 @@ def test_two_processes_on_two_machines_leave_the_whole_cache_on_rank_0(tiny_ckpt
     assert sorted(cache) == ["a.mp4", "b.mp4", "c.mp4"] and list(cache.skipped) == ["broken.mp4"]
     assert all(cache[n]["visual"].shape == (2, 8, 32) for n in cache)
     assert not (tmp_path / "node1" / "cache").exists()
-
-
-def test_bench_features_tiny(capsys, tmp_path):
-    argv = [
-        "--tiny",
-        "--n_videos",
-        "1",
-        "--num_workers",
-        "0",
-        "--duration",
-        "5",
-        "--out",
-        str(tmp_path / "result.json"),
-    ]
-    result = bench_features.main(argv)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert (
-        len(lines) == 1 and lines[0].startswith("bench.features (tiny, 1 videos, fp32") and "visual+audio" in lines[0]
-    )
-    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
-    assert all(result[k]["videos_per_sec"] > 0 for k in ("desync", "features_visual", "features_visual_audio"))
