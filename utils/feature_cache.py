@@ -54,13 +54,12 @@ class ShardWriter:
         if not self.pending:
             return
         shard = f"shard-{self.next_shard:05d}.safetensors"
-        rows, records = dict.fromkeys(self.pending[0][1], 0), []
+        records, start = [], dict.fromkeys(self.pending[0][1], 0)
         for _, features in self.pending:
-            records.append(
-                {"shard": shard, "rows": {key: [rows[key], rows[key] + len(f)] for key, f in features.items()}}
-            )
-            rows = {key: rows[key] + len(features[key]) for key in rows}
-        tensors = {key: torch.cat([f[key] for _, f in self.pending]) for key in rows}  # (sum S, t, D)
+            stop = {key: start[key] + len(f) for key, f in features.items()}
+            records.append({"shard": shard, "rows": {key: [start[key], stop[key]] for key in stop}})
+            start = stop
+        tensors = {key: torch.cat([f[key] for _, f in self.pending]) for key in start}  # (sum S, t, D)
         path = self.folder / shard
         with writing(path, "--out"), atomic_path(path) as tmp:
             # `save` rather than `save_file`, which makes files that only their owner can read
