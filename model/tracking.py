@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dataset.io import BadVideoError
-from dataset.segment_pipeline import SegmentPipeline, load_for_model
+from dataset.segment_pipeline import SegmentPipeline, load_for_model, n_frames
 from dataset.transforms import make_class_grid
 from model.sync_model import Synchformer
 from utils.precision import autocast
@@ -80,7 +80,7 @@ class WindowPredictor:
         """Visual window starts every `stride_sec` seconds (snapped to frames) that fit in the video."""
         fps = item["meta"]["video"]["fps"][0]
         crop_len_sec = self.cfg.data.crop_len_sec if crop_len_sec is None else crop_len_sec
-        duration = min(item["video"].shape[0] / fps, item["audio"].shape[0] / item["meta"]["audio"]["framerate"][0])
+        duration = min(n_frames(item) / fps, item["audio"].shape[0] / item["meta"]["audio"]["framerate"][0])
         n = math.floor((duration - crop_len_sec) / stride_sec + 1e-6) + 1
         return [round(i * stride_sec * fps) / fps for i in range(max(n, 0))]
 
@@ -108,8 +108,7 @@ def predict_track(
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """`(one row per window, the summary)` of the windows every `stride_sec` over the video, with the
     audio shifted earlier by `offset_sec` first; `work_dir` takes re-encoded copies."""
-    rgb, audio, meta = load_for_model(path, predictor.cfg, work_dir)
-    item = predictor.pipeline.prepare(rgb, audio, meta, str(path))
+    item = load_for_model(path, predictor.cfg, work_dir, predictor.pipeline)
     starts = predictor.window_starts(item, stride_sec)
     if not starts:
         crop = predictor.cfg.data.crop_len_sec

@@ -45,7 +45,7 @@ from dataset.avbench import (
     window_times,
 )
 from dataset.io import BadVideoError, decode_video
-from dataset.segment_pipeline import load_for_model
+from dataset.segment_pipeline import load_for_model, n_frames
 from model.tracking import WindowPredictor, offset_grid
 from scripts.common import (
     VIDEO_SUFFIXES,
@@ -154,7 +154,7 @@ class SynchformerScorer:
     def score(self, pair: Pair) -> dict:
         cfg = self.predictor.cfg
         if pair.audio is None:
-            rgb, audio, meta = load_for_model(pair.video, cfg, self.work_dir)
+            item = load_for_model(pair.video, cfg, self.work_dir, self.predictor.pipeline)
         else:  # generated videos may have no audio track: read the frames alone
             rgb, fps = decode_video(pair.video)
             if round(fps, 3) != cfg.data.vfps or min(rgb.shape[-2:]) != cfg.data.size_before_crop:
@@ -166,9 +166,9 @@ class SynchformerScorer:
                 )
             audio = read_audio(pair.audio, cfg.data.afps)
             meta = {"video": {"fps": [fps]}, "audio": {"framerate": [cfg.data.afps]}}
-        item = self.predictor.pipeline.prepare(rgb, audio, meta, str(pair.video))
+            item = self.predictor.pipeline.prepare(rgb, audio, meta, str(pair.video))
         try:
-            windows = first_and_last_windows(item["video"].shape[0], item["audio"].shape[0], cfg)
+            windows = first_and_last_windows(n_frames(item), item["audio"].shape[0], cfg)
         except ValueError as e:
             raise BadVideoError(pair.video, str(e)) from e
         logits = self.predictor.predict(item, windows)

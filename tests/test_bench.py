@@ -62,7 +62,9 @@ def test_bench_tracking_tiny(monkeypatch, capsys, tmp_path):
     assert result["distinct_segments"] == 14 + 4 < result["segments_per_window_total"] == 28
     assert result["max_abs_logit_diff"] <= 1e-4
     assert all(result[k] > 0 for k in ("extractor_pass_seconds", "reuse_seconds", "per_window_seconds"))
-    assert "per-window" in line
+    assert "per-window" in line and "peak RSS of tracking 0.2 min" in line
+    (rss,) = result["peak_rss"]
+    assert rss["minutes"] == 0.2 and 0 < rss["model_built_mb"] <= rss["peak_mb"]
 
 
 def test_bench_precision_tiny(monkeypatch, capsys, tmp_path):

@@ -11,12 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from torchao.quantization import Int8Tensor
 
+import dataset.io
 import example
 from dataset.io import BadVideoError, get_video_and_audio, probe_video
 from dataset.segment_pipeline import SegmentPipeline
 from dataset.synthetic import ClipSpec, make_clip
 from model.pretrained import load_model
-from model.tracking import WindowPredictor
+from model.tracking import WindowPredictor, predict_track
 from scripts import predict_offsets
 from scripts.common import load_model_from_args
 from tests.reference_data import REPO, SHARED
@@ -193,6 +194,24 @@ def test_feature_reuse_equals_per_window_computation(predictor, clips):
         assert (logits - expected[0]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name, offset_sec", [("long.mp4", 0.0), ("odd.mp4", 0.4)])  # odd.mp4: re-encoded first
+def test_tracking_decodes_a_batch_of_segments_at_a_time_with_the_same_results(predictor, clips, name, offset_sec,
+                                                                                tmp_path, monkeypatch):  # fmt: skip
+    """predict_track never holds more frames than one batch of segments spans (8 segments, 8 frames apart:
+    72 frames), and its logits equal those of the whole decoded video."""
+    decoded = []
+    to_rgb24 = dataset.io._to_rgb24
+    monkeypatch.setattr(dataset.io, "_to_rgb24", lambda frames: decoded.append(len(frames)) or to_rgb24(frames))
+    rows, summary = predict_track(predictor, clips / name, tmp_path, stride_sec=1.28, offset_sec=offset_sec)
+    assert len(rows) == summary["n_windows"] >= 2 and max(decoded) <= 72
+    path = next(tmp_path.glob("*.mp4")) if name == "odd.mp4" else clips / name
+    item = predictor.pipeline.prepare(*get_video_and_audio(path, get_meta=True), str(path))
+    windows = [predictor.pipeline.window_segments(item, s, offset_sec) for s in predictor.window_starts(item, 1.28)]
+    probs = torch.softmax(predictor.predict(item, windows), -1)
+    assert [r["prob"] for r in rows] == [round(float(p.max()), 4) for p in probs]
+    assert [r["class"] for r in rows] == probs.argmax(-1).tolist()
+
+
 def test_bf16_windows_stay_close_to_float32(predictor, clips):
     item = predictor.pipeline.prepare(*get_video_and_audio(clips / "long.mp4", get_meta=True), "long.mp4")
     windows = [predictor.pipeline.window_segments(item, s) for s in predictor.window_starts(item, stride_sec=2.56)]
@@ -234,19 +253,22 @@ def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_pa
 
 def test_predict_offsets_refuses_colliding_names_and_keeps_a_video_named_summary(tiny_ckpt, clips, tmp_path, capsys):
     """x.mp4, x.MP4 and x.mkv are listed and left out, never merged; summary.mp4 keeps its per-window CSV
-    beside the folder's summary.csv."""
+    beside the folder's summary.csv; a 250-byte name gets its results too."""
     folder, out = tmp_path / "videos", tmp_path / "out"
     folder.mkdir()
-    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4"):
+    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4", "l" * 246 + ".mp4"):
         (folder / name).symlink_to(clips / "long.mp4")
     assert run_predict_offsets(folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu") == 0
     captured = capsys.readouterr()
-    assert "1 videos done, 3 skipped" in captured.out
+    assert "2 videos done, 3 skipped" in captured.out and (out / ("l" * 246 + ".mp4.json")).is_file()
     assert "x.MP4: its name collides with x.mkv, x.mp4" in captured.err
     with open(out / "summary.mp4.csv") as f:
         assert len(list(csv.DictReader(f))) == 6  # the video's windows
     with open(out / "summary.csv") as f:
-        assert [r["video"] for r in csv.DictReader(f)] == [str(folder / "summary.mp4")]
+        assert [r["video"] for r in csv.DictReader(f)] == [
+            str(folder / ("l" * 246 + ".mp4")),
+            str(folder / "summary.mp4"),
+        ]
     assert not list(out.glob("x.*"))
 
 
