@@ -1,5 +1,6 @@
 """Command-line code that the commands share: choosing a model and recording which one ran, the
-sliding-window options, listing videos and refusing those whose outputs would collide."""
+sliding-window options, listing videos (refusing those whose outputs would collide) and pairing them with
+audio files."""
 
 import argparse
 import hashlib
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from dataset.avbench import Pair
 from model.pretrained import load_model
 from utils.cli import UserError, number
 from utils.precision import PRECISIONS, resolve_device, resolve_precision
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 
 
 def list_videos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -42,6 +45,26 @@ def refuse_collisions(items: list, key: Callable, label: Callable = str, reserve
         else:
             kept.append(item)
     return kept, refused
+
+
+def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """The pairs to score, sorted by video name, and `(name, reason)` of the videos left out: names that
+    collide, no audio file or several."""
+    if not video_dir.is_dir():
+        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
+    videos, clashes = list_videos(video_dir)
+    if audio_dir is None:
+        return [Pair(v.name, v) for v in videos], clashes
+    if not audio_dir.is_dir():
+        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
+    audio = defaultdict(list)
+    for p in sorted(audio_dir.iterdir()):
+        if p.suffix.lower() in AUDIO_SUFFIXES:
+            audio[p.stem].append(p)
+    pairs = [Pair(v.name, v, audio[v.stem][0]) for v in videos if len(audio.get(v.stem, ())) == 1]
+    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
+    several = [(v.name, f"several audio files {v.stem}.* in {audio_dir}") for v in videos if len(audio[v.stem]) > 1]
+    return pairs, clashes + missing + several
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:

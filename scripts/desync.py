@@ -21,7 +21,6 @@ the results are gathered to rank 0, which alone writes. As each batch is scored 
 import argparse
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from model.tracking import WindowPredictor, offset_grid
 from scripts.common import (
     VIDEO_SUFFIXES,
     add_model_args,
-    list_videos,
+    find_pairs,
     load_model_from_args,
     model_provenance,
 )
@@ -61,27 +60,7 @@ from utils.precision import autocast
 from utils.resumable import ResultLog, writing
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 WINDOW_NAMES = ("first", "last")
-
-
-def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """The pairs to score, sorted by video name, and the videos without an audio file."""
-    if not video_dir.is_dir():
-        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
-    videos, clashes = list_videos(video_dir)
-    if audio_dir is None:
-        return [Pair(v.name, v) for v in videos], clashes
-    if not audio_dir.is_dir():
-        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
-    audio = defaultdict(list)
-    for p in sorted(audio_dir.iterdir()):
-        if p.suffix.lower() in AUDIO_SUFFIXES:
-            audio[p.stem].append(p)
-    pairs = [Pair(v.name, v, audio[v.stem][0]) for v in videos if len(audio.get(v.stem, ())) == 1]
-    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
-    several = [(v.name, f"several audio files {v.stem}.* in {audio_dir}") for v in videos if len(audio[v.stem]) > 1]
-    return pairs, clashes + missing + several
 
 
 def video_record(name: str, times: list[tuple[float, float]], logits: torch.Tensor, grid: torch.Tensor) -> dict:

@@ -122,7 +122,7 @@ def test_quantize_for_cpu_keeps_the_model_and_stays_close():
 
 def test_bench_desync_tiny(capsys, tmp_path):
     out = tmp_path / "result.json"
-    argv = ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--out", str(out)]
+    argv = ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--features", "--out", str(out)]
     result = bench_desync.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.desync (tiny, 1 videos") and "fp32" in lines[0]
@@ -130,3 +130,6 @@ def test_bench_desync_tiny(capsys, tmp_path):
     assert result["one_video_at_a_time_fp32"]["videos_per_sec"] > 0
     folder = result["folder_fp32"]
     assert folder["speedup"] > 0 and folder["top1_agreement"] == 1.0 and folder["max_prob_diff"] < 1e-5
+    # feature caches of the same videos, timed against the folder path
+    assert folder["features_visual_vs_desync"] > 0 and folder["features_visual_audio_vs_desync"] > 0
+    assert "feature caches against the folder path: fp32 visual" in lines[0]
