@@ -19,8 +19,15 @@ def list_videos(folder: Path) -> list[Path]:
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
     """The model-choosing arguments that every prediction CLI shares (read back with `load_model_from_args`)."""
-    parser.add_argument("--exp_name", default=default_exp, help="A published experiment, e.g. 24-01-04T16-39-21")
-    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or a bare state dict)")
+    parser.add_argument(
+        "--exp_name",
+        default=default_exp,
+        help="A published experiment (e.g. 24-01-04T16-39-21), a Hugging Face Hub model id, or a folder: a training "
+        "run or the Hub layout (scripts/convert_to_hf.py)",
+    )
+    parser.add_argument(
+        "--ckpt_path", help="A local checkpoint instead (published format or a bare state dict), or such a folder"
+    )
     parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
     parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
     parser.add_argument(

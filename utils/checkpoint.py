@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import omegaconf
+import safetensors.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.cli import UserError
+from utils.config import read_yaml
 
 # Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
 SAFE_GLOBALS = [
@@ -53,10 +55,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     A bare state dict (all values tensors) is wrapped as `{'model': sd}`; the state dict of a stage-1
     (AVCLIP, 'state_dict') or Motionformer ('.pyth', 'model_state') checkpoint is moved to 'model'. A stored
-    config under 'args' is returned as a DictConfig."""
+    config under 'args' is returned as a DictConfig. A `.safetensors` file is a state dict; the `config.json`
+    beside it (the Hub layout) is its config."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or download the checkpoint.")
+    if path.suffix == ".safetensors":
+        try:
+            ckpt = {"model": safetensors.torch.load_file(path, device=str(map_location))}
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"Could not read {path} ({e}): the file may be truncated; download it again.") from e
+        config = path.with_name("config.json")
+        return ckpt | ({"args": read_yaml(config)} if config.is_file() else {})  # JSON is YAML
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -98,6 +108,23 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict, source: str, fix: str) -> None:
+    """Loads `state_dict` into `module`, which must hold exactly its keys and shapes; else a CheckpointError
+    on one line that names `source`, what does not fit, and `fix`."""
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {source} do not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
+        )
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError) as e:
+        problem = " ".join(str(e).split())  # one line: load_state_dict lists the mismatches on several
+        raise CheckpointError(f"The weights in {source} do not fit the model: {problem}. {fix}") from e
 
 
 def config_of(ckpt: dict) -> DictConfig | None:

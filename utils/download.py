@@ -1,10 +1,13 @@
-"""Downloading the published checkpoints: resumable, md5-verified, with a progress bar."""
+"""Downloading the published checkpoints (resumable, md5-verified, with a progress bar) and models in the
+Hugging Face Hub layout."""
 
 import hashlib
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 
 from utils.cli import UserError
@@ -30,7 +33,10 @@ class DownloadError(RuntimeError, UserError):
 def published_urls(exp_name: str) -> dict[str, str]:
     """The config and checkpoint URLs of a published experiment, keyed by 'cfg' and 'ckpt'."""
     if exp_name not in PUBLISHED_MODELS:
-        raise DownloadError(f"Unknown published experiment '{exp_name}'; known: {sorted(PUBLISHED_MODELS)}.")
+        raise DownloadError(
+            f"Unknown published experiment '{exp_name}'; known: {sorted(PUBLISHED_MODELS)}, else a Hugging Face Hub "
+            "model id (owner/name) or a folder."
+        )
     ckpt = "checkpoints/epoch_best.pt" if exp_name in STAGE1_IDS else f"{exp_name}.pt"
     return {"cfg": f"{PARENT_URL}/{exp_name}/cfg-{exp_name}.yaml", "ckpt": f"{PARENT_URL}/{exp_name}/{ckpt}"}
 
@@ -91,3 +97,32 @@ def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") 
     cfg_path = download(urls["cfg"], local["cfg"])
     ckpt_path = download(urls["ckpt"], local["ckpt"], md5_prefix=PUBLISHED_MODELS[exp_name]["md5"])
     return cfg_path, ckpt_path
+
+
+HUB_FILES = ("config.json", "model.safetensors")  # what `Synchformer.save_pretrained` writes
+
+
+def hub_weights(repo_id_or_folder: str | Path, revision: str | None = None) -> Path:
+    """The `model.safetensors` of a folder in the Hub layout (with its `config.json` beside it), or of a Hugging
+    Face Hub model id, downloaded into the Hub's cache (`HF_HOME`) unless it is there."""
+    folder = Path(repo_id_or_folder)
+    if folder.is_dir():
+        missing = [name for name in HUB_FILES if not (folder / name).is_file()]
+        if missing:
+            raise DownloadError(f"{folder} has no {' and no '.join(missing)}: pass a folder of save_pretrained")
+        return folder / HUB_FILES[1]
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    # without a network, the Hub client retries five times with a log line each: our one line says it all
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        paths = [hf_hub_download(str(repo_id_or_folder), name, revision=revision) for name in HUB_FILES]
+    except (OSError, ValueError) as e:  # offline, an unknown repository or file, a malformed id
+        gist = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(
+            f"Could not fetch the Hugging Face Hub model '{repo_id_or_folder}' ({gist}). Check the id and the "
+            "network, or pass a local folder with config.json and model.safetensors."
+        ) from e
+    finally:
+        hub_logger.setLevel(level)
+    return Path(paths[1])
