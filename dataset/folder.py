@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dataset.dataset_utils import AudioVisualDataset, offset_crop
 from dataset.transforms import TemporalCropAndOffsetForSyncabilityTraining
+from utils.utils import ConfigError
 
 SPLITS = ("train", "valid", "test")
 
@@ -53,7 +54,7 @@ def split_by_ratios(rows: dict[str, dict], ratios, seed: int) -> dict[str, str]:
     for clip_id, row in sorted(rows.items()):
         by_source.setdefault(row.get("source") or clip_id, []).append(clip_id)
     if len(ratios) != len(SPLITS) or min(ratios) < 0 or sum(ratios) <= 0:
-        raise ValueError(f"split_ratios must be 3 non-negative numbers (train, valid, test), got {ratios}")
+        raise ConfigError(f"split_ratios must be 3 non-negative numbers (train, valid, test), got {ratios}")
     sources = sorted(by_source, key=lambda s: _hash(seed, s))
     bounds = [round(sum(ratios[: i + 1]) / sum(ratios) * len(rows)) for i in range(len(SPLITS))]
     clip2split, n_assigned = {}, 0
@@ -110,7 +111,7 @@ class VideoFolder(AudioVisualDataset):
         seed and the clip id, with both crops inside the clip."""
         crop = offset_crop(self.transforms)
         if crop is None or not crop.do_offset:
-            raise ValueError(f"load_fixed_offsets_on={self.load_fixed_offsets_on} needs an offset transform")
+            raise ConfigError(f"load_fixed_offsets_on={self.load_fixed_offsets_on} needs an offset transform")
         fps = crop.vfps or 25
         vid2params = {}
         for path in self.dataset:

@@ -11,7 +11,7 @@ from torch import nn
 
 from model.avclip_loss import contrastive_loss
 from utils.logger import segment_similarities
-from utils.utils import instantiate_from_config
+from utils.utils import ConfigError, instantiate_from_config
 
 
 class AVCLIP(nn.Module):
@@ -38,7 +38,7 @@ class AVCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
         add_global = [cfg.get("params", {}).get("add_global_repr", False) for cfg in (vfeat_extractor, afeat_extractor)]
         if add_global[0] != add_global[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"add_global_repr must be the same for both extractors, got (visual, audio) = {add_global}"
             )
         self.global_logit_scale = nn.Parameter(torch.tensor(float(init_scale))) if add_global[0] else None

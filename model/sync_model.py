@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from model.modules.transformer import Block, NoPosEncoding
-from utils.checkpoint import CheckpointError, config_of, load_checkpoint, load_state_dict_strictly
-from utils.config import read_yaml
+from utils.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights_into
+from utils.config import check_targets, read_yaml, resolved, targets_of
 from utils.download import hub_weights
 from utils.utils import atomic_path, instantiate_from_config, write_json
 
@@ -191,7 +191,8 @@ class Synchformer(
     def from_pretrained(cls, repo_id_or_folder: str | os.PathLike, revision: str | None = None, map_location="cpu"):
         """A model of `save_pretrained` or `scripts/convert_to_hf.py`: a local folder or a Hugging Face Hub model
         id (downloaded into the Hub's cache), in eval mode with its config at `.cfg`. Its `config.json` is read
-        like a checkpoint's own config (`load_synchformer`), never passed to the constructor as it is."""
+        as a checkpoint's own config is (`load_synchformer`: it may build only trusted classes), never passed to
+        the constructor as the mixin would."""
         model, cfg = load_synchformer(hub_weights(repo_id_or_folder, revision), map_location=map_location)
         model.cfg = cfg
         return model
@@ -206,39 +207,42 @@ class Synchformer(
 
 
 def load_synchformer(
-    ckpt_path: str | os.PathLike, cfg: DictConfig | str | os.PathLike | None = None, map_location="cpu"
-) -> tuple[Synchformer, DictConfig]:
+    ckpt_path: str | os.PathLike, cfg: DictConfig | str | os.PathLike | None = None, map_location="cpu",
+    trusted_cfg: bool = True,
+) -> tuple[Synchformer, DictConfig]:  # fmt: skip
     """Builds a stage-2 model and loads a checkpoint into it; returns (model in eval mode, config).
 
     `ckpt_path`: a published checkpoint `{'model': state_dict, 'args': config, ...}` or a bare state dict
     (DDP's `module.` prefixes are removed). `cfg`: the training config (DictConfig or YAML path); required
-    for a bare state dict, otherwise it replaces the stored one. The extractors' own `ckpt_path`s are
-    ignored: their weights are in the checkpoint."""
+    for a bare state dict, otherwise it replaces the stored one. The stored config, and a `cfg` that is not
+    `trusted_cfg` (a downloaded one), may build only trusted classes (`utils.config.check_targets`). The
+    `ckpt_path`s inside the model's config are ignored: all weights are in the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, map_location)
+    source = str(ckpt_path)
     if cfg is None:
-        cfg = config_of(ckpt)
+        cfg, trusted_cfg = config_of(ckpt), False
         if cfg is None:
             raise CheckpointError(
                 f"{ckpt_path} is a bare state dict without the config it was trained with: pass that config "
                 "(--cfg_path on the command line, `cfg=` of load_synchformer), e.g. configs/sync.yaml."
             )
     elif not isinstance(cfg, DictConfig):
-        cfg = read_yaml(cfg)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg, source = read_yaml(cfg), str(cfg)
+    cfg = resolved(cfg, source)
     if OmegaConf.select(cfg, "model.params.transformer.target") is None:
         raise CheckpointError(
             f"The config of {ckpt_path} describes a {OmegaConf.select(cfg, 'model.target')}, not a stage-2 "
             "Synchformer (a stage-1 checkpoint holds only the feature extractors): pass a stage-2 checkpoint."
         )
-    for extractor in ("afeat_extractor", "vfeat_extractor"):
-        cfg.model.params[extractor].params.ckpt_path = None
     # early checkpoints name the transformer's module differently
-    cfg.model.params.transformer.target = cfg.model.params.transformer.target.replace(
+    cfg.model.params.transformer.target = str(cfg.model.params.transformer.target).replace(
         ".modules.feature_selector.", ".sync_model."
     )
+    if not trusted_cfg:
+        check_targets(cfg, source)
+    for _, part in targets_of(cfg.model):
+        if isinstance(part.get("params"), DictConfig) and "ckpt_path" in part.params:
+            part.params.ckpt_path = None
     model = instantiate_from_config(cfg.model)
-    state_dict = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    load_state_dict_strictly(
-        model, state_dict, ckpt_path, f"Check that the config is the one {ckpt_path} was trained with."
-    )
+    load_weights_into(model, ckpt["model"], ckpt_path)
     return model.eval(), cfg

@@ -1,6 +1,9 @@
-"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos."""
+"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos
+and refusing those whose outputs would collide."""
 
 import argparse
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,6 +18,25 @@ VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 def list_videos(folder: Path) -> list[Path]:
     """The videos directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
+def refuse_collisions(items: list, key: Callable, label: Callable = str, reserved: Iterable[str] = ()) -> tuple:
+    """`(kept, [(item, reason)])`: the `items` whose `key` (the name their outputs go under, e.g. a file's
+    stem) is theirs alone, and the refused ones: those sharing a key (`x.mp4`, `x.MP4` and `x.mkv` all
+    become `x`; none is picked, so no output mixes two inputs) or having a `reserved` one (the command's own
+    output, e.g. `summary`). `label` names an item in the reasons."""
+    groups, kept, refused = defaultdict(list), [], []
+    for item in items:
+        groups[key(item)].append(item)
+    for item in items:
+        name, others = key(item), ", ".join(label(o) for o in groups[key(item)] if o is not item)
+        if name in reserved:
+            refused.append((item, f"its output name {name!r} is the command's own: rename it"))
+        elif others:
+            refused.append((item, f"its output name {name!r} is also that of {others}: rename all but one"))
+        else:
+            kept.append(item)
+    return kept, refused
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:

@@ -47,7 +47,7 @@ from dataset.segment_pipeline import load_for_model
 from model.tracking import WindowPredictor, offset_grid
 from scripts.common import VIDEO_SUFFIXES, add_model_args, list_videos, load_model_from_args
 from utils import dist
-from utils.cli import UserError, report_skipped, run_cli
+from utils.cli import UserError, number, report_skipped, run_cli
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
@@ -326,9 +326,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio_dir", help="A folder of audio files named like the videos (else their own audio)")
     parser.add_argument("--out", default="desync.json", help="Results: .json (everything) or .csv (a row per video)")
     parser.add_argument("--protocol", choices=("av-benchmark", "synchformer"), default="av-benchmark")
-    parser.add_argument("--duration", type=float, default=8.0, help="av-benchmark: seconds of each video scored")
+    parser.add_argument(
+        "--duration", type=number(float, 0, above=True), default=8.0, help="av-benchmark: seconds of each video scored"
+    )
     parser.add_argument("--batch_size", type=int, help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)")
-    parser.add_argument("--num_workers", type=int, default=2, help="av-benchmark: decoding processes")
+    parser.add_argument("--num_workers", type=number(int, 0), default=2, help="av-benchmark: decoding processes")
     parser.add_argument("--work_dir", default="./vis", help="synchformer: where re-encoded videos go")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser

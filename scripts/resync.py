@@ -31,7 +31,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, audio_frame
+from dataset.io import BadVideoError, add_audio_stream, audio_frame, decode_planar
 from model.tracking import WindowPredictor, predict_track
 from scripts.common import add_tracking_args, list_videos, load_model_from_args
 from utils.cli import UserError, run_cli
@@ -39,18 +39,6 @@ from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
 REPORT_FIELDS = ["video", "offset_sec", "confidence", "drift", "action", "residual_sec", "output"]
-
-
-def decode_planar(stream_container, stream) -> np.ndarray:
-    """(C, Ta) float32 of an audio stream: the samples with pts >= 0 in pts order, as `dataset.io` decodes them."""
-    to_fltp = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.sample_rate)
-    chunks = {}
-    for frame in stream_container.decode(stream):
-        if frame.pts is not None and frame.pts >= 0:
-            chunks[frame.pts] = np.concatenate([f.to_ndarray() for f in to_fltp.resample(frame)], axis=1)
-    if not chunks:
-        raise BadVideoError(stream_container.name, "no audio could be decoded", "the audio stream is empty")
-    return np.concatenate([chunks[pts] for pts in sorted(chunks)], axis=1)
 
 
 def shift_audio(wave: np.ndarray, delay: int) -> np.ndarray:
@@ -74,20 +62,20 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             audio = container.streams.audio[0]
             sr, layout, bit_rate = audio.sample_rate, audio.layout.name, audio.bit_rate
             delay = round(delay_sec * sr)
-            wave = None if delay == 0 else shift_audio(decode_planar(container, audio), delay)  # (C, Ta)
+            wave = None if delay == 0 else shift_audio(decode_planar(container.demux(audio), src), delay)  # (C, Ta)
         with atomic_path(dst) as tmp, av.open(str(src)) as container, av.open(str(tmp), "w") as out:
             video, audio = container.streams.video[0], container.streams.audio[0]
             streams = {video: out.add_stream_from_template(video)}
             if wave is None:  # nothing to shift: the audio packets are copied too
                 streams[audio] = out.add_stream_from_template(audio)
             else:
-                a_out = out.add_stream("aac", rate=sr, layout=layout)
-                a_out.bit_rate = bit_rate or a_out.bit_rate
+                a_out = add_audio_stream(out, sr, layout, bit_rate)
             encoded = 0  # samples handed to the encoder, interleaved with the video by time
             for packet in container.demux(*streams):
-                if packet.dts is None:  # the empty packet that ends a stream
+                if not packet.size:  # the empty packet that ends a stream
                     continue
-                while wave is not None and encoded < min(wave.shape[1], (packet.dts * packet.time_base + 1) * sr):
+                t = packet.pts if packet.dts is None else packet.dts  # Matroska leaves the first dts unset
+                while wave is not None and encoded < min(wave.shape[1], (t * packet.time_base + 1) * sr):
                     encoded = encode_chunk(out, a_out, wave, encoded)
                 packet.stream = streams[packet.stream]
                 out.mux(packet)

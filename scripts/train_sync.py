@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, lr_factor_fn, training_precision
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import save_epoch
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices, segment_similarities
@@ -128,9 +128,10 @@ def train(cfg: DictConfig) -> None:
     trainer = SyncTrainer(cfg, env, loaders, model, run_dir)
 
     latest, best_path = run_dir / f"{cfg.start_time}_latest.pt", run_dir / f"{cfg.start_time}_best.pt"
+    bests = [run_dir / f"{cfg.start_time}.pt", best_path]
     start_epoch = 0
     if training.resume:
-        ckpt = trainer.resume(latest)
+        ckpt = trainer.resume(latest, bests)
         start_epoch = ckpt["epoch"] + 1
         logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
     elif training.finetune:
@@ -147,10 +148,7 @@ def train(cfg: DictConfig) -> None:
         improved = trainer.stopper.update(metrics[training.early_stop_phase])
         if env.is_main:
             ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
-            save_checkpoint(ckpt, latest)
-            if improved:
-                save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
-                save_checkpoint(ckpt, best_path)
+            save_epoch(ckpt, latest, bests, improved)
         barrier()
     if trainer.stopper.triggered:
         logging.info(f"Early stopping: no improvement for {training.patience} epochs")

@@ -9,7 +9,7 @@ draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or 
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from dataset.dataset_utils import collate_drop_bad, get_datasets
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from utils.config import ConfigError, cfg_get
 from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed
 from utils.logger import RunLogger, setup_logging
@@ -231,7 +231,7 @@ class EarlyStopper:
 def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict:
     """Loads a checkpoint's weights into `model`; reports mismatching keys when not `strict`."""
     ckpt = load_checkpoint(path)
-    status = model.load_state_dict(ckpt["model"], strict=strict)
+    status = load_weights_into(model, ckpt["model"], path, strict)
     if not strict and (status.missing_keys or status.unexpected_keys):
         logging.warning(
             f"Loaded {path} with missing keys {status.missing_keys} and unexpected keys {status.unexpected_keys}: "
@@ -268,6 +268,8 @@ def build_run(cfg: DictConfig, phases: list[str]) -> tuple[DistEnv, Path, RunLog
     env, run_dir, logger = setup_run(cfg)
     seed_everything(cfg.training.seed)
     model = instantiate_from_config(cfg.model).to(env.device)
+    if cfg.training.get("run_test_only"):  # a checkpoint that does not fit fails before any data is read
+        load_weights(model, cfg.ckpt_path, strict=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logging.info(f"{n_train / 1e6:.3f}M trainable of {n_all / 1e6:.3f}M parameters")
@@ -302,17 +304,21 @@ class Trainer:
     def optimisation_state(self) -> dict:
         return {name: part.state_dict() for name, part in self.checkpointed().items()}
 
-    def resume(self, path: Path) -> dict:
-        """Restores the state saved in the checkpoint `path` of an interrupted run; returns the checkpoint."""
+    def resume(self, path: Path, bests: Sequence[Path]) -> dict:
+        """Restores the state saved in the latest checkpoint `path` of an interrupted run (and the `bests`,
+        see `utils.checkpoint.save_epoch`); returns the checkpoint."""
         if not path.is_file():
             raise ConfigError(
                 f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
                 "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
             )
         ckpt = load_checkpoint(path, map_location=self.env.device)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights_into(self.model, ckpt["model"], path)
         for name, part in self.checkpointed().items():
             part.load_state_dict(ckpt[name])
+        if ckpt.pop("is_best", False) and self.env.is_main:  # the bests' writing may have been cut short
+            for best in bests:
+                save_checkpoint(ckpt, best)
         return ckpt
 
     def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:

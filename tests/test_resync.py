@@ -15,6 +15,7 @@ import torch
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip, render_audio, render_video, write_mp4
 from scripts import demo, resync
+from tests.bad_media import write_opus_clip
 from tests.reference_data import REPO
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.checkpoint import save_checkpoint
@@ -162,3 +163,17 @@ def test_predicted_corrections_with_the_demo_model(demo_model, tmp_path):
     assert rows["drift.mp4"]["action"].startswith("refused: the offset drifts"), rows["drift.mp4"]
     assert not (tmp_path / "fixed" / "drift.mp4").exists()
     assert run(src / "drift.mp4", "--out", tmp_path / "drift_fixed.mp4", *model) == 1
+
+
+def test_opus_in_webm_and_matroska_is_resynced(untrained, tmp_path):
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("a.webm", "b.mkv"):
+        write_opus_clip(src / name, ClipSpec(**EASY, duration_sec=8, offset_sec=0.8, seed=4))
+    (src / "c.mkv").write_bytes(b"no video here" * 50)
+    assert run(src, "--out_dir", tmp_path / "out", "--offset_sec", 0.8, *untrained) == 0
+    for name in ("a.webm", "b.mkv"):
+        check_corrected(src / name, tmp_path / "out" / name)
+    with open(tmp_path / "out" / "resync.csv", newline="") as f:
+        actions = {Path(r["video"]).name: r["action"] for r in csv.DictReader(f)}
+    assert actions["a.webm"] == actions["b.mkv"] == "corrected" and actions["c.mkv"].startswith("bad:")

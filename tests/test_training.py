@@ -197,6 +197,9 @@ def test_bf16_training_and_test_only_on_the_cpu(stage2_run, data, tmp_path):
                         "training.skip_test=True"))  # fmt: skip
     assert "Precision: bf16 on cpu" in (tmp_path / "bf16" / "train.log").read_text()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / "bf16", "train"))
+    # Adam's epsilon follows the precision that runs (the config's use_half_precision is False)
+    latest = load_checkpoint(tmp_path / "bf16" / "bf16_latest.pt")
+    assert {g["eps"] for g in latest["optimizer"]["param_groups"]} == {1e-7}
     # the float32 run's checkpoint tested in bf16: the same metrics up to rounding
     (expected,) = read_metrics(stage2_run, "test")
     main.main([f"config={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path={stage2_run / 's2_best.pt'}", "start_time=t",

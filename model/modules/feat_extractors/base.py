@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from model.modules.aggregators import build_aggregator
+from utils.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class SegmentFeatureExtractor(nn.Module):
         self.global_attn_agg = None
         if add_global_repr:
             if isinstance(self.temp_attn_agg, nn.Identity):
-                raise ValueError("add_global_repr=True needs segment vectors: set agg_time_module to a pooling one.")
+                raise ConfigError("add_global_repr=True needs segment vectors: set agg_time_module to a pooling one.")
             # 16 segments: a 10 s clip in 0.64 s segments
             max_len = max_segments or 16
             self.global_attn_agg = build_aggregator(

@@ -23,6 +23,7 @@ from model.modules.aggregators import build_aggregator, init_linear_and_norm
 from model.modules.cpu_bf16 import scaled_dot_product_attention
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
 from utils.checkpoint import load_checkpoint
+from utils.utils import ConfigError
 
 
 class ASTSelfAttention(nn.Module):
@@ -122,7 +123,7 @@ class AST(SegmentFeatureExtractor):
     ):  # fmt: skip
         super().__init__()
         if not (extract_features and factorize_freq_time):
-            raise ValueError("AST supports only extract_features=True, factorize_freq_time=True.")
+            raise ConfigError("AST supports only extract_features=True, factorize_freq_time=True.")
         config = ASTConfig(
             num_mel_bins=num_mel_bins,
             max_length=max_spec_t,

@@ -20,6 +20,7 @@ from model.modules.cpu_bf16 import ChunkedLinear, ChunkedMlp, scaled_dot_product
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
 from utils.checkpoint import load_checkpoint
 from utils.download import download
+from utils.utils import ConfigError
 
 # The published Motionformer SSv2 checkpoints and the attention type each was trained with.
 ATTN_TYPE_OF_CKPT = {
@@ -189,7 +190,7 @@ class MotionFormer(SegmentFeatureExtractor):
     ):  # fmt: skip
         super().__init__()
         if not (extract_features and factorize_space_time):
-            raise ValueError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
+            raise ConfigError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
         if ckpt_path is not None and Path(ckpt_path).name in ATTN_TYPE_OF_CKPT:
             download(f"{MOTIONFORMER_URL}/{Path(ckpt_path).name}", ckpt_path)  # no-op if it is there
         ckpt = None if ckpt_path is None else load_checkpoint(ckpt_path)
@@ -272,12 +273,12 @@ def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | Non
         )
         found = ATTN_TYPE_OF_CKPT[Path(start).name] if start else "divided"
     else:
-        raise ValueError(
+        raise ConfigError(
             f"MotionFormer ckpt_path {ckpt_path} is neither a Motionformer checkpoint "
             f"({', '.join(ATTN_TYPE_OF_CKPT)}) nor a stage-1 '.pt' checkpoint."
         )
     if found not in ATTN_TYPE_OF_CKPT.values() or (attn_type is not None and attn_type != found):
-        raise ValueError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
+        raise ConfigError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
     return found
 
 
