@@ -14,15 +14,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import hubconf
-from model.pretrained import load_model
+from model.pretrained import load_feature_extractor, load_model
 from model.sync_model import Synchformer
 from scripts import convert_to_hf
 from scripts.common import add_model_args, load_model_from_args
 from tests.reference_data import REPO
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import load_config
-from utils.download import DownloadError
-from utils.utils import instantiate_from_config
+from utils.download import PUBLISHED_MODELS, DownloadError, md5sum
+from utils.utils import ConfigError, instantiate_from_config
 
 CONFIGS = {"sync": "sync.yaml", "syncability": "ft_synchability.yaml"}
 
@@ -75,6 +75,8 @@ def sources(tmp_path_factory):
         run.mkdir(parents=True)
         (run / f"{run.name}.pt").symlink_to(ckpt)
         OmegaConf.save(ckpt_dict["args"], run / f"cfg-{run.name}.yaml")
+    published_cfg = root / "logs" / "24-01-04T16-39-21" / "cfg-24-01-04T16-39-21.yaml"
+    published_cfg.with_name(published_cfg.name + ".md5").write_text(md5sum(published_cfg))  # as downloaded
     return root
 
 
@@ -82,9 +84,11 @@ def convert(*argv) -> None:
     convert_to_hf.main(convert_to_hf.get_parser().parse_args([str(a) for a in argv]))
 
 
-def test_convert_to_hf_from_every_source(sources, tmp_path):
+def test_convert_to_hf_from_every_source(sources, tmp_path, monkeypatch):
     """The converted model's outputs equal the checkpoint's; the card names the paper, the results, the license
     and, for a published experiment, marks its own row."""
+    # the tiny checkpoint stands in for the published one, whose md5 is checked
+    monkeypatch.setitem(PUBLISHED_MODELS["24-01-04T16-39-21"], "md5", md5sum(sources / "tiny.pt"))
     expected_model, _ = load_model(ckpt_path=sources / "tiny.pt")
     vis, aud = inputs()
     expected = logits(expected_model, vis, aud)
@@ -126,6 +130,20 @@ def test_every_model_choice_takes_a_hub_folder(sources, tmp_path):
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"\0" * 100)
     with pytest.raises(CheckpointError, match="truncated"):
         load_model(tmp_path / "hf")
+
+
+def test_a_planted_config_json_runs_nothing(sources, tmp_path):
+    """config.json comes with downloaded weights: a target outside this project's classes is refused before
+    anything is built, by every loader."""
+    convert(sources / "tiny.pt", "--out", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    ran = tmp_path / "ran"
+    config["model"]["params"]["vfeat_extractor"] = {"target": "os.system", "params": {"command": f"touch {ran}"}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    for load in (Synchformer.from_pretrained, load_model, load_feature_extractor):
+        with pytest.raises(ConfigError, match=r"names 'os\.system' at model\.params\.vfeat_extractor"):
+            load(tmp_path / "hf")
+    assert not ran.exists()
 
 
 def test_a_hub_id_without_network_fails_in_one_line(tmp_path):
