@@ -10,6 +10,7 @@ The weights are stored as they are (float32): the converted model's outputs are 
 
 import argparse
 from pathlib import Path
+from string import Template
 
 from model.pretrained import load_model
 from utils.cli import run_cli
@@ -24,82 +25,34 @@ PUBLISHED_RESULTS = {
     "24-01-04T16-39-21": ("VGGSound-Sparse", "Acc@1 / Acc@1 ±1 class", "47.2 / 67.4"),
     "24-01-22T20-34-52": ("VGGSound-Sparse", "synchronizability Acc / ROC AUC", "73.5 / 0.83"),
 }
-BIBTEX = """@InProceedings{synchformer2024iashin,
-  title={Synchformer: Efficient Synchronization from Sparse Cues},
-  author={Iashin, V., Xie, W., Rahtu, E. and Zisserman, A.},
-  booktitle={ICASSP 2024-2024 IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
-  year={2024},
-  organization={IEEE}
-}"""
 
 
 def model_card(name: str, repo_id: str, cfg) -> str:
-    """The README.md of the converted model: what it is, the published results, usage, audio decoding, license."""
+    """The README.md of the converted model (scripts/model_card.md): what it is, the published results, usage,
+    audio decoding, license, citation."""
     syncability = cfg.model.params.transformer.target.endswith("WithSyncabilityHead")
-    task = "whether a clip can be synchronised at all" if syncability else "the offset of the audio against the video"
     rows = [
-        f"| `{exp}`{' (this model)' if exp == name else ''} | {PUBLISHED_MODELS[exp]['what']} | {test} | {metric} | "
-        f"{value} |"
-        for exp, (test, metric, value) in PUBLISHED_RESULTS.items()
+        f"| `{exp}`{' (this model)' if exp == name else ''} | {PUBLISHED_MODELS[exp]['what']} | {' | '.join(result)} |"
+        for exp, result in PUBLISHED_RESULTS.items()
     ]
-    which = "its row is marked" if name in PUBLISHED_RESULTS else "this model is not one of them"
-    if cfg_get(cfg, "data.audio_priming_compat"):
-        audio = (
-            "The published models were trained on audio decoded by FFmpeg 4.3 (PyAV 8.1-9.0), which dropped the "
-            "1024 priming samples at the start of AAC tracks, so their audio ran 64 ms ahead of the video. This "
-            "model expects audio decoded that way (`data.audio_priming_compat: true`): this code's decoder does so "
-            "on any PyAV version. A decoder that keeps the priming samples shifts its predictions by 64 ms, a third "
-            "of an offset class."
-        )
-    else:
-        audio = "This model was trained on audio decoded in exact sync (`data.audio_priming_compat: false`)."
-    return f"""---
-license: mit
-library_name: synchformer
-tags: [audio-visual, synchronization, video, audio]
----
-# Synchformer `{name}`
-
-Audio-visual synchronisation: from 0.64 s segments of a 4.8 s clip (16 frames at 25 fps, 224 px; 16 kHz
-log-mel spectrograms), the model predicts {task}. Paper: V. Iashin, W. Xie, E. Rahtu and A. Zisserman,
-"Synchformer: Efficient Synchronization from Sparse Cues", ICASSP 2024, https://arxiv.org/abs/2401.16423;
-the original code and checkpoints: https://github.com/v-iashin/Synchformer.
-
-## Results
-
-As published with the original checkpoints ({which}):
-
-| experiment | trained on | tested on | metric | result |
-| --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
-
-## Usage
-
-```python
-from model.sync_model import Synchformer
-
-model = Synchformer.from_pretrained("{repo_id}")  # eval mode; its config at model.cfg
-```
-
-Every command takes it in place of a published experiment, e.g.
-`python example.py --exp_name {repo_id} --vid_path VIDEO`. The video features alone, as video-to-audio models
-use them ((B, S, 16, 3, 224, 224) segments -> (B, S, 8, 768)):
-`model.pretrained.load_feature_extractor("{repo_id}")`.
-
-## Audio decoding
-
-{audio}
-
-## License
-
-MIT, as the original code and checkpoints.
-
-## Citation
-
-```bibtex
-{BIBTEX}
-```
-"""
+    audio = (
+        "The published models were trained on audio decoded by FFmpeg 4.3 (PyAV 8.1-9.0), which dropped the 1024 "
+        "priming samples at the start of AAC tracks, so their audio ran 64 ms ahead of the video. This model expects "
+        "audio decoded that way (`data.audio_priming_compat: true`), as this code's decoder does on any PyAV version; "
+        "a decoder that keeps the priming samples shifts its predictions by 64 ms, a third of an offset class."
+        if cfg_get(cfg, "data.audio_priming_compat")
+        else "This model was trained on audio decoded in exact sync (`data.audio_priming_compat: false`)."
+    )
+    return Template(Path(__file__).with_name("model_card.md").read_text()).substitute(
+        name=name,
+        repo_id=repo_id,
+        task="whether a clip can be synchronised at all"
+        if syncability
+        else "the offset of the audio against the video",
+        which="its row is marked" if name in PUBLISHED_RESULTS else "this model is not one of them",
+        rows="\n".join(rows),
+        audio=audio,
+    )
 
 
 def main(args) -> None:
