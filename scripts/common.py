@@ -64,16 +64,17 @@ def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> 
     )
 
 
-def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
-    """`load_model` for the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available.
-    Sets `args.precision` to the precision that runs ('auto' decided)."""
+def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models", loader=load_model, **kw):
+    """`loader` (`load_model`, or `load_feature_extractor` with its `audio=...`, `chunk_segments=...` in `kw`) for
+    the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available. Sets `args.precision` to
+    the precision that runs ('auto' decided)."""
     if args.exp_name is None and args.ckpt_path is None:
         raise UserError("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
     device = resolve_device(
         args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
     )
     args.precision = resolve_precision(args.precision, device)
-    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
+    return loader(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision, **kw)
 
 
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:

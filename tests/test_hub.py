@@ -119,8 +119,12 @@ def test_every_model_choice_takes_a_hub_folder(sources, tmp_path):
     parser = argparse.ArgumentParser()
     add_model_args(parser, default_exp=None)
     for argv in (["--exp_name", tmp_path / "hf"], ["--ckpt_path", tmp_path / "hf"]):
-        model, _ = load_model_from_args(parser.parse_args([str(a) for a in [*argv, "--device", "cpu"]]))
+        args = parser.parse_args([str(a) for a in [*argv, "--device", "cpu"]])
+        model, _ = load_model_from_args(args)
         torch.testing.assert_close(logits(model, vis, aud), expected, rtol=0, atol=1e-6)
+        features = load_model_from_args(args, loader=load_feature_extractor, audio=True)
+        with torch.inference_mode():
+            torch.testing.assert_close(features.extract_afeats(aud), model.extract_afeats(aud), rtol=0, atol=1e-6)
     torch.testing.assert_close(logits(hubconf.synchformer(str(tmp_path / "hf")), vis, aud), expected, rtol=0, atol=1e-6)
     # a folder without weights, a Hub id that is not a model id
     (tmp_path / "empty").mkdir()
