@@ -82,18 +82,18 @@ def load_feature_extractor(
     ckpt = load_checkpoint(weights)
     source = str(cfg_path or own_cfg or weights)
     cfg = read_yaml(cfg_path or own_cfg) if cfg_path or own_cfg else config_of(ckpt)
-    configs = OmegaConf.create(PUBLISHED_EXTRACTORS) if cfg is None else resolved(cfg, source).model.params
+    cfg = OmegaConf.create({"model": {"params": PUBLISHED_EXTRACTORS}}) if cfg is None else resolved(cfg, source)
     names = ["vfeat_extractor", "afeat_extractor"] if audio else ["vfeat_extractor"]
     extractors = {}
     for name in names:
-        if name not in configs:
+        part = OmegaConf.select(cfg, f"model.params.{name}")
+        if not isinstance(part, DictConfig):
             raise CheckpointError(f"The config of {source} has no model.params.{name}: pass a stage-2 Synchformer.")
-        part = configs[name]
         if cfg_path is None:  # not the user's config: only trusted classes
             check_targets(OmegaConf.create({f"model.params.{name}": part}), source)
-        params = OmegaConf.to_container(part.get("params") or OmegaConf.create(), resolve=True)
+        part = OmegaConf.to_container(part)
         # random init: the weights come from the checkpoint, not the extractor's own `ckpt_path`
-        extractors[name] = instantiate_from_config({"target": part.target, "params": params | {"ckpt_path": None}})
+        extractors[name] = instantiate_from_config(part | {"params": (part.get("params") or {}) | {"ckpt_path": None}})
     model = SegmentFeatures(**extractors, chunk_segments=chunk_segments, precision=precision)
     prefixes = tuple(f"{name}." for name in names)
     kept = {k: v for k, v in ckpt["model"].items() if k.removeprefix("module.").startswith(prefixes)}
