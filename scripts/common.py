@@ -1,7 +1,8 @@
-"""Command-line code that the commands share: choosing a model, the sliding-window options, listing videos
-and refusing those whose outputs would collide."""
+"""Command-line code that the commands share: choosing a model and recording which one ran, the
+sliding-window options, listing videos and refusing those whose outputs would collide."""
 
 import argparse
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -9,15 +10,19 @@ from pathlib import Path
 import torch
 
 from model.pretrained import load_model
-from utils.cli import UserError
+from utils.cli import UserError, number
 from utils.precision import PRECISIONS, resolve_device, resolve_precision
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 
 
-def list_videos(folder: Path) -> list[Path]:
-    """The videos directly in `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+def list_videos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The videos directly in `folder`, sorted by name, and `(name, reason)` of those whose names are the
+    same up to case and extension (`x.mp4`, `x.MP4`, `x.mkv`): none of them is taken, as their outputs, and
+    the audio files paired with them by name, would be one."""
+    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    kept, refused = refuse_collisions(videos, key=lambda v: v.stem.casefold(), label=lambda v: v.name)
+    return kept, [(v.name, reason) for v, reason in refused]
 
 
 def refuse_collisions(items: list, key: Callable, label: Callable = str, reserved: Iterable[str] = ()) -> tuple:
@@ -77,10 +82,30 @@ def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/
     return loader(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision, **kw)
 
 
+def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models") -> dict:
+    """What makes a loaded model's numbers (for resumable outputs): its name, the sha256 of its checkpoint
+    (and config file) and the precision that runs; call after `load_model_from_args`."""
+    ckpt = Path(args.ckpt_path) if args.ckpt_path else Path(logdir) / args.exp_name / f"{args.exp_name}.pt"
+    digest = hashlib.sha256()
+    for path in [ckpt] + ([Path(args.cfg_path)] if args.cfg_path else []):
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return {
+        "model": str(args.ckpt_path or args.exp_name),
+        "model_sha256": digest.hexdigest(),
+        "precision": args.precision,
+    }
+
+
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     """The sliding windows' and the model's arguments (predict_offsets.py, resync.py)."""
-    parser.add_argument("--stride_sec", type=float, default=1.28, help="Window step; multiples of 0.32 s share work")
-    parser.add_argument("--batch_segments", type=int, default=14, help="Segments per feature-extractor call")
-    parser.add_argument("--batch_windows", type=int, default=32, help="Windows per head call")
-    parser.add_argument("--progress", action="store_true", help="Show a progress bar over segment batches")
+    parser.add_argument(
+        "--stride_sec",
+        type=number(float, 0, above=True),
+        default=1.28,
+        help="Window step; multiples of 0.32 s share work",
+    )
+    parser.add_argument("--batch_segments", type=number(int, 1), default=14, help="Segments per feature-extractor call")
+    parser.add_argument("--batch_windows", type=number(int, 1), default=32, help="Windows per head call")
+    parser.add_argument("--progress", action="store_true", help="Show a progress bar over window batches")
     add_model_args(parser, default_exp="24-01-04T16-39-21")

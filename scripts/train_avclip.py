@@ -38,8 +38,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def lock_towers(model: torch.nn.Module, training: DictConfig) -> None:
+    """`lock_rgb` / `lock_audio`: the visual / audio extractor does not learn (a locked tower, as in LiT); the locked
+    audio tower's LayerNorms still do unless `lock_audio_freeze_layer_norm`, as open_clip locks Hugging Face towers."""
+    for flag, tower in (("lock_rgb", model.v_encoder), ("lock_audio", model.a_encoder)):
+        if training.get(flag):
+            tower.requires_grad_(False)
+    if training.get("lock_audio") and not training.get("lock_audio_freeze_layer_norm"):
+        for m in model.a_encoder.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.requires_grad_(True)
+
+
 class AVCLIPTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
+        lock_towers(model, cfg.training)  # before DDP and the optimiser see which parameters learn
         super().__init__(cfg, env, loaders, model, run_dir)
         training = cfg.training
         opt = training.optimizer

@@ -41,8 +41,6 @@ class SyncTrainer(Trainer):
         sched = cfg.training.lr_scheduler
         factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        if cfg.training.get("compile", False):
-            self.net = torch.compile(self.net)
 
     def state_dict(self, epoch: int, metrics: dict, loss: float) -> dict:
         """The checkpoint in the published format plus the early-stopping state."""

@@ -32,7 +32,9 @@ def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]
 
 
 def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2")
+    result, line = run_script(
+        bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2", "--device", "cpu"
+    )
     assert [(r["precision"], r["batch_size"]) for r in result["runs"]] == [("fp32", 1), ("bf16", 1), ("int8", 1)]
     assert result["gflop_per_clip"] > 0.01 and result["weights"] == "detfill"
     for r in result["runs"]:
@@ -48,7 +50,7 @@ def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
 
 
 def test_bench_train_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny")
+    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny", "--device", "cpu")
     (run,) = result["runs"]
     assert run["size"] == "tiny" and run["iterations_per_second"] > 0 and len(run["seconds_per_iteration"]) == 2
     # stage 2 trains the projections and the transformer, the extractors are frozen
@@ -62,7 +64,9 @@ def test_bench_tracking_tiny(monkeypatch, capsys, tmp_path):
     assert result["distinct_segments"] == 14 + 4 < result["segments_per_window_total"] == 28
     assert result["max_abs_logit_diff"] <= 1e-4
     assert all(result[k] > 0 for k in ("extractor_pass_seconds", "reuse_seconds", "per_window_seconds"))
-    assert "per-window" in line
+    assert "per-window" in line and "peak RSS of tracking 0.2 min" in line
+    (rss,) = result["peak_rss"]
+    assert rss["minutes"] == 0.2 and 0 < rss["model_built_mb"] <= rss["peak_mb"]
 
 
 def test_bench_precision_tiny(monkeypatch, capsys, tmp_path):

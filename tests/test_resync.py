@@ -165,6 +165,44 @@ def test_predicted_corrections_with_the_demo_model(demo_model, tmp_path):
     assert run(src / "drift.mp4", "--out", tmp_path / "drift_fixed.mp4", *model) == 1
 
 
+def test_the_input_is_never_the_output_and_a_kill_before_the_row_redoes_from_the_original(untrained, tmp_path):
+    """In place is refused (the original must stay until the correction is recorded); a run killed between
+    writing a copy and logging its row redoes it from the original: the offset is applied once."""
+    src = tmp_path / "videos"
+    make_clip(src / "a.mp4", ClipSpec(**EASY, duration_sec=8, offset_sec=0.4, seed=3))
+    with pytest.raises(UserError, match="elsewhere than the input"):
+        run(src, "--out_dir", src, "--offset_sec", "0.4", *untrained)
+    with pytest.raises(UserError, match="elsewhere than the input"):
+        run(src / "a.mp4", "--out", src / "a.mp4", "--offset_sec", "0.4", *untrained)
+    run(src, "--out_dir", tmp_path / "once", "--offset_sec", "0.4", *untrained)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(resync.ResultLog, "append", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(src, "--out_dir", tmp_path / "out", "--offset_sec", "0.4", *untrained)
+    assert (tmp_path / "out" / "a.mp4").is_file() and not (tmp_path / "out" / "resync.csv").exists()
+    run(src, "--out_dir", tmp_path / "out", "--offset_sec", "0.4", *untrained)
+    assert packets(tmp_path / "out" / "a.mp4", "audio") == packets(tmp_path / "once" / "a.mp4", "audio")
+    with open(tmp_path / "out" / "resync.csv", newline="") as f:
+        assert [r["offset_sec"] for r in csv.DictReader(f)] == ["0.4"]
+
+
+def test_offsets_the_video_cannot_take_and_bad_numbers_are_refused_in_one_line(untrained, tmp_path):
+    video = tmp_path / "a.mp4"
+    make_clip(video, ClipSpec(**EASY, duration_sec=8, seed=3))
+    with pytest.raises(UserError, match=r"a.mp4: has 8.\d\d s of audio: a shift by \+100 s leaves only silence"):
+        run(video, "--out", tmp_path / "fixed.mp4", "--offset_sec", "100", *untrained)
+    assert not (tmp_path / "fixed.mp4").exists()
+    for option, value in [("--min_confidence", "nan"), ("--offset_sec", "inf"), ("--stride_sec", "0")]:
+        with pytest.raises(SystemExit, match="2"):  # argparse's one line naming the option
+            run(video, "--out", tmp_path / "fixed.mp4", option, value, *untrained)
+    with pytest.raises(UserError, match="--out .*fixed: give a video file name"):
+        run(video, "--out", tmp_path / "fixed", "--offset_sec", "0.4", *untrained)
+
+
 def test_opus_in_webm_and_matroska_is_resynced(untrained, tmp_path):
     src = tmp_path / "videos"
     src.mkdir()

@@ -38,6 +38,8 @@ OPTIONAL_KEYS = {
     "data.audio_priming_compat": True,
     "training.max_bad_loss_steps": 5,
     "training.device": None,
+    "training.dist_timeout_min": 10,
+    "training.allow_tf32": False,
     "training.precision": None,
     "training.max_train_iters": None,
     "training.max_eval_iters": None,

@@ -70,10 +70,11 @@ def instantiate_from_config(config: Mapping) -> Any:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name next to `path` (its parent folders created) for the block to write; renamed to
     `path` when the block completes, so that a reader never sees half a file, and removed when it fails.
-    It ends in `path`'s suffix: muxers and savefig pick the format by it."""
+    It ends in `path`'s suffix: muxers and savefig pick the format by it; a long name is cut short in it,
+    so that a name that fits the file system gets a temporary name that fits too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f"{path.name.encode()[:200].decode(errors='ignore')}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
     except BaseException:
