@@ -1,18 +1,35 @@
-"""torch.hub entry points for the published Synchformer models.
+"""torch.hub entry points for the published Synchformer models, and for any other by name.
 
     model = torch.hub.load("<owner>/<repo>", "synchformer_audioset")  # eval mode, weights md5-verified
+    model = torch.hub.load("<owner>/<repo>", "synchformer", "<hub owner>/<name>")  # the Hugging Face Hub layout
+    vfeat = torch.hub.load("<owner>/<repo>", "synchformer_features")(vis)  # (B, S, 16, 3, 224, 224) -> (B, S, 8, 768)
 
-Each returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Weights are downloaded
-once into `<torch.hub.get_dir()>/synchformer/<experiment>/`. `precision` (fp32, bf16, fp16, int8, auto)
-is decided at `model.precision`: int8 returns the int8 CPU model; bf16/fp16 store the Linear weights in
-that dtype (the pooling layers' stay float32), so run the model under
-`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16)."""
+Each but the last returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Published weights
+are downloaded once into `<torch.hub.get_dir()>/synchformer/<experiment>/`, Hub models into the Hub's cache.
+`precision` (fp32, bf16, fp16, int8, auto) is decided at `model.precision`: int8 returns the int8 CPU model;
+bf16/fp16 store the Linear weights in that dtype (the pooling layers' stay float32), so run the model under
+`torch.autocast(device_type, dtype=torch.bfloat16)` (or float16); the feature extractors enter it themselves."""
 
 from pathlib import Path
 
 import torch
 
-dependencies = ["torch", "torchvision", "torchaudio", "omegaconf", "einops", "av", "transformers"]
+dependencies = ["torch", "torchvision", "torchaudio", "omegaconf", "einops", "av", "transformers", "huggingface_hub"]
+
+
+def synchformer(model_id: str, device: str = "cpu", precision: str = "fp32"):
+    """A Synchformer by name: a published experiment id, a Hugging Face Hub model id (`owner/name`) or a folder of
+    `save_pretrained` / scripts/convert_to_hf.py."""
+    return _published(model_id, device, precision)
+
+
+def synchformer_features(model_id: str = "24-01-04T16-39-21", audio: bool = False, device="cpu", precision="fp32"):
+    """The segment feature extractors alone (`model.feature_extractor.SegmentFeatures`), by default the AudioSet
+    model's, whose video features MMAudio conditions on; `audio=True` adds `extract_afeats`."""
+    from model.pretrained import load_feature_extractor
+
+    logdir = Path(torch.hub.get_dir()) / "synchformer"
+    return load_feature_extractor(model_id, device=device, logdir=logdir, precision=precision, audio=audio)
 
 
 def _published(exp_name: str, device: str, precision: str):

@@ -8,15 +8,18 @@ OFF token is classified into one of the offset classes (or sync / not sync for t
 import os
 from collections.abc import Mapping
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from model.modules.transformer import Block, NoPosEncoding
 from utils.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights_into
 from utils.config import check_targets, read_yaml, resolved, targets_of
-from utils.utils import instantiate_from_config
+from utils.download import hub_weights
+from utils.utils import atomic_path, instantiate_from_config, write_json
 
 
 def init_weights(module: nn.Module) -> None:
@@ -98,7 +101,10 @@ class GlobalTransformerWithSyncabilityHead(GlobalTransformer):
         return self.sync_head(super().forward(v, a))
 
 
-class Synchformer(nn.Module):
+class Synchformer(
+    nn.Module, PyTorchModelHubMixin, library_name="synchformer", license="mit",
+    paper_url="https://arxiv.org/abs/2401.16423", tags=["audio-visual", "synchronization"],
+):  # fmt: skip
     """Feature extractors, projections and the global transformer, each built from a `{target, params}` config.
 
     An extractor config with `is_trainable: False` freezes that extractor: its parameters get
@@ -170,6 +176,26 @@ class Synchformer(nn.Module):
 
     # av-benchmark's and MMAudio's name for the head
     compare_v_a = forward_head
+
+    def _save_pretrained(self, save_directory) -> None:
+        """`save_pretrained(folder)` (Hugging Face's): `model.safetensors` and `config.json`, the `model` and
+        `data` sections of the config it was loaded with (`self.cfg`, set by `load_model`), which the commands read."""
+        if getattr(self, "cfg", None) is None:
+            raise ValueError("save_pretrained needs `model.cfg`, the config that built the model (load_model sets it).")
+        sections = {k: OmegaConf.to_container(self.cfg[k], resolve=True) for k in ("model", "data") if k in self.cfg}
+        write_json(save_directory / "config.json", sections)
+        with atomic_path(save_directory / "model.safetensors") as tmp:
+            safetensors.torch.save_model(self, str(tmp))
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_folder: str | os.PathLike, revision: str | None = None, map_location="cpu"):
+        """A model of `save_pretrained` or `scripts/convert_to_hf.py`: a local folder or a Hugging Face Hub model
+        id (downloaded into the Hub's cache), in eval mode with its config at `.cfg`. Its `config.json` is read
+        as a checkpoint's own config is (`load_synchformer`: it may build only trusted classes), never passed to
+        the constructor as the mixin would."""
+        model, cfg = load_synchformer(hub_weights(repo_id_or_folder, revision), map_location=map_location)
+        model.cfg = cfg
+        return model
 
     def forward(
         self, vis: torch.Tensor, aud: torch.Tensor, targets: torch.Tensor | None = None, for_loop: bool = False

@@ -69,8 +69,15 @@ def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], lis
 
 def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> None:
     """The model-choosing arguments that every prediction CLI shares (read back with `load_model_from_args`)."""
-    parser.add_argument("--exp_name", default=default_exp, help="A published experiment, e.g. 24-01-04T16-39-21")
-    parser.add_argument("--ckpt_path", help="A local checkpoint instead (published format or a bare state dict)")
+    parser.add_argument(
+        "--exp_name",
+        default=default_exp,
+        help="A published experiment (e.g. 24-01-04T16-39-21), a Hugging Face Hub model id, or a folder: a training "
+        "run or the Hub layout (scripts/convert_to_hf.py)",
+    )
+    parser.add_argument(
+        "--ckpt_path", help="A local checkpoint instead (published format or a bare state dict), or such a folder"
+    )
     parser.add_argument("--cfg_path", help="The config of a bare state dict (e.g. configs/sync.yaml)")
     parser.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: CUDA if available)")
     parser.add_argument(
@@ -85,16 +92,17 @@ def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> 
     )
 
 
-def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models"):
-    """`load_model` for the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available.
-    Sets `args.precision` to the precision that runs ('auto' decided)."""
+def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models", loader=load_model, **kw):
+    """`loader` (`load_model`, or `load_feature_extractor` with its `audio=...`, `chunk_segments=...` in `kw`) for
+    the arguments of `add_model_args`: int8 runs on the CPU, else CUDA when available. Sets `args.precision` to
+    the precision that runs ('auto' decided)."""
     if args.exp_name is None and args.ckpt_path is None:
         raise UserError("Pass --exp_name (a published experiment) or --ckpt_path (a local checkpoint).")
     device = resolve_device(
         args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
     )
     args.precision = resolve_precision(args.precision, device)
-    return load_model(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision)
+    return loader(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision, **kw)
 
 
 def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models") -> dict:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import omegaconf
+import safetensors.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.cli import UserError
+from utils.config import read_yaml
 from utils.utils import atomic_path
 
 # Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
@@ -55,10 +57,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     A bare state dict (all values tensors) is wrapped as `{'model': sd}`; the state dict of a stage-1
     (AVCLIP, 'state_dict') or Motionformer ('.pyth', 'model_state') checkpoint is moved to 'model'. A stored
-    config under 'args' is returned as a DictConfig."""
+    config under 'args' is returned as a DictConfig. A `.safetensors` file is a state dict; the `config.json`
+    beside it (the Hub layout) is its config."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or download the checkpoint.")
+    if path.suffix == ".safetensors":
+        try:
+            ckpt = {"model": safetensors.torch.load_file(path, device=str(map_location))}
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"Could not read {path} ({e}): the file may be truncated; download it again.") from e
+        config = path.with_name("config.json")
+        return ckpt | ({"args": read_yaml(config)} if config.is_file() else {})  # JSON is YAML
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -1,12 +1,15 @@
 """Downloading the published checkpoints: resumable, md5-verified (also when found in the cache), with a
-progress bar, once per machine or shared file system when several processes ask at the same time."""
+progress bar, once per machine or shared file system when several processes ask at the same time; and models
+in the Hugging Face Hub layout."""
 
 import hashlib
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from filelock import FileLock
+from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 
 from utils.cli import UserError
@@ -109,3 +112,32 @@ def get_published_model(exp_name: str, root: str | Path = "./logs/sync_models") 
     cfg_path = download(urls["cfg"], local["cfg"], record_md5=True)
     ckpt_path = download(urls["ckpt"], local["ckpt"], md5_prefix=PUBLISHED_MODELS[exp_name]["md5"])
     return cfg_path, ckpt_path
+
+
+HUB_FILES = ("config.json", "model.safetensors")  # what `Synchformer.save_pretrained` writes
+
+
+def hub_weights(repo_id_or_folder: str | Path, revision: str | None = None) -> Path:
+    """The `model.safetensors` of a folder in the Hub layout (with its `config.json` beside it), or of a Hugging
+    Face Hub model id, downloaded into the Hub's cache (`HF_HOME`) unless it is there."""
+    folder = Path(repo_id_or_folder)
+    if folder.is_dir():
+        missing = [name for name in HUB_FILES if not (folder / name).is_file()]
+        if missing:
+            raise DownloadError(f"{folder} has no {' and no '.join(missing)}: pass a folder of save_pretrained")
+        return folder / HUB_FILES[1]
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    # without a network, the Hub client retries five times with a log line each: our one line says it all
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        paths = [hf_hub_download(str(repo_id_or_folder), name, revision=revision) for name in HUB_FILES]
+    except (OSError, ValueError) as e:  # offline, an unknown repository or file, a malformed id
+        gist = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(
+            f"Could not fetch the Hugging Face Hub model '{repo_id_or_folder}' ({gist}). Check the id and the "
+            "network, or pass a local folder with config.json and model.safetensors."
+        ) from e
+    finally:
+        hub_logger.setLevel(level)
+    return Path(paths[1])
