@@ -6,6 +6,7 @@ model's dropout (torch's generator is reseeded per epoch and rank), and the data
 seeded per item from (seed, epoch, item index). A run resumed from the checkpoint of epoch e therefore
 draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks."""
 
+import importlib
 import json
 import logging
 import math
@@ -21,11 +22,28 @@ from tqdm import tqdm
 
 from dataset.dataset_utils import collate_drop_bad, get_datasets
 from utils.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
-from utils.config import ConfigError, cfg_get
+from utils.config import ConfigError, cfg_get, load_config, set_env_from_slurm
 from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed, read_on_rank0
 from utils.logger import RunLogger, setup_logging
 from utils.precision import AUTOCAST_DTYPES, autocast, resolve_device, resolve_precision, set_tf32
-from utils.utils import instantiate_from_config
+from utils.utils import instantiate_from_config, reuse_freed_memory
+
+# `action` in the config -> the module whose `train` runs it, imported only when asked for.
+ACTIONS = {
+    "train_avclip": "scripts.train_avclip",
+    "train_avsync_model": "scripts.train_sync",
+    "ft_avsync_model_for_syncability": "scripts.train_sync",
+}
+
+
+def run_action(argv: list[str]) -> None:
+    """`python main.py config=... key=value ...`: the config's `action` with the command line's overrides."""
+    cfg = load_config(argv)
+    set_env_from_slurm()
+    reuse_freed_memory()
+    if cfg.action not in ACTIONS:
+        raise ConfigError(f"Unknown action '{cfg.action}'; expected one of {sorted(ACTIONS)}.")
+    importlib.import_module(ACTIONS[cfg.action]).train(cfg)
 
 
 def derive_seed(*keys: int) -> int:

@@ -1,12 +1,17 @@
 """AST on tiny sizes: shapes, gradients, Hugging Face weights, stage-1 checkpoints."""
 
+import dataclasses
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import ASTConfig, ASTModel
 
+from model.modules.feat_extractors.audio import ast
 from model.modules.feat_extractors.audio.ast import AST
+from tests.reference_data import REPO
 
 # segments of 36 frames x 32 mel bins: (f, t) = (2, 3) patches
 TINY = dict(
@@ -109,3 +114,21 @@ def test_stage1_checkpoint_with_other_sizes_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         AST(ckpt_path=str(path), **TINY)
     assert "ast.encoder.layer.1.layernorm_before.weight" in caplog.text
+
+
+def test_published_sizes_are_transformers_ast_defaults():
+    ours, theirs = ast.ASTConfig(), ASTConfig()
+    assert {f.name: getattr(theirs, f.name) for f in dataclasses.fields(ours)} == dataclasses.asdict(ours)
+
+
+def test_a_float32_model_imports_neither_transformers_nor_torchao():
+    """transformers imports torchao when it is installed, and torchao's import prints warnings: only reading
+    Hugging Face weights and --precision int8 may import them."""
+    code = (
+        "import sys, example, main, hubconf\n"
+        "from utils.config import untrained_config\nfrom utils.utils import instantiate_from_config\n"
+        "instantiate_from_config(untrained_config('configs/sync.yaml', tiny=True).model)\n"
+        "print(sorted({'transformers', 'torchao'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert (run.stdout, run.stderr) == ("[]\n", "")

@@ -1,5 +1,6 @@
 """Data pipeline: decode parity with the original, windows, offsets, segments, datasets, re-encoding,
-synthetic clips and bad inputs. Synthetic clips are written to tmp dirs; real samples come from ../shared."""
+synthetic clips and bad inputs. Synthetic clips are written to tmp dirs; the tests of real samples skip
+without them (see tests/reference_data.py)."""
 
 import hashlib
 import json
@@ -42,13 +43,12 @@ from dataset.vggsound import VGGSound, VGGSoundSparsePicked, VGGSoundSparsePicke
 from scripts import download_metadata
 from scripts.bench import data as bench_data
 from tests.bad_media import write_bad_videos
+from tests.reference_data import DATA, REPO, needs_samples, reference_file, reference_json
 from utils.download import DownloadError
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-VGG_DIR = SHARED / "data" / "vggsound" / "h264_video_25fps_256side_16000hz_aac"
+VGG_DIR = DATA / "vggsound" / "h264_video_25fps_256side_16000hz_aac"
 REF_CLIP = VGG_DIR / "3qesirWAGt4_20000_30000.mp4"
-LRS_DIR = SHARED / "data" / "lrs3" / "h264_uncropped_25fps_256side_16000hz_aac"
+LRS_DIR = DATA / "lrs3" / "h264_uncropped_25fps_256side_16000hz_aac"
 LRS_CLIP = LRS_DIR / "pretrain" / "C8zY0oAdQrs" / "00018.mp4"
 TEST_OFFSETS = "test_size21_crop5_min-2.00_max2.00.csv"
 CFG = OmegaConf.load(REPO / "configs" / "sync.yaml")
@@ -93,9 +93,10 @@ def _merge_close(times: np.ndarray, gap: float = 0.1) -> np.ndarray:
 # ---------------------------------------------------------------- decoding
 
 
+@needs_samples
 def test_decode_matches_original_av900():
-    ref = json.loads((SHARED / "reference" / "pipeline.json").read_text())["cases"]["3qesirWAGt4_O1.6_V0.0"]
-    ref_audio = np.load(SHARED / "reference" / "pipeline_3qesirWAGt4_O1.6_V0.0.npz")["raw_audio"]
+    ref = reference_json("pipeline")["cases"]["3qesirWAGt4_O1.6_V0.0"]
+    ref_audio = np.load(reference_file("pipeline_3qesirWAGt4_O1.6_V0.0.npz"))["raw_audio"]
     rgb, audio, meta = get_video_and_audio(REF_CLIP, get_meta=True)
     assert meta == {"video": {"fps": [25.0]}, "audio": {"framerate": [16000]}}
     assert list(rgb.shape) == ref["raw"]["rgb_shape"] and rgb.dtype == torch.uint8
@@ -104,6 +105,7 @@ def test_decode_matches_original_av900():
     assert audio.shape == ref_audio.shape and np.abs(audio.numpy() - ref_audio).max() < 1e-5
 
 
+@needs_samples
 def test_priming_compat_drops_1024_samples_only_for_primed_files():
     assert audio_priming_drop(REF_CLIP) == 1024
     assert audio_priming_drop(LRS_CLIP) == 0
@@ -119,6 +121,7 @@ def test_pts_to_seconds_equals_the_exact_conversion(time_base):
     assert [seconds(p) for p in pts] == [float(p * time_base) for p in pts]
 
 
+@needs_samples
 def test_windowed_audio_when_the_priming_drop_exceeds_its_bound(monkeypatch):
     """A demuxer whose seek to 0 lands later than expected makes the drop larger than the samples decoded
     ahead: the windowed read then decodes the whole stream and still equals the full read cropped."""
@@ -128,22 +131,25 @@ def test_windowed_audio_when_the_priming_drop_exceeds_its_bound(monkeypatch):
     assert torch.equal(windowed, full[sr : 3 * sr])
 
 
+# B-frames, one keyframe / no B-frames, a keyframe every 10
+@pytest.mark.parametrize("clip", [pytest.param("real", marks=needs_samples), "synced"])
 @pytest.mark.parametrize("start, end, pixels_end", [(0.0, 3.0, 2.0), (1.64, 6.2, None), (4.0, None, 5.52)])
-def test_windowed_decode_equals_full_decode_cropped(synced_clip, start, end, pixels_end):
-    for path in (REF_CLIP, synced_clip[0]):  # B-frames, one keyframe / no B-frames, a keyframe every 10
-        rgb, audio, meta = get_video_and_audio(path)
-        fps, sr = meta["video"]["fps"][0], meta["audio"]["framerate"][0]
-        w_rgb, w_audio, _ = get_video_and_audio(path, start_sec=start, end_sec=end)
-        v0, a0 = int(np.ceil(start * fps - 1e-6)), round(start * sr)
-        v1 = None if end is None else int(np.ceil(end * fps - 1e-6))
-        a1 = None if end is None else round(end * sr)
-        assert torch.equal(w_rgb, rgb[v0:v1]) and torch.equal(w_audio, audio[a0:a1])
-        # decoding stops early, the frames up to the end are still counted
-        p_rgb, _, n_frames = decode_video_window(path, start, end, pixels_end)
-        v2 = v1 if pixels_end is None else int(np.ceil(pixels_end * fps - 1e-6))
-        assert torch.equal(p_rgb, rgb[v0:v2]) and n_frames == len(rgb[v0:v1])
+def test_windowed_decode_equals_full_decode_cropped(clip, synced_clip, start, end, pixels_end):
+    path = REF_CLIP if clip == "real" else synced_clip[0]
+    rgb, audio, meta = get_video_and_audio(path)
+    fps, sr = meta["video"]["fps"][0], meta["audio"]["framerate"][0]
+    w_rgb, w_audio, _ = get_video_and_audio(path, start_sec=start, end_sec=end)
+    v0, a0 = int(np.ceil(start * fps - 1e-6)), round(start * sr)
+    v1 = None if end is None else int(np.ceil(end * fps - 1e-6))
+    a1 = None if end is None else round(end * sr)
+    assert torch.equal(w_rgb, rgb[v0:v1]) and torch.equal(w_audio, audio[a0:a1])
+    # decoding stops early, the frames up to the end are still counted
+    p_rgb, _, n_frames = decode_video_window(path, start, end, pixels_end)
+    v2 = v1 if pixels_end is None else int(np.ceil(pixels_end * fps - 1e-6))
+    assert torch.equal(p_rgb, rgb[v0:v2]) and n_frames == len(rgb[v0:v1])
 
 
+@needs_samples
 @pytest.mark.parametrize("path", [REF_CLIP, LRS_CLIP])  # one keyframe / a second one at 10 s (seeks)
 def test_decode_video_window_counts_like_a_full_decode(path):
     rgb, fps = decode_video(path)
@@ -168,8 +174,10 @@ def short_video_clip(tmp_path_factory):
 GRID = [(offset, v_start) for offset in (-2.0, -0.6, 0.0, 1.6, 2.0) for v_start in (0.0, 2.0, 3.04, 5.0)]
 
 
-@pytest.mark.parametrize("clip, cases", [("real", [(1.6, 0.0), (0.4, 2.0), (2.0, 3.04), (-2.0, 5.0), (2.0, 5.0)]),
-                                         ("short_video", GRID)])  # fmt: skip
+@pytest.mark.parametrize("clip, cases", [
+    pytest.param("real", [(1.6, 0.0), (0.4, 2.0), (2.0, 3.04), (-2.0, 5.0), (2.0, 5.0)], marks=needs_samples),
+    ("short_video", GRID),
+])  # fmt: skip
 def test_windowed_items_equal_full_reads(clip, cases, short_video_clip):
     """Every fixed offset gives the full read's item or the same error: with a positive offset the video is
     decoded only up to its crop and its remaining frames are counted."""
@@ -194,6 +202,7 @@ def test_windowed_items_equal_full_reads(clip, cases, short_video_clip):
     assert 0 < n_items < len(cases)  # some crops fit, some do not
 
 
+@needs_samples
 def test_unreferenced_frames_before_the_window_are_not_decoded():
     def decoded_times(start_sec):
         with av.open(str(REF_CLIP)) as container:
@@ -282,9 +291,10 @@ def test_dataset_skips_bad_samples_and_collate_counts_them(vgg_like, tmp_path):
 # ---------------------------------------------------------------- transforms
 
 
+@needs_samples
 def test_test_pipeline_matches_original_and_is_deterministic():
-    ref = json.loads((SHARED / "reference" / "pipeline.json").read_text())["cases"]["3qesirWAGt4_O1.6_V0.0"]
-    ref_npz = np.load(SHARED / "reference" / "pipeline_3qesirWAGt4_O1.6_V0.0.npz")
+    ref = reference_json("pipeline")["cases"]["3qesirWAGt4_O1.6_V0.0"]
+    ref_npz = np.load(reference_file("pipeline_3qesirWAGt4_O1.6_V0.0.npz"))
     rgb, audio, meta = get_video_and_audio(REF_CLIP)
     outs = []
     for _ in range(2):
@@ -306,7 +316,7 @@ def test_test_pipeline_matches_original_and_is_deterministic():
 def test_segment_ranges_and_overlap():
     gen = T.GenerateMultipleSegments(segment_size_vframes=16, n_segments=14, step_size_seg=0.5)
     v_ranges, a_ranges = gen.segment_ranges(125, 80000, 25, 16000)
-    ref = json.loads((SHARED / "reference" / "pipeline.json").read_text())["cases"]["3qesirWAGt4_O1.6_V0.0"]
+    ref = reference_json("pipeline")["cases"]["3qesirWAGt4_O1.6_V0.0"]
     seg_ref = ref["index_arithmetic"]["GenerateMultipleSegments"]
     assert v_ranges[:, 0].tolist() == seg_ref["v_seg_starts"] and a_ranges[:, 0].tolist() == seg_ref["a_seg_starts"]
     assert ((v_ranges[:, 1] - v_ranges[:, 0]) == 16).all() and ((a_ranges[:, 1] - a_ranges[:, 0]) == 10240).all()
@@ -434,10 +444,10 @@ def test_vggsound_like_dataset_with_fixed_offsets_and_iter_times(vgg_like):
 
 @pytest.fixture
 def real_splits(tmp_path):
-    """The shared metadata plus a two-row `vggsound.csv` (the real one is not shipped) for the samples."""
+    """The sample metadata plus a two-row `vggsound.csv` (the real one is not in the samples) for the clips."""
     splits_path = tmp_path / "data"
     splits_path.mkdir()
-    for entry in (SHARED / "data").iterdir():
+    for entry in DATA.iterdir():
         (splits_path / entry.name).symlink_to(entry)
     rows = [f"{p.stem[:11]},{int(p.stem.split('_')[-2]) // 1000},dog barking,test\n" for p in VGG_DIR.glob("*.mp4")]
     (splits_path / "vggsound.csv").write_text("".join(rows))
@@ -449,6 +459,7 @@ def _fixed_offset_row(csv_path: Path, clip_id: str) -> tuple[float, float]:
     return float(row.split(",")[-2]), float(row.split(",")[-1])
 
 
+@needs_samples
 def test_vggsound_real_samples_with_original_fixed_offsets(real_splits):
     ds = VGGSound("test", VGG_DIR, get_transforms(CFG, "test"), splits_path=real_splits)
     assert [Path(p).name for p in ds.dataset] == [REF_CLIP.name]
@@ -463,6 +474,7 @@ def test_vggsound_real_samples_with_original_fixed_offsets(real_splits):
     assert windowed["video"].shape == (14, 16, 3, 224, 224) and windowed["audio"].shape == (14, 1, 128, 66)
 
 
+@needs_samples
 def test_vggsound_sparse_clean_fixed_offsets(real_splits):
     ds = VGGSoundSparsePickedCleanTestFixedOffsets(
         "test", VGG_DIR, get_transforms(CFG, "test"), splits_path=real_splits
@@ -474,18 +486,20 @@ def test_vggsound_sparse_clean_fixed_offsets(real_splits):
     assert targets["vggsound_label"] == "dog barking"
 
 
+@needs_samples
 def test_lrs3_real_sample_with_fixed_offsets():
-    ds = LRS3("test", LRS_DIR, get_transforms(CFG, "test"), splits_path=SHARED / "data")
+    ds = LRS3("test", LRS_DIR, get_transforms(CFG, "test"), splits_path=DATA)
     assert str(LRS_CLIP) in ds.dataset
     ds.dataset = [str(LRS_CLIP)]
     offset, v_start = _fixed_offset_row(
-        SHARED / "data" / "fixed_offsets_lrs3" / "test_size21_crop5_min-2.00_max2.00.csv", "pretrain/C8zY0oAdQrs/00018"
+        DATA / "fixed_offsets_lrs3" / "test_size21_crop5_min-2.00_max2.00.csv", "pretrain/C8zY0oAdQrs/00018"
     )
     item = ds[0]
     assert (item["targets"]["offset_sec"], item["targets"]["v_start_i_sec"]) == (offset, v_start)
     assert item["video"].shape == (14, 16, 3, 224, 224)
 
 
+@needs_samples
 def test_audioset_layout_and_fixed_offsets(tmp_path):
     vids_dir, splits_path = tmp_path / "vids", tmp_path / "data"
     make_clip(vids_dir / "eval_segments" / "abcdefghijk_0_10000.mp4", ClipSpec(duration_sec=8, height=32, width=32))
@@ -494,7 +508,7 @@ def test_audioset_layout_and_fixed_offsets(tmp_path):
     (splits_path / "audioset.csv").write_text(
         'eval/abcdefghijk,0.0,10.0,"0,1",eval\nbalanced/zzzzzzzzzzz,0.0,10.0,2,x\n'
     )
-    (splits_path / "audioset_labels.csv").symlink_to(SHARED / "data" / "audioset_labels.csv")
+    (splits_path / "audioset_labels.csv").symlink_to(DATA / "audioset_labels.csv")
     fixed = "path,offset_sec,vstart_sec\neval/abcdefghijk_0_10000,-0.4,1.2\n"
     (splits_path / "fixed_offsets_audioset" / "test_size21_crop5_min-2.00_max2.00.csv").write_text(fixed)
     transforms = get_transforms(OmegaConf.merge(CFG, {"data": {"input_size": 32}}), "test")
@@ -525,13 +539,23 @@ def test_sparse_dataset_relabels_to_sparse_classes(vgg_like):
 # ---------------------------------------------------------------- metadata download
 
 
-def test_download_metadata_skips_present_files_and_fails_clearly_offline(tmp_path, capsys):
-    rel = "vggsound_test.txt"
-    (tmp_path / rel).write_bytes((SHARED / "data" / rel).read_bytes())
-    download_metadata.main(["--out", str(tmp_path), "--only", rel])
-    assert "skipped" in capsys.readouterr().out
-    with pytest.raises(DownloadError, match="Could not download http://127.0.0.1:9/lrs3_test.txt"):
-        download_metadata.main(["--out", str(tmp_path), "--only", "lrs3_test.txt", "--base-url", "http://127.0.0.1:9/"])
+def test_download_metadata_skips_files_with_their_md5_and_fails_clearly_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(download_metadata.FILES, "x.txt", hashlib.md5(b"ids\n").hexdigest())
+    (tmp_path / "x.txt").write_bytes(b"ids\n")
+    offline = ["--out", str(tmp_path), "--only", "x.txt", "--base-url", "http://127.0.0.1:9/"]
+    download_metadata.main(offline)
+    assert capsys.readouterr().out == "skipped: x.txt\n"
+    (tmp_path / "x.txt").write_bytes(b"idz\n")  # damaged: fetched again
+    with pytest.raises(DownloadError, match="Could not download http://127.0.0.1:9/x.txt"):
+        download_metadata.main(offline)
+    assert not (tmp_path / "x.txt").exists()
+
+
+@needs_samples
+def test_sample_files_match_their_published_md5s(capsys):
+    download_metadata.main(["--out", str(DATA), "--samples"])  # everything there: nothing is written
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"skipped: {rel}" for rel in download_metadata.SAMPLES] and len(lines) == 43
 
 
 def test_consecutive_pixelwise_ops_fuse_into_one_lookup():

@@ -18,6 +18,9 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     for key in ("held_out_accuracy_1", "held_out_accuracy_1_tol1"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["held_out_accuracy_1"] <= summary["held_out_accuracy_1_tol1"]
+    # stage 2 learns its 16 fixed training items in 24 steps (chance level: ln 21 = 3.04)
+    first, last = summary["stage2_train_loss_first_last"]
+    assert first > 2.8 and last < first - 0.3
     assert json.loads((tmp_path / "demo_summary.json").read_text()) == summary
     assert (tmp_path / "example_probs.png").stat().st_size > 0
     out = capsys.readouterr().out

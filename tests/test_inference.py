@@ -3,6 +3,7 @@ published checkpoint format."""
 
 import copy
 import csv
+import importlib.util
 import json
 import re
 
@@ -20,14 +21,15 @@ from model.pretrained import load_model
 from model.tracking import WindowPredictor, predict_track
 from scripts import predict_offsets
 from scripts.common import load_model_from_args
-from tests.reference_data import REPO, SHARED
+from tests.reference_data import DATA, REPO, needs_samples
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import SettingError
 from utils.config import untrained_config
 from utils.download import DownloadError
-from utils.precision import for_precision
+from utils.precision import for_precision, resolve_precision
 from utils.utils import instantiate_from_config
 
-REAL_CLIP = SHARED / "data/vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
+REAL_CLIP = DATA / "vggsound/h264_video_25fps_256side_16000hz_aac/3qesirWAGt4_20000_30000.mp4"
 PREDICTION = re.compile(r'^p=(\d\.\d{4}) \((-?\d+\.\d{4})\), "(-?\d\.\d\d)" \((\d+)\)$')
 
 
@@ -61,6 +63,7 @@ def run_example(capsys, *argv):
     return capsys.readouterr().out.splitlines()
 
 
+@needs_samples
 def test_example_on_a_real_clip(tiny_ckpt, tmp_path, capsys):
     plot = tmp_path / "probs.png"
     lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--offset_sec", "1.6",
@@ -83,8 +86,9 @@ def test_example_on_a_real_clip(tiny_ckpt, tmp_path, capsys):
     "flags, ran",
     [([], "fp32"), (["--quantize"], "int8"), (["--precision", "int8"], "int8"), (["--precision", "bf16"], "bf16")],
 )
-def test_example_precision_is_opt_in_and_printed(tiny_ckpt, capsys, flags, ran):
-    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--device", "cpu", *flags)
+def test_example_precision_is_opt_in_and_printed(tiny_ckpt, clips, capsys, flags, ran):
+    video = str(clips / "long.mp4")
+    lines = run_example(capsys, "--ckpt_path", str(tiny_ckpt), "--vid_path", video, "--device", "cpu", *flags)
     assert f"Precision: {ran} on cpu" in lines
     preds = [m for m in map(PREDICTION.match, lines) if m]
     assert len(preds) == 5 and sum(float(m[1]) for m in preds) < 1
@@ -103,6 +107,15 @@ def test_load_model_precisions(tiny_ckpt):
         load_model(ckpt_path=tiny_ckpt, precision="fp8")
 
 
+def test_int8_without_torchao_names_the_extra(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    with pytest.raises(SettingError, match=r"^--precision int8 needs torchao: pip install -e '\.\[int8\]'"):
+        resolve_precision("int8", "cpu")
+
+
 def test_model_args_resolve_auto_and_keep_quantize_as_an_alias(tiny_ckpt, monkeypatch):
     parser = example.get_parser()
     base = ["--ckpt_path", str(tiny_ckpt), "--vid_path", "x.mp4", "--device", "cpu"]
@@ -115,12 +128,13 @@ def test_model_args_resolve_auto_and_keep_quantize_as_an_alias(tiny_ckpt, monkey
         assert args.precision == expected
 
 
-def test_example_takes_a_bare_state_dict_with_its_config(tiny_ckpt, tmp_path, capsys):
+def test_example_takes_a_bare_state_dict_with_its_config(tiny_ckpt, clips, tmp_path, capsys):
     bare = tmp_path / "bare.pt"
     torch.save(load_checkpoint(tiny_ckpt)["model"], bare)
     cfg_path = tmp_path / "cfg.yaml"
     OmegaConf.save(tiny_sync_cfg(), cfg_path)
-    lines = run_example(capsys, "--ckpt_path", str(bare), "--cfg_path", str(cfg_path), "--vid_path", str(REAL_CLIP),
+    video = str(clips / "long.mp4")
+    lines = run_example(capsys, "--ckpt_path", str(bare), "--cfg_path", str(cfg_path), "--vid_path", video,
                         "--offset_sec", "-2.0", "--v_start_i_sec", "2.0", "--device", "cpu")  # fmt: skip
     assert "Ground Truth offset (sec): -2.00 (0)" in lines
     assert sum(bool(PREDICTION.match(line)) for line in lines) == 5
@@ -136,16 +150,17 @@ def test_example_reencodes_other_formats(tiny_ckpt, clips, tmp_path, capsys, mon
     assert "Ground Truth offset (sec): 0.00 (10)" in lines
 
 
-def test_example_explains_a_window_outside_the_video(tiny_ckpt):
-    args = ["--ckpt_path", str(tiny_ckpt), "--vid_path", str(REAL_CLIP), "--offset_sec", "-2.0", "--device", "cpu"]
+def test_example_explains_a_window_outside_the_video(tiny_ckpt, clips):
+    video = str(clips / "long.mp4")
+    args = ["--ckpt_path", str(tiny_ckpt), "--vid_path", video, "--offset_sec", "-2.0", "--device", "cpu"]
     with pytest.raises(BadVideoError, match="before the file start.*--v_start_i_sec 2.0"):
         example.main(example.get_parser().parse_args(args))
 
 
-def test_example_offline_names_the_url_and_the_path(tmp_path, monkeypatch):
+def test_example_offline_names_the_url_and_the_path(clips, tmp_path, monkeypatch):
     monkeypatch.setattr("utils.download.PARENT_URL", "http://127.0.0.1:9/sync_models")
     args = example.get_parser().parse_args(
-        ["--exp_name", "24-01-04T16-39-21", "--vid_path", str(REAL_CLIP), "--logdir", str(tmp_path)]
+        ["--exp_name", "24-01-04T16-39-21", "--vid_path", str(clips / "long.mp4"), "--logdir", str(tmp_path)]
     )
     with pytest.raises(DownloadError, match=r"127\.0\.0\.1:9/sync_models/24-01-04T16-39-21/cfg-24-01-04T16-39-21"):
         example.main(args)

@@ -7,6 +7,7 @@
 
 import contextlib
 import copy
+import importlib.util
 
 import torch
 
@@ -40,6 +41,8 @@ def resolve_precision(name: str, device: str | torch.device) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     if name == "int8" and device.type != "cpu":
         raise SettingError(f"--precision int8 runs on the CPU only: pass --device cpu, not {device}.")
+    if name == "int8" and importlib.util.find_spec("torchao") is None:  # an optional dependency
+        raise SettingError("--precision int8 needs torchao: pip install -e '.[int8]' (or pip install torchao).")
     return name
 
 

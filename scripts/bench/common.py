@@ -102,7 +102,7 @@ def cpu_description() -> str:
 
 
 def clips_or_generated(clips_dir: Path | None, n: int, tmp: Path) -> list[Path]:
-    """The first `n` videos of `clips_dir` (e.g. the sample clips of scripts/download_samples.py), or `n`
+    """The first `n` videos of `clips_dir` (e.g. the sample clips: scripts/download_metadata.py --samples), or `n`
     generated 10 s clips (flashes and beeps) at the model's frame rate, sample rate and size, written to `tmp`."""
     if clips_dir is not None:
         return list_videos(clips_dir)[0][:n]

@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per batch size and precision")
     parser.add_argument("--clips", type=int, default=3, help="how many clips to check agreement on")
     parser.add_argument("--clips_dir", type=Path, help="real videos for the agreement check, e.g. the sample clips "
-                        "(scripts/download_samples.py); default: generated clips")  # fmt: skip
+                        "(scripts/download_metadata.py --samples); default: generated clips")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", help="default: the accelerator if there is one, else the CPU")
     parser.add_argument("--tiny", action="store_true", help="reduced model, one repetition, one clip (CI)")

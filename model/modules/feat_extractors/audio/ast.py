@@ -9,21 +9,37 @@ The encoder is our own, not transformers' `ASTModel`: the published checkpoints 
 transformers 4.27 (`ast.encoder.layer.N.attention.attention.query`, ...), which transformers 5 renamed
 (`layers.N.attention.q_proj`, ...) and may rename again. Keeping those names in a small module of our own
 keeps the checkpoints loadable without renaming hooks, and the forward pass under our control (fused
-attention). transformers is used only for the AST defaults (`ASTConfig`) and to read the pre-trained
-weights, which `ast_state_dict_from_hf` renames to ours."""
+attention). transformers is imported only to read pre-trained weights, which `ast_state_dict_from_hf`
+renames to ours: building the model does not import it (nor torchao, which it imports when installed)."""
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ASTConfig, ASTModel
 
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
 from model.modules.cpu_bf16 import scaled_dot_product_attention
 from model.modules.feat_extractors.base import SegmentFeatureExtractor, run_blocks, submodule_state_dict
 from utils.checkpoint import load_checkpoint
 from utils.utils import ConfigError
+
+
+@dataclass(frozen=True)
+class ASTConfig:
+    """The sizes of the published AST: the defaults of transformers' `ASTConfig`."""
+
+    num_mel_bins: int = 128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
 
 
 class ASTSelfAttention(nn.Module):
@@ -106,8 +122,7 @@ class AST(SegmentFeatureExtractor):
     `ckpt_path`: None (random init), a stage-1 '.pt' checkpoint (its 'a_encoder'), or a Hugging Face model
     id or local folder of AST weights (e.g. 'MIT/ast-finetuned-audioset-10-10-0.4593'), whose position
     embeddings, made for 1024 frames, are cut to `max_spec_t` frames. The size arguments default to
-    `transformers.ASTConfig`'s (the published model). `grad_checkpointing`, `for_loop`: see
-    `SegmentFeatureExtractor`."""
+    `ASTConfig`'s (the published model). `grad_checkpointing`, `for_loop`: see `SegmentFeatureExtractor`."""
 
     def __init__(
         self, extract_features: bool = True, ckpt_path: str | None = None, max_spec_t: int = 66,
@@ -124,7 +139,6 @@ class AST(SegmentFeatureExtractor):
             raise ConfigError("AST supports only extract_features=True, factorize_freq_time=True.")
         config = ASTConfig(
             num_mel_bins=num_mel_bins,
-            max_length=max_spec_t,
             hidden_size=hidden_size,
             num_hidden_layers=num_hidden_layers,
             num_attention_heads=num_attention_heads,
@@ -183,6 +197,8 @@ _HF_RENAMES = [
 def ast_state_dict_from_hf(name_or_path: str, num_patches: int) -> dict:
     """Reads AST weights from a Hugging Face model id or folder (`save_pretrained` layout) and returns
     them as our `AST` state dict (under 'ast.'), position embeddings cut to `num_patches` (+ CLS, DIST)."""
+    from transformers import ASTModel
+
     try:
         hf_model = ASTModel.from_pretrained(name_or_path)
     except OSError as e:
