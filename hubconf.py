@@ -1,8 +1,10 @@
 """torch.hub entry points for the published Synchformer models, and for any other by name.
 
-    model = torch.hub.load("<owner>/<repo>", "synchformer_audioset")  # eval mode, weights md5-verified
-    model = torch.hub.load("<owner>/<repo>", "synchformer", "<hub owner>/<name>")  # the Hugging Face Hub layout
-    vfeat = torch.hub.load("<owner>/<repo>", "synchformer_features")(vis)  # (B, S, 16, 3, 224, 224) -> (B, S, 8, 768)
+    model = torch.hub.load(".", "synchformer_audioset", source="local")  # eval mode, weights md5-verified
+    model = torch.hub.load(".", "synchformer", "path/to/hf_folder", source="local")  # the Hugging Face Hub layout
+    vfeat = torch.hub.load(".", "synchformer_features", source="local")(vis)  # (B, S, 16, 3, 224, 224) -> (B, S, 8, D)
+
+(`"."`: a clone of this repository; from GitHub, its `owner/name` without `source`.)
 
 Each but the last returns a `model.sync_model.Synchformer`; its config is at `model.cfg`. Published weights
 are downloaded once into `<torch.hub.get_dir()>/synchformer/<experiment>/`, Hub models into the Hub's cache.
@@ -58,6 +60,6 @@ def synchformer_audioset(device: str = "cpu", precision: str = "fp32"):
     return _published("24-01-04T16-39-21", device, precision)
 
 
-def synchformer_syncability(device: str = "cpu", precision: str = "fp32"):
+def synchformer_synchronizability(device: str = "cpu", precision: str = "fp32"):
     """Synchronizability (2 classes, 1 = can be synchronised), AudioSet: Acc 73.5, ROC AUC 0.83."""
     return _published("24-01-22T20-34-52", device, precision)

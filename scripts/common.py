@@ -13,7 +13,7 @@ import torch
 from dataset.avbench import Pair
 from model.pretrained import load_model
 from utils.cli import UserError, number
-from utils.precision import PRECISIONS, resolve_device, resolve_precision
+from utils.precision import PRECISIONS, resolve_device, resolve_precision, set_tf32
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
@@ -90,6 +90,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_exp: str | None) -> 
     parser.add_argument(
         "--quantize", dest="precision", action="store_const", const="int8", help="the same as --precision int8"
     )
+    parser.add_argument("--tf32", action="store_true", help="let fp32 matmuls and convolutions use TF32 on GPUs")
 
 
 def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models", loader=load_model, **kw):
@@ -102,6 +103,7 @@ def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/
         args.device or ("cuda:0" if torch.cuda.is_available() and args.precision != "int8" else "cpu")
     )
     args.precision = resolve_precision(args.precision, device)
+    set_tf32(args.tf32)  # off: float32 means float32 on GPUs too (torch's default runs convolutions in TF32)
     return loader(args.exp_name, args.ckpt_path, args.cfg_path, device, logdir, args.precision, **kw)
 
 
@@ -117,6 +119,7 @@ def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync
         "model": str(args.ckpt_path or args.exp_name),
         "model_sha256": digest.hexdigest(),
         "precision": args.precision,
+        "tf32": args.tf32,
     }
 
 

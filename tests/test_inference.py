@@ -307,3 +307,18 @@ def test_predict_offsets_refuses_another_setting_and_redoes_a_torn_record(tiny_c
     assert run_predict_offsets(*argv) == 0
     assert "segments computed: 34" in capsys.readouterr().out  # b.mp4 again, a.mp4 kept
     assert log.read_text() == header + first + second
+
+
+def test_fp32_means_float32_on_gpus_unless_tf32_is_asked_for(tiny_ckpt):
+    parser, before = (
+        example.get_parser(),
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision),
+    )
+    try:
+        for flags, expected in (([], "ieee"), (["--tf32"], "tf32")):
+            args = parser.parse_args(["--vid_path", "v.mp4", "--ckpt_path", str(tiny_ckpt), "--device", "cpu", *flags])
+            load_model_from_args(args)
+            assert torch.backends.cuda.matmul.fp32_precision == expected
+            assert torch.backends.cudnn.conv.fp32_precision == expected
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
