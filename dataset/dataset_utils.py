@@ -5,7 +5,7 @@ Items keep the original's layout:
 `{'video', 'audio', 'meta': {'video': {'fps': [..]}, 'audio': {'framerate': [..]}}, 'path', 'split',
 'targets': {...}}`; the dataset puts `offset_sec`, `v_start_i_sec` (and `offset_target` when the CSV has
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
-`offset_target` (and `sync_target` for synchronisability).
+`offset_target` (and `sync_target` for synchronizability).
 
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the

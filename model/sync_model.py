@@ -3,7 +3,7 @@
 Each segment of the video (16 frames) and of the audio (a 0.64 s spectrogram) is turned into a few
 features by its extractor: 8 visual features (one per temporal patch) and 6 audio ones. All segments'
 features are flattened into one sequence `[OFF, v_1 ... v_S*8, MOD, a_1 ... a_S*6]`; the output at the
-OFF token is classified into one of the offset classes (or sync / not sync for the syncability head)."""
+OFF token is classified into one of the offset classes (or sync / not sync for the synchronizability head)."""
 
 import os
 from collections.abc import Mapping
@@ -97,7 +97,7 @@ class GlobalTransformerWithSyncabilityHead(GlobalTransformer):
         init_weights(self.sync_head)
 
     def forward(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """-> syncability logits (B, 2)."""
+        """-> synchronizability logits (B, 2)."""
         return self.sync_head(super().forward(v, a))
 
 

@@ -30,7 +30,7 @@ PUBLISHED_RESULTS = {
 def model_card(name: str, repo_id: str, cfg) -> str:
     """The README.md of the converted model (scripts/model_card.md): what it is, the published results, usage,
     audio decoding, license, citation."""
-    syncability = cfg.model.params.transformer.target.endswith("WithSyncabilityHead")
+    synchronizability = cfg.model.params.transformer.target.endswith("WithSyncabilityHead")
     rows = [
         f"| `{exp}`{' (this model)' if exp == name else ''} | {PUBLISHED_MODELS[exp]['what']} | {' | '.join(result)} |"
         for exp, result in PUBLISHED_RESULTS.items()
@@ -47,7 +47,7 @@ def model_card(name: str, repo_id: str, cfg) -> str:
         name=name,
         repo_id=repo_id,
         task="whether a clip can be synchronised at all"
-        if syncability
+        if synchronizability
         else "the offset of the audio against the video",
         which="its row is marked" if name in PUBLISHED_RESULTS else "this model is not one of them",
         rows="\n".join(rows),

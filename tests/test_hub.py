@@ -24,7 +24,7 @@ from utils.config import load_config
 from utils.download import PUBLISHED_MODELS, DownloadError, md5sum
 from utils.utils import ConfigError, instantiate_from_config
 
-CONFIGS = {"sync": "sync.yaml", "syncability": "ft_synchability.yaml"}
+CONFIGS = {"sync": "sync.yaml", "synchronizability": "ft_synchability.yaml"}
 
 
 def tiny_checkpoint(path, kind: str = "sync", seed: int = 0):
@@ -45,7 +45,7 @@ def logits(model, vis, aud):
         return model(vis, aud)[1]
 
 
-@pytest.mark.parametrize("kind", ["sync", "syncability"])
+@pytest.mark.parametrize("kind", ["sync", "synchronizability"])
 def test_save_and_from_pretrained_give_the_checkpoints_outputs(kind, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / f"{kind}.pt", kind)
     model, cfg = load_model(ckpt_path=ckpt)
@@ -58,7 +58,7 @@ def test_save_and_from_pretrained_give_the_checkpoints_outputs(kind, tmp_path):
     assert not loaded.training and loaded.cfg.data == cfg.data
     vis, aud = inputs(cfg.data.n_segments)
     expected = logits(model, vis, aud)
-    assert expected.shape == (2, 2 if kind == "syncability" else 21)
+    assert expected.shape == (2, 2 if kind == "synchronizability" else 21)
     torch.testing.assert_close(logits(loaded, vis, aud), expected, rtol=0, atol=1e-6)
 
 

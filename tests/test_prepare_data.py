@@ -195,7 +195,7 @@ def test_video_folder_filters_short_clips_and_fixes_offsets(tmp_path):
 def folder_data(tmp_path_factory) -> list[str]:
     """Overrides pointing the tiny configs at 8 synthetic clips prepared by prepare_data, split 4/2/2."""
     root = tmp_path_factory.mktemp("folder")
-    for i in range(8):  # 9.8 s: synchronisability training shifts the audio by up to a whole 4.8 s crop
+    for i in range(8):  # 9.8 s: synchronizability training shifts the audio by up to a whole 4.8 s crop
         make_clip(root / "raw" / f"clip{i:02d}.mp4", ClipSpec(duration_sec=9.8, height=48, width=64, seed=i))
     assert prepare(root / "raw", root / "dst", "--size", "32") == 0
     return [
@@ -223,7 +223,7 @@ def test_tiny_stage2_and_test_only_on_a_prepared_folder(folder_data, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SYNCHFORMER_LONG_TESTS"), reason="about a minute: SYNCHFORMER_LONG_TESTS=1")
-def test_stage1_stage2_and_syncability_on_a_prepared_folder(folder_data, tmp_path):
+def test_stage1_stage2_and_synchronizability_on_a_prepared_folder(folder_data, tmp_path):
     common = [f"logging.logdir={tmp_path}", "training.num_epochs=1", *folder_data]
     main.main([tiny("segment_avclip.yaml"), "start_time=s1", *common])
     s1 = tmp_path / "s1" / "checkpoints" / "epoch_best.pt"

@@ -186,7 +186,7 @@ def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
     test_syncability.main([f"config_sync={ft_run / 'cfg-ft.yaml'}", f"ckpt_path_sync={ft_run / 'ft_best.pt'}",
                       f"config_off={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path_off={stage2_run / 's2_best.pt'}",
                       f"logging.logdir={tmp_path}", "start_time=sync_test"])  # fmt: skip
-    report = json.loads((tmp_path / "sync_test" / "syncability_test.json").read_text())
+    report = json.loads((tmp_path / "sync_test" / "synchronizability_test.json").read_text())
     assert set(report) == {"sync", "roc_curve", "offset_by_threshold"} and "mROCAUC" in report["sync"]
     assert set(report["offset_by_threshold"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"}
 
