@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from dataset.dataset_utils import get_transforms, load_item
-from dataset.io import BadVideoError, probe_video, reencode_video
+from dataset.io import BadVideoError, probe_video
+from dataset.segment_pipeline import in_model_format
 from dataset.transforms import quantize_offset
 from model.sync_model import Synchformer
 from model.tracking import offset_grid
@@ -21,19 +22,6 @@ from scripts.common import add_model_args, load_model_from_args
 from utils.cli import run_cli
 from utils.precision import autocast
 from utils.utils import reuse_freed_memory
-
-VFPS, AFPS, IN_SIZE = 25, 16000, 256
-
-
-def ensure_model_format(vid_path: str, out_dir: str) -> str:
-    """Re-encodes the video when it is not 25 fps / 16 kHz / 256 px on the short side; returns the path used."""
-    info = probe_video(vid_path)
-    fps, sr, H, W = info["fps"], info["sample_rate"], info["height"], info["width"]
-    if fps == VFPS and sr == AFPS and min(H, W) == IN_SIZE:
-        print(f"Skipping reencoding. vfps: {fps}; afps: {sr}; min(H, W)={IN_SIZE}")
-        return vid_path
-    print(f"Reencoding. vfps: {fps} -> {VFPS}; afps: {sr} -> {AFPS}; {(H, W)} -> min(H, W)={IN_SIZE}")
-    return str(reencode_video(vid_path, VFPS, AFPS, IN_SIZE, out_dir=out_dir))
 
 
 def make_input(cfg: DictConfig, vid_path: str, offset_sec: float, v_start_i_sec: float) -> dict:
@@ -73,8 +61,9 @@ def save_plot(probs: torch.Tensor, grid: torch.Tensor, offset_sec: float, path: 
 def main(args) -> None:
     reuse_freed_memory()
     print(f"Using video: {args.vid_path}")
-    vid_path = ensure_model_format(args.vid_path, args.reencode_dir)  # a bad file fails here, before the model loads
+    probe_video(args.vid_path)  # a bad file fails here, before the model loads
     model, cfg = load_model_from_args(args, args.logdir)
+    vid_path = str(in_model_format(args.vid_path, cfg, args.reencode_dir, report=print))
     device = next(model.parameters()).device
     try:
         item = make_input(cfg, vid_path, args.offset_sec, args.v_start_i_sec)

@@ -19,10 +19,10 @@ import torch
 import torchaudio
 from torchvision.transforms import v2
 
-from dataset.io import BadVideoError, decode_audio, decode_video_at_fps
+from dataset.io import AFPS, VFPS, BadVideoError, decode_audio, decode_video_at_fps
 from dataset.transforms import AudioLog, AudioMelSpectrogram, AudioNormalizeAST, PadOrTruncate
 
-VFPS, AFPS, SIZE = 25, 16000, 224
+SIZE = 224  # av-benchmark's crop (its frames are resized to 224 on the short side, then centre-cropped)
 SEGMENT_FRAMES, STEP_FRAMES = 16, 8  # 0.64 s segments every 0.32 s
 SEGMENT_SAMPLES, STEP_SAMPLES = 10240, 5120
 WINDOW_SEGMENTS = 14  # a window of the model: 4.8 s
@@ -52,11 +52,13 @@ def window_times(n_segments: int) -> list[tuple[float, float]]:
 
 
 def video_frames(path, duration_sec: float) -> torch.Tensor:
-    """(T, 3, 224, 224) uint8: the first `duration_sec` seconds at 25 fps, resized and centre-cropped."""
-    n_frames = int(VFPS * duration_sec)
+    """(T, 3, 224, 224) uint8: the first `duration_sec` seconds at 25 fps (0: the whole video, at least one
+    segment), resized and centre-cropped."""
+    n_frames = int(VFPS * duration_sec) or None
     frames = decode_video_at_fps(path, VFPS, n_frames)  # (T, 3, H, W)
-    if len(frames) < n_frames:
-        raise BadVideoError(path, f"video is shorter than {duration_sec:g} s ({len(frames)} of {n_frames} frames)")
+    need = n_frames or SEGMENT_FRAMES
+    if len(frames) < need:
+        raise BadVideoError(path, f"video is shorter than {need / VFPS:g} s ({len(frames)} of {need} frames)")
     frames = v2.functional.resize(frames, [SIZE], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     return v2.functional.center_crop(frames, [SIZE])
 
@@ -68,10 +70,11 @@ def normalise_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 class AudioSegments:
-    """Waveform files -> (S, 1, 128, 66) log-mel segments; keeps one resampler per input rate."""
+    """Waveform files -> (S, 1, 128, 66) log-mel segments of the first `duration_sec` seconds (0: all, at
+    least one segment); keeps one resampler per input rate."""
 
     def __init__(self, duration_sec: float):
-        self.n_samples = int(AFPS * duration_sec)
+        self.n_samples = int(AFPS * duration_sec) or None
         self.resamplers: dict[int, torchaudio.transforms.Resample] = {}
         log_mel = [AudioMelSpectrogram(**MEL), AudioLog(), PadOrTruncate(SPEC_FRAMES)]
         self.spec = v2.Compose([*log_mel, AudioNormalizeAST(SPEC_MEAN, SPEC_STD)])
@@ -83,9 +86,10 @@ class AudioSegments:
             if sr not in self.resamplers:
                 self.resamplers[sr] = torchaudio.transforms.Resample(sr, AFPS)
             wave = self.resamplers[sr](wave)
-        if len(wave) < self.n_samples:
+        need = self.n_samples or SEGMENT_SAMPLES
+        if len(wave) < need:
             raise BadVideoError(
-                path, f"audio is shorter than {self.n_samples / AFPS:g} s ({len(wave) / AFPS:.2f} s at {AFPS} Hz)"
+                path, f"audio is shorter than {need / AFPS:g} s ({len(wave) / AFPS:.2f} s at {AFPS} Hz)"
             )
         wave = segments(wave[: self.n_samples], SEGMENT_SAMPLES, STEP_SAMPLES)  # (S, 10240)
         item = self.spec({"audio": wave, "meta": {"audio": {"framerate": [AFPS]}}, "path": str(path)})
@@ -103,11 +107,12 @@ class Pair:
 
 class DesyncInputs(torch.utils.data.Dataset):
     """Model inputs of each pair: {'name', 'frames': (T, 3, 224, 224) uint8, 'audio': (S, 1, 128, 66)},
-    or {'name', 'skip': reason} for a pair that cannot be scored (decoding runs in DataLoader workers)."""
+    or {'name', 'skip': reason} for a pair that cannot be scored (decoding runs in DataLoader workers).
+    `audio=False` gives the frames alone (visual feature caches)."""
 
-    def __init__(self, pairs: list[Pair], duration_sec: float = 8.0):
+    def __init__(self, pairs: list[Pair], duration_sec: float = 8.0, audio: bool = True):
         self.pairs, self.duration_sec = pairs, duration_sec
-        self.audio_segments = AudioSegments(duration_sec)
+        self.audio_segments = AudioSegments(duration_sec) if audio else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -115,11 +120,12 @@ class DesyncInputs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         try:
-            frames = video_frames(pair.video, self.duration_sec)
-            audio = self.audio_segments(pair.audio or pair.video)
+            item = {"name": pair.name, "frames": video_frames(pair.video, self.duration_sec)}
+            if self.audio_segments is not None:
+                item["audio"] = self.audio_segments(pair.audio or pair.video)
         except BadVideoError as e:
             return {"name": pair.name, "skip": str(e)}
-        return {"name": pair.name, "frames": frames, "audio": audio}
+        return item
 
 
 def collate(items: list[dict]) -> dict:

@@ -5,7 +5,7 @@ Items keep the original's layout:
 `{'video', 'audio', 'meta': {'video': {'fps': [..]}, 'audio': {'framerate': [..]}}, 'path', 'split',
 'targets': {...}}`; the dataset puts `offset_sec`, `v_start_i_sec` (and `offset_target` when the CSV has
 `oos_target`) into the targets for fixed-offset splits, the transforms add `offset_label`,
-`offset_target` (and `sync_target` for synchronisability).
+`offset_target` (and `sync_target` for synchronizability).
 
 Bad files raise `dataset.io.BadVideoError` naming the file. With `skip_bad_samples=True` a dataset logs
 it and returns `None` instead; `collate_drop_bad` drops those and reports how many were dropped in the
@@ -32,7 +32,7 @@ from dataset.io import reencode_video as reencode_video  # the original's import
 from dataset.transforms import TemporalCropAndOffset, fuse_pixelwise
 from utils.cli import UserError
 from utils.config import cfg_get
-from utils.utils import atomic_path, get_obj_from_str, instantiate_from_config
+from utils.utils import ConfigError, atomic_path, get_obj_from_str, instantiate_from_config
 
 # decode this much more than the crop on each side of a fixed-offset window (covers the audio wiggle)
 WINDOW_MARGIN_SEC = 0.2
@@ -55,7 +55,7 @@ def fixed_offsets_fname(transforms, split: str) -> str:
         if hasattr(t, "off_dist"):
             low, high = t.off_dist.low.item(), t.off_dist.high.item()
             return f"{split}_unifbin_crop{crop}_min{low:.2f}_max{high:.2f}.csv"
-    raise ValueError("No offset transform in the transforms: cannot tell which fixed offsets to load")
+    raise ConfigError("No offset transform in the transforms: cannot tell which fixed offsets to load")
 
 
 def get_fixed_offsets(transforms, split: str, splits_path, dataset_name: str) -> dict[str, dict]:

@@ -9,7 +9,7 @@ with `data.vids_path=DST/h264_video_25fps_256side_16000hz_aac`.
   valid, test), so clips cut from one video stay in one split and the splits do not depend on the
   order of the files.
 - Clips shorter than the crop plus the maximum offset (`min_len_sec`, by default read from the offset
-  transform; twice the crop for synchronisability training) are left out.
+  transform; twice the crop for synchronizability training) are left out.
 - Fixed offsets on `load_fixed_offsets_on`: one offset class and visual start per clip, drawn from the
   seed and the clip's id, so every run (and every data-loader worker) sees the same ones."""
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dataset.dataset_utils import AudioVisualDataset, offset_crop
 from dataset.transforms import TemporalCropAndOffsetForSyncabilityTraining
+from utils.utils import ConfigError
 
 SPLITS = ("train", "valid", "test")
 
@@ -53,7 +54,7 @@ def split_by_ratios(rows: dict[str, dict], ratios, seed: int) -> dict[str, str]:
     for clip_id, row in sorted(rows.items()):
         by_source.setdefault(row.get("source") or clip_id, []).append(clip_id)
     if len(ratios) != len(SPLITS) or min(ratios) < 0 or sum(ratios) <= 0:
-        raise ValueError(f"split_ratios must be 3 non-negative numbers (train, valid, test), got {ratios}")
+        raise ConfigError(f"split_ratios must be 3 non-negative numbers (train, valid, test), got {ratios}")
     sources = sorted(by_source, key=lambda s: _hash(seed, s))
     bounds = [round(sum(ratios[: i + 1]) / sum(ratios) * len(rows)) for i in range(len(SPLITS))]
     clip2split, n_assigned = {}, 0
@@ -92,9 +93,9 @@ class VideoFolder(AudioVisualDataset):
         crop = offset_crop(self.transforms)
         min_len = self.min_len_sec
         if min_len is None and crop is not None:
-            # synchronisability training also shifts the audio by a whole crop (out of sync)
-            syncability = isinstance(crop, TemporalCropAndOffsetForSyncabilityTraining)
-            max_shift = crop.crop_len_sec if syncability else crop.max_off_sec
+            # synchronizability training also shifts the audio by a whole crop (out of sync)
+            synchronizability = isinstance(crop, TemporalCropAndOffsetForSyncabilityTraining)
+            max_shift = crop.crop_len_sec if synchronizability else crop.max_off_sec
             min_len = crop.crop_len_sec + (max_shift if crop.do_offset else 0.0)
         long_enough = [c for c in ids if float(self.rows[c]["duration_sec"]) >= (min_len or 0.0) - 1e-6]
         if len(long_enough) < len(ids):
@@ -110,7 +111,7 @@ class VideoFolder(AudioVisualDataset):
         seed and the clip id, with both crops inside the clip."""
         crop = offset_crop(self.transforms)
         if crop is None or not crop.do_offset:
-            raise ValueError(f"load_fixed_offsets_on={self.load_fixed_offsets_on} needs an offset transform")
+            raise ConfigError(f"load_fixed_offsets_on={self.load_fixed_offsets_on} needs an offset transform")
         fps = crop.vfps or 25
         vid2params = {}
         for path in self.dataset:

@@ -35,6 +35,8 @@ from av.video.reformatter import VideoReformatter
 from utils.cli import UserError
 
 # a decoded frame counts as "inside" a window boundary up to this slack (float seconds vs exact pts)
+# the input format of the published models: frames per second, audio samples per second, short side in pixels
+VFPS, AFPS, SIDE = 25, 16000, 256
 _EPS_SEC = 1e-6
 
 
@@ -256,7 +258,7 @@ def decode_audio(
         # decode that much more and find the drop afterwards (it seeks), all in one opening of the file
         max_drop = abs(first_pts) if audio_priming_compat else 0
         n_samples = math.inf if end_sec is None else max_drop + round(end_sec * sr)
-        wave = _decode_wave(itertools.chain(head, container.demux(stream)), n_samples, path)  # (Ta,)
+        wave = decode_planar(itertools.chain(head, container.demux(stream)), path, n_samples).mean(axis=0)  # (Ta,)
         drop = _priming_drop(container, stream, first_pts) if audio_priming_compat else 0
     if drop > max_drop and end_sec is not None:  # a demuxer that seeks past 0: decode all of it
         wave, _ = decode_audio(path, audio_priming_compat=audio_priming_compat)
@@ -265,9 +267,9 @@ def decode_audio(
     return torch.from_numpy(np.ascontiguousarray(wave[drop + round(start_sec * sr) : stop], dtype=np.float32)), sr
 
 
-def _decode_wave(packets, n_samples: float, path) -> np.ndarray:
-    """Decodes audio `packets` until `n_samples` samples with pts >= 0 are out; (Ta,) mean over channels,
-    in pts order (for equal pts the later-decoded frame wins)."""
+def decode_planar(packets, path, n_samples: float = math.inf) -> np.ndarray:
+    """(C, Ta) float32: decodes audio `packets` until `n_samples` samples with pts >= 0 are out, in pts order
+    (for equal pts the later-decoded frame wins)."""
     to_fltp = av.AudioResampler(format="fltp")
     chunks = []
     decoded_until = 0
@@ -287,7 +289,7 @@ def _decode_wave(packets, n_samples: float, path) -> np.ndarray:
     if not chunks:
         raise BadVideoError(path, "no audio could be decoded", "the audio stream is empty")
     by_pts = dict(chunks)
-    return np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1).mean(axis=0)  # (Ta,)
+    return np.concatenate([by_pts[pts] for pts in sorted(by_pts)], axis=1)  # (C, Ta)
 
 
 def get_video_and_audio(
@@ -302,7 +304,7 @@ def get_video_and_audio(
 
 
 def reencode_video(
-    path, vfps: float = 25, afps: int = 16000, in_size: int = 256, out_dir=None,
+    path, vfps: float = VFPS, afps: int = AFPS, in_size: int = SIDE, out_dir=None,
     start_sec: float = 0.0, end_sec: float | None = None, out_path=None,
 ) -> Path:  # fmt: skip
     """Re-encodes `path` to what the models expect: `vfps` fps, the shorter side `in_size` (aspect kept,
@@ -341,8 +343,7 @@ def reencode_video(
         with av.open(str(new_path), "w") as dst:
             v_out = dst.add_stream("libx264", rate=Fraction(vfps).limit_denominator(1001))
             v_out.height, v_out.width, v_out.pix_fmt = out_h, out_w, "yuv420p"
-            a_out = dst.add_stream("aac", rate=afps)
-            a_out.layout = "mono"
+            a_out = add_audio_stream(dst, afps)
             resampler = av.AudioResampler(format="fltp", layout="mono", rate=afps)
             samples_in, samples_out = 0, 0  # resampled samples seen / encoded
 
@@ -360,7 +361,7 @@ def reencode_video(
                     samples_out += resampled.samples
                     dst.mux(a_out.encode(resampled))
 
-            next_out_i, last, last_rgb = 0, None, None  # the latest input frame and its converted pixels
+            next_out_i, last, last_rgb, n_in = 0, None, None, 0  # the latest input frame, its pixels; frames in
             v_time_base, v_start = v_in.time_base, v_in.start_time or 0
             for frame in _decode_or_fail(src, (v_in, a_in), path):
                 if isinstance(frame, av.AudioFrame):
@@ -372,11 +373,14 @@ def reencode_video(
                     last_rgb = to_rgb(last) if last_rgb is None else last_rgb
                     dst.mux(v_out.encode(rgb_frame(last_rgb, next_out_i)))
                     next_out_i += 1
-                last, last_rgb = frame, None
+                last, last_rgb, n_in = frame, None, n_in + 1
                 if next_out_i >= n_ticks and samples_in >= stop_sample:
                     break  # the cut is complete
-            duration = float(src.duration / av.time_base) - start_sec if src.duration else (next_out_i + 1) / vfps
-            while last is not None and next_out_i < min(round(duration * vfps), n_ticks):
+            if n_in < 2:  # held for the audio's length it would pass for a video
+                raise BadVideoError(path, f"has {n_in} video frame(s): a still image, not a video", "drop it")
+            # the last frame lasts one input frame (FFmpeg's fps filter), not up to the end of a longer audio
+            video_end = t + 1 / float(v_in.average_rate or vfps)
+            while next_out_i < min(round(video_end * vfps), n_ticks):
                 last_rgb = to_rgb(last) if last_rgb is None else last_rgb
                 dst.mux(v_out.encode(rgb_frame(last_rgb, next_out_i)))
                 next_out_i += 1
@@ -392,6 +396,17 @@ def _decode_or_fail(container, streams, path):
         yield from container.decode(*streams)
     except av.FFmpegError as e:
         raise BadVideoError(path, f"is corrupt: {e}", "re-encode or drop the file") from e
+
+
+def add_audio_stream(container, rate: int, layout: str = "mono", bit_rate: int | None = None) -> av.AudioStream:
+    """An audio stream of output `container`: AAC, else the container's own codec (Opus in WebM), at `rate`
+    or the nearest one the codec takes (the encoder converts the frames it is given)."""
+    codec = "aac" if "aac" in container.supported_codecs else container.default_audio_codec
+    rates = av.Codec(codec, "w").audio_rates or [rate]
+    stream = container.add_stream(codec, rate=min(rates, key=lambda r: abs(r - rate)), layout=layout)
+    if bit_rate:  # unknown in Matroska: the codec's default
+        stream.bit_rate = bit_rate
+    return stream
 
 
 def rgb_frame(rgb: np.ndarray, pts: int) -> av.VideoFrame:

@@ -16,20 +16,40 @@ import torch
 from omegaconf import DictConfig
 
 from dataset.dataset_utils import get_transforms
-from dataset.io import get_video_and_audio, probe_video, reencode_video
-from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, TemporalCropAndOffset
+from dataset.io import BadVideoError, decode_audio, decode_video_window, probe_video, reencode_video
+from dataset.transforms import EqualifyFromRight, GenerateMultipleSegments, RGBSpatialCrop, TemporalCropAndOffset
 from utils.config import cfg_get
 
 
-def load_for_model(path: Path, cfg, work_dir: Path):
-    """Decoded (rgb, audio, meta) at the model's fps / sample rate / size, re-encoding when needed; the
-    audio decoded as the model was trained (`data.audio_priming_compat`, default True as published)."""
+def in_model_format(path: str | Path, cfg: DictConfig, work_dir: str | Path, report=logging.info) -> Path:
+    """`path` if the video is at the model's fps, sample rate and short side (`cfg.data`), else a copy
+    re-encoded to them in `work_dir`; `report` gets one line saying which."""
     info = probe_video(path)
     vfps, afps, size = cfg.data.vfps, cfg.data.afps, cfg.data.size_before_crop
-    if (info["fps"], info["sample_rate"], min(info["height"], info["width"])) != (vfps, afps, size):
-        logging.info(f"Re-encoding {path} to {vfps} fps, {afps} Hz, {size} px")
-        path = reencode_video(path, vfps, afps, size, out_dir=work_dir)
-    return get_video_and_audio(path, get_meta=True, audio_priming_compat=cfg_get(cfg, "data.audio_priming_compat"))
+    fps, sr, H, W = info["fps"], info["sample_rate"], info["height"], info["width"]
+    if (fps, sr, min(H, W)) == (vfps, afps, size):
+        report(f"Skipping reencoding. vfps: {fps}; afps: {sr}; min(H, W)={size}")
+        return Path(path)
+    report(f"Reencoding. vfps: {fps} -> {vfps}; afps: {sr} -> {afps}; {(H, W)} -> min(H, W)={size}")
+    return reencode_video(path, vfps, afps, size, out_dir=work_dir)
+
+
+def load_for_model(path: Path, cfg, work_dir: Path, pipeline: "SegmentPipeline") -> dict:
+    """The test item (`SegmentPipeline.prepare`'s) of a video at the model's fps / sample rate / size,
+    re-encoded into `work_dir` when needed, with the audio decoded as the model was trained
+    (`data.audio_priming_compat`, default True as published). Its frames stay in the file:
+    `segment_inputs` decodes them a batch of segments at a time, so memory does not grow with the length."""
+    path = in_model_format(path, cfg, work_dir)
+    # the first frame alone is decoded (for its size); the others are counted from their timestamps
+    first, fps, n_frames = decode_video_window(path, 0.0, None, pixels_end_sec=0.5 / cfg.data.vfps)
+    audio, sr = decode_audio(path, audio_priming_compat=cfg_get(cfg, "data.audio_priming_compat"))
+    meta = {"video": {"fps": [fps], "end_frame": n_frames}, "audio": {"framerate": [sr]}}
+    return pipeline.prepare(first, audio, meta, str(path)) | {"streamed": True}
+
+
+def n_frames(item: dict) -> int:
+    """The frames of an item's video, also of one whose frames stay in the file (`load_for_model`)."""
+    return item["meta"]["video"].get("end_frame", item["video"].shape[0])
 
 
 def make_test_item(video: torch.Tensor, audio: torch.Tensor, meta: dict, path: str, targets: dict | None = None):
@@ -73,7 +93,7 @@ class SegmentPipeline:
         """(first frame, first sample) of each segment of the window starting at `v_start_sec`, with the
         audio window `offset_sec` later in the file (its events earlier); found by running the crop
         transforms on frame/sample indices."""
-        frames, samples = torch.arange(item["video"].shape[0]), torch.arange(item["audio"].shape[0])
+        frames, samples = torch.arange(n_frames(item)), torch.arange(item["audio"].shape[0])
         targets = {"v_start_i_sec": v_start_sec, "offset_sec": offset_sec}
         probe = make_test_item(frames, samples, item["meta"], item["path"], targets)
         for t in self.crop:
@@ -82,9 +102,24 @@ class SegmentPipeline:
 
     def segment_inputs(self, item: dict, keys: Sequence[tuple[int, int]], seg_v: int, seg_a: int):
         """Model inputs for the segments starting at `keys`: video (N, Tv, C, H, W), audio (N, 1, F, Ta)."""
-        video = torch.stack([item["video"][v : v + seg_v] for v, _ in keys])  # (N, Tv, C, H, W)
+        first, stop = min(v for v, _ in keys), max(v for v, _ in keys) + seg_v
+        frames = self.decode_frames(item, first, stop) if item.get("streamed") else item["video"][first:stop]
+        video = torch.stack([frames[v - first : v - first + seg_v] for v, _ in keys])  # (N, Tv, C, H, W)
         audio = torch.stack([item["audio"][a : a + seg_a] for _, a in keys])  # (N, Ta)
         seg = make_test_item(video, audio, item["meta"], item["path"])
         for t in self.per_segment:
             seg = t(seg)
         return seg["video"], seg["audio"]
+
+    def decode_frames(self, item: dict, first: int, stop: int) -> torch.Tensor:
+        """Frames [first, stop) of a streamed item's file, through the frame-wise ops of `whole`: the same
+        frames as a whole decode (the file is at a constant frame rate: the model's)."""
+        fps = item["meta"]["video"]["fps"][0]
+        rgb, _, _ = decode_video_window(item["path"], first / fps, stop / fps)
+        if rgb.shape[0] != stop - first:
+            raise BadVideoError(item["path"], f"frames {first}-{stop} decode as {rgb.shape[0]}", "re-encode it")
+        frames = make_test_item(rgb, torch.zeros(0), item["meta"], item["path"])
+        for t in self.whole:
+            assert isinstance(t, EqualifyFromRight | RGBSpatialCrop) or getattr(t, "pixelwise", False), t
+            frames = frames if isinstance(t, EqualifyFromRight) else t(frames)
+        return frames["video"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from dataset.io import audio_frame, rgb_frame
+from dataset.io import AFPS, SIDE, VFPS, audio_frame, rgb_frame
 
 VGGSOUND_VIDS_DIRNAME = "h264_video_25fps_256side_16000hz_aac"
 # two classes that differ by the pitch of the tone burst, so `vggsound_target` is learnable too
@@ -30,10 +30,10 @@ TONE_CLASSES = {"low tone": 440.0, "high tone": 1320.0}
 @dataclass
 class ClipSpec:
     duration_sec: float = 10.0
-    vfps: float = 25.0
-    afps: int = 16000
-    height: int = 256
-    width: int = 256
+    vfps: float = VFPS
+    afps: int = AFPS
+    height: int = SIDE
+    width: int = SIDE
     n_audio_channels: int = 1
     offset_sec: float = 0.0
     offset_after_sec: float | None = None

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.avclip_loss import contrastive_loss
-from utils.utils import instantiate_from_config
+from utils.logger import segment_similarities
+from utils.utils import ConfigError, instantiate_from_config
 
 
 class AVCLIP(nn.Module):
@@ -37,7 +38,7 @@ class AVCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
         add_global = [cfg.get("params", {}).get("add_global_repr", False) for cfg in (vfeat_extractor, afeat_extractor)]
         if add_global[0] != add_global[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"add_global_repr must be the same for both extractors, got (visual, audio) = {add_global}"
             )
         self.global_logit_scale = nn.Parameter(torch.tensor(float(init_scale))) if add_global[0] else None
@@ -81,13 +82,6 @@ class AVCLIP(nn.Module):
     def forward_for_logging(self, vis: torch.Tensor, aud: torch.Tensor, for_loop: bool = False) -> dict:
         """Evaluation on this rank's batch: segment features, their similarity matrices (B*S, B*S) and the loss."""
         (v, _), (a, _) = self.encode(vis, aud, for_loop)
-        loss, sim_v2a = contrastive_loss(v, a, self.logit_scale)
-        return {
-            "segment_vfeat": v,
-            "segment_afeat": a,
-            "segment_sim_v2a": sim_v2a,
-            "segment_sim_a2v": sim_v2a.T,
-            "segment_sim_v2v": v @ v.T / self.logit_scale,
-            "segment_sim_a2a": a @ a.T / self.logit_scale,
-            "segment_contrastive_loss": loss,
-        }
+        loss, _ = contrastive_loss(v, a, self.logit_scale)
+        sims = {f"segment_sim_{k}": s for k, s in segment_similarities(v, a, self.logit_scale).items()}
+        return {"segment_vfeat": v, "segment_afeat": a, **sims, "segment_contrastive_loss": loss}

@@ -6,31 +6,21 @@ row of the batch, on every rank when gathered, is a negative."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
 from utils.dist import is_distributed
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward hands each rank the gradient of its own rows, summed over the
-    losses of all ranks (every rank's loss uses every rank's rows as negatives)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)  # (world_size * N, ...)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        N = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * N : (dist.get_rank() + 1) * N]
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates `x` (same shape on every rank) from all ranks in rank order; gradients flow back to each rank."""
-    return _GatherWithGrad.apply(x) if is_distributed() and dist.get_world_size() > 1 else x
+    """Concatenates `x` (N, D) from all ranks in rank order, whose row counts may differ (a rank that dropped a bad
+    clip has fewer); gradients flow back to each rank, summed over the losses of all ranks."""
+    if not (is_distributed() and dist.get_world_size() > 1):
+        return x
+    # every rank must send the same shape: pad to the largest row count, cut the padding off after
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    parts = all_gather(F.pad(x, (0, 0, 0, int(max(counts)) - len(x))))  # world_size x (N_max, D)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])  # (sum of N over ranks, D)
 
 
 def contrastive_loss(
@@ -38,14 +28,12 @@ def contrastive_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of the visual->audio and audio->visual cross-entropies over cosine similarities / temperature.
 
-    vfeat, afeat: (N, D), L2-normalised. With `gather`, negatives come from all ranks' batches (the
-    local rows are the queries). Returns (loss, similarities v2a (N, N * world_size))."""
-    N = vfeat.shape[0]
-    rank = dist.get_rank() if gather and is_distributed() else 0
-    vfeat_all, afeat_all = (gather_with_grad(vfeat), gather_with_grad(afeat)) if gather else (vfeat, afeat)
-    sim_v2a = vfeat @ afeat_all.T / temperature  # (N, N_all)
-    sim_a2v = afeat @ vfeat_all.T / temperature  # (N, N_all)
-    # the positive of local row i sits where this rank's rows start in the gathered batch
-    targets = torch.arange(N, device=vfeat.device) + rank * N
-    loss = (F.cross_entropy(sim_v2a, targets) + F.cross_entropy(sim_a2v, targets)) / 2
+    vfeat, afeat: (N, D), L2-normalised. With `gather`, the rows of all ranks (their counts may differ) make
+    one batch and every rank computes its loss: the loss on the concatenated rows (DDP's average of the ranks'
+    gradients then is that loss's gradient). Returns (loss, similarities v2a (N_all, N_all))."""
+    if gather:
+        vfeat, afeat = gather_with_grad(vfeat), gather_with_grad(afeat)  # (N_all, D)
+    sim_v2a = vfeat @ afeat.T / temperature  # (N_all, N_all)
+    targets = torch.arange(len(vfeat), device=vfeat.device)
+    loss = (F.cross_entropy(sim_v2a, targets) + F.cross_entropy(sim_v2a.T, targets)) / 2
     return loss, sim_v2a

@@ -3,20 +3,23 @@
 Each segment of the video (16 frames) and of the audio (a 0.64 s spectrogram) is turned into a few
 features by its extractor: 8 visual features (one per temporal patch) and 6 audio ones. All segments'
 features are flattened into one sequence `[OFF, v_1 ... v_S*8, MOD, a_1 ... a_S*6]`; the output at the
-OFF token is classified into one of the offset classes (or sync / not sync for the syncability head)."""
+OFF token is classified into one of the offset classes (or sync / not sync for the synchronizability head)."""
 
 import os
 from collections.abc import Mapping
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from model.modules.transformer import Block, NoPosEncoding
-from utils.checkpoint import CheckpointError, config_of, load_checkpoint
-from utils.config import read_yaml
-from utils.utils import instantiate_from_config
+from utils.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights_into
+from utils.config import check_targets, read_yaml, resolved, targets_of
+from utils.download import hub_weights
+from utils.utils import atomic_path, instantiate_from_config, write_json
 
 
 def init_weights(module: nn.Module) -> None:
@@ -94,11 +97,14 @@ class GlobalTransformerWithSyncabilityHead(GlobalTransformer):
         init_weights(self.sync_head)
 
     def forward(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """-> syncability logits (B, 2)."""
+        """-> synchronizability logits (B, 2)."""
         return self.sync_head(super().forward(v, a))
 
 
-class Synchformer(nn.Module):
+class Synchformer(
+    nn.Module, PyTorchModelHubMixin, library_name="synchformer", license="mit",
+    paper_url="https://arxiv.org/abs/2401.16423", tags=["audio-visual", "synchronization"],
+):  # fmt: skip
     """Feature extractors, projections and the global transformer, each built from a `{target, params}` config.
 
     An extractor config with `is_trainable: False` freezes that extractor: its parameters get
@@ -171,6 +177,26 @@ class Synchformer(nn.Module):
     # av-benchmark's and MMAudio's name for the head
     compare_v_a = forward_head
 
+    def _save_pretrained(self, save_directory) -> None:
+        """`save_pretrained(folder)` (Hugging Face's): `model.safetensors` and `config.json`, the `model` and
+        `data` sections of the config it was loaded with (`self.cfg`, set by `load_model`), which the commands read."""
+        if getattr(self, "cfg", None) is None:
+            raise ValueError("save_pretrained needs `model.cfg`, the config that built the model (load_model sets it).")
+        sections = {k: OmegaConf.to_container(self.cfg[k], resolve=True) for k in ("model", "data") if k in self.cfg}
+        write_json(save_directory / "config.json", sections)
+        with atomic_path(save_directory / "model.safetensors") as tmp:
+            safetensors.torch.save_model(self, str(tmp))
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_folder: str | os.PathLike, revision: str | None = None, map_location="cpu"):
+        """A model of `save_pretrained` or `scripts/convert_to_hf.py`: a local folder or a Hugging Face Hub model
+        id (downloaded into the Hub's cache), in eval mode with its config at `.cfg`. Its `config.json` is read
+        as a checkpoint's own config is (`load_synchformer`: it may build only trusted classes), never passed to
+        the constructor as the mixin would."""
+        model, cfg = load_synchformer(hub_weights(repo_id_or_folder, revision), map_location=map_location)
+        model.cfg = cfg
+        return model
+
     def forward(
         self, vis: torch.Tensor, aud: torch.Tensor, targets: torch.Tensor | None = None, for_loop: bool = False
     ):
@@ -181,49 +207,42 @@ class Synchformer(nn.Module):
 
 
 def load_synchformer(
-    ckpt_path: str | os.PathLike, cfg: DictConfig | str | os.PathLike | None = None, map_location="cpu"
-) -> tuple[Synchformer, DictConfig]:
+    ckpt_path: str | os.PathLike, cfg: DictConfig | str | os.PathLike | None = None, map_location="cpu",
+    trusted_cfg: bool = True,
+) -> tuple[Synchformer, DictConfig]:  # fmt: skip
     """Builds a stage-2 model and loads a checkpoint into it; returns (model in eval mode, config).
 
     `ckpt_path`: a published checkpoint `{'model': state_dict, 'args': config, ...}` or a bare state dict
     (DDP's `module.` prefixes are removed). `cfg`: the training config (DictConfig or YAML path); required
-    for a bare state dict, otherwise it replaces the stored one. The extractors' own `ckpt_path`s are
-    ignored: their weights are in the checkpoint."""
+    for a bare state dict, otherwise it replaces the stored one. The stored config, and a `cfg` that is not
+    `trusted_cfg` (a downloaded one), may build only trusted classes (`utils.config.check_targets`). The
+    `ckpt_path`s inside the model's config are ignored: all weights are in the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, map_location)
+    source = str(ckpt_path)
     if cfg is None:
-        cfg = config_of(ckpt)
+        cfg, trusted_cfg = config_of(ckpt), False
         if cfg is None:
             raise CheckpointError(
                 f"{ckpt_path} is a bare state dict without the config it was trained with: pass that config "
                 "(--cfg_path on the command line, `cfg=` of load_synchformer), e.g. configs/sync.yaml."
             )
     elif not isinstance(cfg, DictConfig):
-        cfg = read_yaml(cfg)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg, source = read_yaml(cfg), str(cfg)
+    cfg = resolved(cfg, source)
     if OmegaConf.select(cfg, "model.params.transformer.target") is None:
         raise CheckpointError(
             f"The config of {ckpt_path} describes a {OmegaConf.select(cfg, 'model.target')}, not a stage-2 "
             "Synchformer (a stage-1 checkpoint holds only the feature extractors): pass a stage-2 checkpoint."
         )
-    for extractor in ("afeat_extractor", "vfeat_extractor"):
-        cfg.model.params[extractor].params.ckpt_path = None
     # early checkpoints name the transformer's module differently
-    cfg.model.params.transformer.target = cfg.model.params.transformer.target.replace(
+    cfg.model.params.transformer.target = str(cfg.model.params.transformer.target).replace(
         ".modules.feature_selector.", ".sync_model."
     )
+    if not trusted_cfg:
+        check_targets(cfg, source)
+    for _, part in targets_of(cfg.model):
+        if isinstance(part.get("params"), DictConfig) and "ckpt_path" in part.params:
+            part.params.ckpt_path = None
     model = instantiate_from_config(cfg.model)
-    state_dict = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    fix = f"Check that the config is the one {ckpt_path} was trained with."
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"The weights in {ckpt_path} do not fit the model of its config ({cfg.model.params.transformer.target}): "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
-        )
-    try:
-        model.load_state_dict(state_dict)
-    except (RuntimeError, ValueError) as e:
-        problem = " ".join(str(e).split())  # one line: load_state_dict lists the mismatches on several
-        raise CheckpointError(f"The weights in {ckpt_path} do not fit the model of its config: {problem}. {fix}") from e
+    load_weights_into(model, ckpt["model"], ckpt_path)
     return model.eval(), cfg

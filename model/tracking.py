@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dataset.io import BadVideoError
-from dataset.segment_pipeline import SegmentPipeline, load_for_model
+from dataset.segment_pipeline import SegmentPipeline, load_for_model, n_frames
 from dataset.transforms import make_class_grid
 from model.sync_model import Synchformer
 from utils.precision import autocast
@@ -45,12 +45,11 @@ class WindowPredictor:
         self.segments_computed = 0  # features extracted so far: the cost that reuse saves
 
     @torch.inference_mode()
-    def features(self, item: dict, keys: Sequence[tuple[int, int]], progress: bool = False) -> dict:
+    def features(self, item: dict, keys: Sequence[tuple[int, int]]) -> dict:
         """{segment key: (visual features (tv, D), audio features (ta, D))} for the distinct `keys`."""
         keys = list(dict.fromkeys(keys))
         feats = {}
-        chunks = range(0, len(keys), self.batch_segments)
-        for i in tqdm(chunks, desc="segments", unit="batch", disable=not progress):
+        for i in range(0, len(keys), self.batch_segments):
             chunk = keys[i : i + self.batch_segments]
             vid, aud = self.pipeline.segment_inputs(item, chunk, self.seg_v, self.seg_a)
             # the chunk goes in as one clip of N segments: the extractors treat segments independently
@@ -65,22 +64,26 @@ class WindowPredictor:
 
     @torch.inference_mode()
     def predict(self, item: dict, windows: Sequence[Sequence[tuple[int, int]]], progress: bool = False):
-        """Logits (W, num_classes) of windows given as lists of segment keys."""
-        feats = self.features(item, [k for w in windows for k in w], progress)
-        logits = []
-        for i in range(0, len(windows), self.batch_windows):
+        """Logits (W, num_classes) of windows given as lists of segment keys. A batch of windows gets the
+        features it lacks just before its head call, and features are dropped after their last window, so
+        memory does not grow with the number of windows."""
+        last_use = {k: i for i, w in enumerate(windows) for k in w}
+        feats, logits = {}, []
+        for i in tqdm(range(0, len(windows), self.batch_windows), "windows", unit="batch", disable=not progress):
             chunk = windows[i : i + self.batch_windows]
+            feats |= self.features(item, [k for w in chunk for k in w if k not in feats])
             vfeat = torch.stack([torch.stack([feats[k][0] for k in w]) for w in chunk])  # (W, S, tv, D)
             afeat = torch.stack([torch.stack([feats[k][1] for k in w]) for w in chunk])  # (W, S, ta, D)
             with autocast(self.precision, self.device):
                 logits.append(self.model.forward_head(vfeat, afeat).float().cpu())
+            feats = {k: f for k, f in feats.items() if last_use[k] >= i + self.batch_windows}
         return torch.cat(logits)
 
     def window_starts(self, item: dict, stride_sec: float, crop_len_sec: float | None = None) -> list[float]:
         """Visual window starts every `stride_sec` seconds (snapped to frames) that fit in the video."""
         fps = item["meta"]["video"]["fps"][0]
         crop_len_sec = self.cfg.data.crop_len_sec if crop_len_sec is None else crop_len_sec
-        duration = min(item["video"].shape[0] / fps, item["audio"].shape[0] / item["meta"]["audio"]["framerate"][0])
+        duration = min(n_frames(item) / fps, item["audio"].shape[0] / item["meta"]["audio"]["framerate"][0])
         n = math.floor((duration - crop_len_sec) / stride_sec + 1e-6) + 1
         return [round(i * stride_sec * fps) / fps for i in range(max(n, 0))]
 
@@ -108,8 +111,7 @@ def predict_track(
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """`(one row per window, the summary)` of the windows every `stride_sec` over the video, with the
     audio shifted earlier by `offset_sec` first; `work_dir` takes re-encoded copies."""
-    rgb, audio, meta = load_for_model(path, predictor.cfg, work_dir)
-    item = predictor.pipeline.prepare(rgb, audio, meta, str(path))
+    item = load_for_model(path, predictor.cfg, work_dir, predictor.pipeline)
     starts = predictor.window_starts(item, stride_sec)
     if not starts:
         crop = predictor.cfg.data.crop_len_sec

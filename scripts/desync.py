@@ -12,13 +12,15 @@ Either way a video's DeSync is the mean |predicted offset| of its two windows, a
 mean over all windows of all scored videos.
 
 The audio is `AUDIO_DIR/<video stem>.<wav, flac, ...>` with `--audio_dir`, else the video's own track.
-Pairs that cannot be scored are listed with their reasons, never replaced by another file. Results are
-appended as each batch is scored, so an interrupted run resumes: videos already in `--out` are skipped."""
+Pairs that cannot be scored are listed with their reasons, never replaced by another file; videos whose
+names are the same up to case and extension (`x.mp4`, `x.MP4`) are all left out. With several processes
+the results are gathered to rank 0, which alone writes. As each batch is scored it is logged in
+`<out>.progress.jsonl` (see `utils/resumable.py`), so an interrupted run resumes; a rerun into the same
+`--out` with another model, precision, protocol or audio is refused."""
 
 import argparse
-import csv
-import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,33 +45,22 @@ from dataset.avbench import (
     window_times,
 )
 from dataset.io import BadVideoError, decode_video
-from dataset.segment_pipeline import load_for_model
+from dataset.segment_pipeline import load_for_model, n_frames
 from model.tracking import WindowPredictor, offset_grid
-from scripts.common import VIDEO_SUFFIXES, add_model_args, list_videos, load_model_from_args
+from scripts.common import (
+    VIDEO_SUFFIXES,
+    add_model_args,
+    find_pairs,
+    load_model_from_args,
+    model_provenance,
+)
 from utils import dist
-from utils.cli import UserError, report_skipped, run_cli
+from utils.cli import UserError, number, report_skipped, run_cli
 from utils.precision import autocast
+from utils.resumable import ResultLog, writing
 from utils.utils import reuse_freed_memory, write_csv, write_json
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
 WINDOW_NAMES = ("first", "last")
-
-
-def find_pairs(video_dir: Path, audio_dir: Path | None) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """The pairs to score, sorted by video name, and the videos without an audio file."""
-    if not video_dir.is_dir():
-        raise UserError(f"{video_dir}: not a folder of videos (pass the folder that holds the .mp4 files)")
-    videos = list_videos(video_dir)
-    if audio_dir is None:
-        return [Pair(v.name, v) for v in videos], []
-    if not audio_dir.is_dir():
-        raise UserError(f"{audio_dir}: --audio_dir is not a folder")
-    audio = {}
-    for p in sorted(audio_dir.iterdir()):
-        if p.suffix.lower() in AUDIO_SUFFIXES:
-            audio.setdefault(p.stem, p)
-    missing = [(v.name, f"no audio file {v.stem}.* in {audio_dir}") for v in videos if v.stem not in audio]
-    return [Pair(v.name, v, audio[v.stem]) for v in videos if v.stem in audio], missing
 
 
 def video_record(name: str, times: list[tuple[float, float]], logits: torch.Tensor, grid: torch.Tensor) -> dict:
@@ -162,7 +153,7 @@ class SynchformerScorer:
     def score(self, pair: Pair) -> dict:
         cfg = self.predictor.cfg
         if pair.audio is None:
-            rgb, audio, meta = load_for_model(pair.video, cfg, self.work_dir)
+            item = load_for_model(pair.video, cfg, self.work_dir, self.predictor.pipeline)
         else:  # generated videos may have no audio track: read the frames alone
             rgb, fps = decode_video(pair.video)
             if round(fps, 3) != cfg.data.vfps or min(rgb.shape[-2:]) != cfg.data.size_before_crop:
@@ -174,9 +165,9 @@ class SynchformerScorer:
                 )
             audio = read_audio(pair.audio, cfg.data.afps)
             meta = {"video": {"fps": [fps]}, "audio": {"framerate": [cfg.data.afps]}}
-        item = self.predictor.pipeline.prepare(rgb, audio, meta, str(pair.video))
+            item = self.predictor.pipeline.prepare(rgb, audio, meta, str(pair.video))
         try:
-            windows = first_and_last_windows(item["video"].shape[0], item["audio"].shape[0], cfg)
+            windows = first_and_last_windows(n_frames(item), item["audio"].shape[0], cfg)
         except ValueError as e:
             raise BadVideoError(pair.video, str(e)) from e
         logits = self.predictor.predict(item, windows)
@@ -192,60 +183,25 @@ class SynchformerScorer:
                 yield [], [(pair.name, str(e))]
 
 
-class Results:
-    """The output file (`.json` or `.csv`) and the per-process logs of a run in progress beside it.
-
-    Every process appends its scored and skipped videos to `.<out name>.part-<rank>.jsonl` as it goes; rank 0
-    merges them with what `out` already held into `out` (written atomically) and removes the logs. A run
-    that stopped early left its logs, so the next run with the same `out` knows what is done."""
-
-    def __init__(self, out: Path):
-        if out.suffix not in (".json", ".csv"):
-            raise UserError(f"--out {out}: give a .json or a .csv file")
-        self.out = out
-
-    def part(self, rank: int) -> Path:
-        return self.out.with_name(f".{self.out.name}.part-{rank}.jsonl")
-
-    def load(self) -> tuple[dict[str, dict], dict[str, str]]:
-        """(scored videos by name, skipped videos' reasons) from `out` and from any logs left beside it."""
-        scored, skipped = self._read_out()
-        for part in sorted(self.out.parent.glob(f".{self.out.name}.part-*.jsonl")):
-            for line in part.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a killed process
-                    continue
-                if "skip" in record:
-                    skipped[record["video"]] = record["skip"]
-                else:
-                    scored[record["video"]] = record
-        return scored, {name: why for name, why in skipped.items() if name not in scored}
-
-    def _read_out(self) -> tuple[dict[str, dict], dict[str, str]]:
-        if not self.out.is_file():
-            return {}, {}
-        try:
-            if self.out.suffix == ".json":
-                data = json.loads(self.out.read_text())
-                return {v["video"]: v for v in data["videos"]}, {s["video"]: s["reason"] for s in data["skipped"]}
-            with open(self.out, newline="") as f:
-                rows = list(csv.DictReader(f))
-            scored = {r["video"]: _record_from_row(r) for r in rows if not r["skipped_reason"]}
-            return scored, {r["video"]: r["skipped_reason"] for r in rows if r["skipped_reason"]}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{self.out}: not a DeSync results file to resume from ({e}); move it away") from e
-
-    def write(self, scored: dict[str, dict], skipped: dict[str, str], header: dict) -> None:
-        videos = [scored[name] for name in sorted(scored)]
-        skipped_list = [{"video": name, "reason": skipped[name]} for name in sorted(skipped)]
-        if self.out.suffix == ".json":  # both writers are atomic
-            write_json(self.out, {**header, **summary(videos), "videos": videos, "skipped": skipped_list})
+def write_results(out: Path, log: ResultLog, unpaired: list[tuple[str, str]]) -> int:
+    """Writes `out` (atomically) from the log of scored and skipped videos; prints the summary and returns the
+    exit status."""
+    scored = {name: r for name, r in log.records.items() if "skip" not in r}
+    skipped = {name: r["skip"] for name, r in log.records.items() if "skip" in r} | dict(unpaired)
+    videos = [scored[name] for name in sorted(scored)]
+    skipped_list = [{"video": name, "reason": skipped[name]} for name in sorted(skipped)]
+    with writing(out, "--out"):
+        if out.suffix == ".json":
+            write_json(out, {**log.provenance, **summary(videos), "videos": videos, "skipped": skipped_list})
         else:
-            rows = [_row(v) for v in videos] + [_row({"video": s["video"]}, s["reason"]) for s in skipped_list]
-            write_csv(self.out, rows)
-        for part in self.out.parent.glob(f".{self.out.name}.part-*.jsonl"):
-            part.unlink()
+            write_csv(out, [_row(v) for v in videos] + [_row({"video": s["video"]}, s["reason"]) for s in skipped_list])
+    s = summary(videos)
+    if s["n_scored"]:
+        print(
+            f"DeSync: {s['desync']:.4f} s over {s['n_scored']} videos ({s['n_windows']} windows), {len(skipped)} "
+            f"skipped; protocol {log.provenance['protocol']}, precision {log.provenance['precision']}; results: {out}"
+        )
+    return report_skipped(sorted(skipped.items()), s["n_scored"])
 
 
 def summary(videos: list[dict]) -> dict:
@@ -264,59 +220,54 @@ def _row(record: dict, reason: str = "") -> dict:
     return {"video": record["video"], "desync": record.get("desync", ""), **cells, "skipped_reason": reason}
 
 
-def _record_from_row(row: dict) -> dict:
-    windows = [{**{key: float(row[f"{name}_{key}"]) for key in WINDOW_KEYS}, "probs": []} for name in WINDOW_NAMES]
-    return {"video": row["video"], "desync": float(row["desync"]), "windows": windows}
-
-
 def main(args) -> int:
     reuse_freed_memory()
-    env = dist.init_distributed(device=args.device or ("cpu" if args.precision == "int8" else None))
+    device = args.device or ("cpu" if args.precision == "int8" else None)
+    env = dist.init_distributed(device=device, timeout_min=args.dist_timeout_min)
     args.device = str(env.device)
-    results = Results(Path(args.out))
+    out = Path(args.out)
+    if out.suffix not in (".json", ".csv") or out.is_dir():
+        raise UserError(f"--out {out}: give a .json or a .csv file")
     pairs, unpaired = find_pairs(Path(args.video_dir), Path(args.audio_dir) if args.audio_dir else None)
     if not pairs and not unpaired:
         raise UserError(f"{args.video_dir}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) to score")
-    done, _ = results.load()
-    dist.barrier()  # every process has read what is done before rank 0 may rewrite it
-    todo = [p for p in pairs if p.name not in done]
-    mine = todo[env.rank :: env.world_size]
     model, cfg = load_model_from_args(args)
-    model.cfg = cfg
-    if args.protocol == "av-benchmark":
-        batch_size = args.batch_size or (8 if env.device.type == "cuda" else 1)
-        scorer = AVBenchScorer(model, args.precision, args.duration, batch_size, args.num_workers)
-    else:
-        scorer = SynchformerScorer(model, args.precision, Path(args.work_dir))
-    if done:
-        logging.info(f"Resuming: {len(done)} videos already scored in {results.out}, {len(todo)} to go")
-    part = results.part(env.rank)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(mine), desc=f"DeSync ({args.protocol})", unit="video", disable=not env.is_main)
-    with open(part, "a") as log:
-        for records, skipped in scorer(mine):
-            for record in records:
-                log.write(json.dumps(record) + "\n")
-            for name, reason in skipped:
-                logging.warning(f"Skipping {name}: {reason}")
-                log.write(json.dumps({"video": name, "skip": reason}) + "\n")
-            log.flush()
-            bar.update(len(records) + len(skipped))
-    bar.close()
-    dist.barrier()
-    code = 0
+    # rank 0 alone reads and writes the log, so resuming needs no shared file system; the others learn
+    # from it what is done (or why the run cannot go on)
+    log, error = None, None
     if env.is_main:
-        scored, skipped = results.load()
-        skipped = {**skipped, **dict(unpaired)}
-        header = {"protocol": args.protocol, "model": args.ckpt_path or args.exp_name, "precision": args.precision}
-        results.write(scored, skipped, header)
-        s = summary(list(scored.values()))
-        if s["n_scored"]:
-            print(
-                f"DeSync: {s['desync']:.4f} s over {s['n_scored']} videos ({s['n_windows']} windows), "
-                f"{len(skipped)} skipped; protocol {args.protocol}, precision {args.precision}; results: {results.out}"
-            )
-        code = report_skipped(sorted(skipped.items()), s["n_scored"])
+        audio = str(Path(args.audio_dir).resolve()) if args.audio_dir else "the videos' own"
+        provenance = {"protocol": args.protocol, **model_provenance(args), "audio": audio}
+        if args.protocol == "av-benchmark":
+            provenance["duration_sec"] = args.duration
+        try:
+            log = ResultLog(Path(f"{out}.progress.jsonl"), provenance, "--out")
+        except UserError as e:
+            error = str(e)
+    done, error = dist.broadcast_object(([n for n, r in log.records.items() if "skip" not in r] if log else [], error))
+    if error:
+        raise UserError(error)
+    done = set(done)
+    todo = [p for p in pairs if p.name not in done]
+    if args.protocol == "av-benchmark":
+        per_call = args.batch_size or (8 if env.device.type == "cuda" else 1)
+        scorer = AVBenchScorer(model, args.precision, args.duration, per_call, args.num_workers)
+    else:
+        per_call, scorer = 1, SynchformerScorer(model, args.precision, Path(args.work_dir))
+    if done:
+        logging.info(f"Resuming: {len(done)} videos already scored in {out}, {len(todo)} to go")
+    batches = scorer(todo[env.rank :: env.world_size])
+    with tqdm(total=len(todo), desc=f"DeSync ({args.protocol})", unit="video", disable=not env.is_main) as bar:
+        # every rank takes part in every round (with nothing once its share is done); rank 0 logs them all
+        for _ in range(math.ceil(len(todo) / (env.world_size * per_call))):
+            for records, skipped in dist.all_gather_objects(next(batches, ([], []))):
+                bar.update(len(records) + len(skipped))
+                for record in records if env.is_main else []:
+                    log.append(record["video"], record)
+                for name, reason in skipped if env.is_main else []:
+                    logging.warning(f"Skipping {name}: {reason}")
+                    log.append(name, {"video": name, "skip": reason})
+    code = write_results(out, log, unpaired) if env.is_main else 0
     dist.cleanup()
     return code
 
@@ -327,10 +278,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio_dir", help="A folder of audio files named like the videos (else their own audio)")
     parser.add_argument("--out", default="desync.json", help="Results: .json (everything) or .csv (a row per video)")
     parser.add_argument("--protocol", choices=("av-benchmark", "synchformer"), default="av-benchmark")
-    parser.add_argument("--duration", type=float, default=8.0, help="av-benchmark: seconds of each video scored")
-    parser.add_argument("--batch_size", type=int, help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)")
-    parser.add_argument("--num_workers", type=int, default=2, help="av-benchmark: decoding processes")
+    parser.add_argument(
+        "--duration", type=number(float, 0, above=True), default=8.0, help="av-benchmark: seconds of each video scored"
+    )
+    parser.add_argument(
+        "--batch_size", type=number(int, 1), help="av-benchmark: videos per model call (1 on CPU, 8 on GPU)"
+    )
+    parser.add_argument("--num_workers", type=number(int, 0), default=2, help="av-benchmark: decoding processes")
     parser.add_argument("--work_dir", default="./vis", help="synchformer: where re-encoded videos go")
+    parser.add_argument(
+        "--dist_timeout_min", type=number(float, 0, above=True), default=10, help="How long ranks wait for each other"
+    )
     add_model_args(parser, default_exp="24-01-04T16-39-21")
     return parser
 

@@ -9,6 +9,7 @@ python -m scripts.make_synthetic vggsound out/synthetic_vggsound --n-clips 300""
 
 import argparse
 
+from dataset.io import AFPS, SIDE, VFPS
 from dataset.synthetic import ClipSpec, make_clip, make_vggsound_like
 from utils.cli import run_cli
 
@@ -19,10 +20,10 @@ def main() -> None:
     clip = sub.add_parser("clip", help="one clip + its JSON label file")
     clip.add_argument("path")
     clip.add_argument("--duration", type=float, default=10.0)
-    clip.add_argument("--vfps", type=float, default=25.0)
-    clip.add_argument("--afps", type=int, default=16000)
+    clip.add_argument("--vfps", type=float, default=VFPS)
+    clip.add_argument("--afps", type=int, default=AFPS)
     clip.add_argument("--channels", type=int, default=1, choices=(1, 2))
-    clip.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    clip.add_argument("--size", type=int, nargs=2, default=(SIDE, SIDE), metavar=("H", "W"))
     clip.add_argument("--offset", type=float, default=0.0, help="audio events happen this much earlier (s)")
     clip.add_argument("--offset-after", type=float, default=None, help="offset in the second half (drift)")
     clip.add_argument("--gop", type=int, default=250)

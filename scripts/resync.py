@@ -19,11 +19,15 @@ first |O| seconds are dropped and silence is added at its end), so both streams 
 3. Verification: the corrected copy is predicted again and the residual offset is printed.
 
 A folder run writes `resync.csv` into `--out_dir` (video, offset, confidence, drift, action, residual)
-next to the corrected copies, for cleaning a dataset; videos whose copy exists are skipped (resume)."""
+next to the corrected copies, for cleaning a dataset. Each finished video is logged in
+`resync.progress.jsonl` (see `utils/resumable.py`), after its copy is complete: an interrupted run
+resumes, redoing from the original any video whose row is missing, and a rerun with another model,
+precision or setting is refused. `--out_dir` may not be the input folder, nor `--out` the input video:
+the original must stay until the correction is recorded, so that no video is corrected twice."""
 
 import argparse
-import csv
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -31,26 +35,15 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataset.io import BadVideoError, audio_frame
+from dataset.io import BadVideoError, add_audio_stream, audio_frame, decode_planar
 from model.tracking import WindowPredictor, predict_track
-from scripts.common import add_tracking_args, list_videos, load_model_from_args
-from utils.cli import UserError, run_cli
+from scripts.common import VIDEO_SUFFIXES, add_tracking_args, list_videos, load_model_from_args, model_provenance
+from utils.cli import UserError, number, run_cli
+from utils.resumable import ResultLog, output_folder, writing
 from utils.utils import atomic_path, reuse_freed_memory, write_csv
 
 AAC_FRAME = 1024  # samples per AAC frame
 REPORT_FIELDS = ["video", "offset_sec", "confidence", "drift", "action", "residual_sec", "output"]
-
-
-def decode_planar(stream_container, stream) -> np.ndarray:
-    """(C, Ta) float32 of an audio stream: the samples with pts >= 0 in pts order, as `dataset.io` decodes them."""
-    to_fltp = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.sample_rate)
-    chunks = {}
-    for frame in stream_container.decode(stream):
-        if frame.pts is not None and frame.pts >= 0:
-            chunks[frame.pts] = np.concatenate([f.to_ndarray() for f in to_fltp.resample(frame)], axis=1)
-    if not chunks:
-        raise BadVideoError(stream_container.name, "no audio could be decoded", "the audio stream is empty")
-    return np.concatenate([chunks[pts] for pts in sorted(chunks)], axis=1)
 
 
 def shift_audio(wave: np.ndarray, delay: int) -> np.ndarray:
@@ -74,20 +67,26 @@ def write_resynced(src: Path, dst: Path, delay_sec: float) -> int:
             audio = container.streams.audio[0]
             sr, layout, bit_rate = audio.sample_rate, audio.layout.name, audio.bit_rate
             delay = round(delay_sec * sr)
-            wave = None if delay == 0 else shift_audio(decode_planar(container, audio), delay)  # (C, Ta)
-        with atomic_path(dst) as tmp, av.open(str(src)) as container, av.open(str(tmp), "w") as out:
+            wave = None if delay == 0 else decode_planar(container.demux(audio), src)  # (C, Ta)
+        if wave is not None and abs(delay) >= wave.shape[1]:
+            raise BadVideoError(src, f"has {wave.shape[1] / sr:.2f} s of audio: a shift by {delay_sec:+g} s leaves "
+                                "only silence", "give an --offset_sec shorter than the audio")  # fmt: skip
+        wave = None if wave is None else shift_audio(wave, delay)
+        # a failure to write is the output's (disk full, read-only), not the input's
+        with writing(dst, "--out/--out_dir"), atomic_path(dst) as tmp, av.open(str(src)) as container, \
+                av.open(str(tmp), "w") as out:  # fmt: skip
             video, audio = container.streams.video[0], container.streams.audio[0]
             streams = {video: out.add_stream_from_template(video)}
             if wave is None:  # nothing to shift: the audio packets are copied too
                 streams[audio] = out.add_stream_from_template(audio)
             else:
-                a_out = out.add_stream("aac", rate=sr, layout=layout)
-                a_out.bit_rate = bit_rate or a_out.bit_rate
+                a_out = add_audio_stream(out, sr, layout, bit_rate)
             encoded = 0  # samples handed to the encoder, interleaved with the video by time
             for packet in container.demux(*streams):
-                if packet.dts is None:  # the empty packet that ends a stream
+                if not packet.size:  # the empty packet that ends a stream
                     continue
-                while wave is not None and encoded < min(wave.shape[1], (packet.dts * packet.time_base + 1) * sr):
+                t = packet.pts if packet.dts is None else packet.dts  # Matroska leaves the first dts unset
+                while wave is not None and encoded < min(wave.shape[1], (t * packet.time_base + 1) * sr):
                     encoded = encode_chunk(out, a_out, wave, encoded)
                 packet.stream = streams[packet.stream]
                 out.mux(packet)
@@ -149,32 +148,34 @@ def main(args) -> int:
     src = Path(args.input)
     if src.is_dir() == (args.out_dir is None) or (args.out is None) == (args.out_dir is None):
         raise UserError("Pass a video with --out FIXED.mp4, or a folder of videos with --out_dir DIR.")
+    out = Path(args.out or args.out_dir)
+    if out.resolve() == src.resolve():
+        raise UserError(f"{out}: the corrected copies must go elsewhere than the input (the original is kept)")
+    if args.out and (out.is_dir() or out.suffix.lower() not in VIDEO_SUFFIXES):
+        raise UserError(f"--out {out}: give a video file name ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    output_folder(out.parent if args.out else out, "--out" if args.out else "--out_dir")
     model, cfg = load_model_from_args(args)
     predictor = WindowPredictor(model, cfg, args.precision, args.batch_segments, args.batch_windows)
-    if not src.is_dir():
-        row = resync_video(predictor, src, Path(args.out), args)
-        return 0 if row["output"] else 1
+    if args.out:
+        return 0 if resync_video(predictor, src, out, args)["output"] else 1
 
-    out_dir = Path(args.out_dir)
-    report = out_dir / "resync.csv"
-    previous = {}
-    if report.is_file():
-        with open(report, newline="") as f:
-            previous = {r["video"]: r for r in csv.DictReader(f)}
-    rows = []
-    for path in tqdm(list_videos(src), desc="videos"):
-        out = out_dir / path.name
-        if str(path) in previous and (out.is_file() or previous[str(path)]["action"].startswith("refused")):
-            rows.append(previous[str(path)])  # done in an earlier run
+    settings = {k: getattr(args, k) for k in ("stride_sec", "offset_sec", "min_confidence", "force")}
+    log = ResultLog(out / "resync.progress.jsonl", {**model_provenance(args), **settings}, "--out_dir")
+    videos, clashes = list_videos(src)
+    bad = [dict.fromkeys(REPORT_FIELDS, "") | {"video": str(src / n), "action": f"bad: {r}"} for n, r in clashes]
+    for path in tqdm(videos, desc="videos"):
+        if log.records.get(path.name, {}).get("video") == str(path):  # finished in an earlier run
             continue
         try:
-            rows.append(resync_video(predictor, path, out, args))
+            log.append(path.name, resync_video(predictor, path, out / path.name, args))
         except BadVideoError as e:
             logging.error(f"Skipping {path}: {e}")
-            rows.append(dict.fromkeys(REPORT_FIELDS, "") | {"video": str(path), "action": f"bad: {e}"})
-        write_csv(report, rows, REPORT_FIELDS)  # after every video, so that an interrupted run resumes
+            bad.append(dict.fromkeys(REPORT_FIELDS, "") | {"video": str(path), "action": f"bad: {e}"})
+    rows = [log.records[v.name] for v in videos if v.name in log.records] + bad
+    with writing(out / "resync.csv", "--out_dir"):
+        write_csv(out / "resync.csv", rows, REPORT_FIELDS)
     counts = {a: sum(r["action"].startswith(a) for r in rows) for a in ("corrected", "in sync", "refused", "bad")}
-    print(", ".join(f"{n} {a}" for a, n in counts.items()) + f"; report: {report}")
+    print(", ".join(f"{n} {a}" for a, n in counts.items()) + f"; report: {out / 'resync.csv'}")
     return 0 if rows and counts["bad"] < len(rows) else 1
 
 
@@ -184,9 +185,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="The corrected copy of a video (e.g. FIXED.mp4)")
     parser.add_argument("--out_dir", help="Where the corrected copies of a folder's videos and resync.csv go")
     parser.add_argument(
-        "--offset_sec", type=float, help="Apply this offset (positive: audio ahead) instead of predicting it"
+        "--offset_sec",
+        type=number(float, -math.inf),
+        help="Apply this offset (positive: audio ahead) instead of predicting it",
     )
-    parser.add_argument("--min_confidence", type=float, default=0.2, help="Refuse below this mean probability")
+    parser.add_argument(
+        "--min_confidence", type=number(float, 0), default=0.2, help="Refuse below this mean probability"
+    )
     parser.add_argument("--force", action="store_true", help="Correct even with low confidence or drift")
     add_tracking_args(parser)
     return parser

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stage 2 (or synchronisability fine-tuning): continue a run from its <id>_latest.pt.
+# Stage 2 (or synchronizability fine-tuning): continue a run from its <id>_latest.pt.
 #SBATCH --job-name=s2-resume
 #SBATCH --output=./sbatch_logs/%J.log
 #SBATCH --error=./sbatch_logs/%J.log

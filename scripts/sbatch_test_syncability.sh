@@ -1,5 +1,5 @@
 #!/bin/bash
-# Synchronisability test, with the offset accuracy of a stage-2 model across synchronisability thresholds.
+# Synchronizability test, with the offset accuracy of a stage-2 model across synchronizability thresholds.
 #SBATCH --job-name=test-sync
 #SBATCH --output=./sbatch_logs/%J.log
 #SBATCH --error=./sbatch_logs/%J.log
@@ -7,7 +7,7 @@ source ./scripts/sbatch_env.sh
 
 LOGDIR="./logs/sync_models"
 S2_ID="xx-xx-xxTxx-xx-xx"  # offset model
-S3_ID="xx-xx-xxTxx-xx-xx"  # synchronisability model
+S3_ID="xx-xx-xxTxx-xx-xx"  # synchronizability model
 VIDS_PATH="/path/to/vggsound/h264_video_25fps_256side_16000hz_aac/"
 
 srun python -m scripts.test_syncability \

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Synchronisability: fine-tune a stage-2 model with a 2-class head.
+# Synchronizability: fine-tune a stage-2 model with a 2-class head.
 #SBATCH --job-name=s3
 #SBATCH --output=./sbatch_logs/%J.log
 #SBATCH --error=./sbatch_logs/%J.log

@@ -1,12 +1,12 @@
-"""Evaluates a synchronisability model on the test split; optionally also how an offset model performs on
-the clips that the synchronisability model deems synchronisable, across confidence thresholds.
+"""Evaluates a synchronizability model on the test split; optionally also how an offset model performs on
+the clips that the synchronizability model deems synchronisable, across confidence thresholds.
 
     python -m scripts.test_syncability config_sync=<run>/cfg-<id>.yaml ckpt_path_sync=<run>/<id>_best.pt \\
         [config_off=<stage-2 cfg> ckpt_path_off=<stage-2 .pt>] [data.iter_times=25 ...overrides for both]
 
 With an offset model, the inputs are made as long as the offset model needs (its `data.n_segments`) and
-the synchronisability model sees the first of its own `data.n_segments`. Writes
-`<logdir>/<start_time>/syncability_test.json`: the synchronisability metrics, its ROC curve and, per
+the synchronizability model sees the first of its own `data.n_segments`. Writes
+`<logdir>/<start_time>/synchronizability_test.json`: the synchronizability metrics, its ROC curve and, per
 threshold, the offset metrics on the kept clips (a clip kept although not synchronisable counts as wrong).
 Runs under torchrun/srun like the trainers."""
 
@@ -36,7 +36,7 @@ def set_n_segments(cfg, n_segments: int) -> None:
 
 
 def offset_metrics_by_threshold(p_sync, sync_targets, off_logits, off_targets) -> dict:
-    """Offset metrics on the clips whose synchronisability probability exceeds each threshold."""
+    """Offset metrics on the clips whose synchronizability probability exceeds each threshold."""
     results = {}
     n_cls = off_logits.shape[1]
     for t in THRESHOLDS:
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
             report["offset_by_threshold"] = {str(t): m for t, m in by_t.items()}
             for t, m in by_t.items():
                 logging.info(f"offset metrics on clips with p(sync) > {t}: {m}")
-        write_json(run_dir / "syncability_test.json", report)
+        write_json(run_dir / "synchronizability_test.json", report)
     logger.finish()
     cleanup()
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import Trainer, build_run, load_weights
-from utils.checkpoint import save_checkpoint
+from scripts.train_utils import Trainer, build_run
+from utils.checkpoint import save_checkpoint, save_epoch
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices
@@ -38,8 +38,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def lock_towers(model: torch.nn.Module, training: DictConfig) -> None:
+    """`lock_rgb` / `lock_audio`: the visual / audio extractor does not learn (a locked tower, as in LiT); the locked
+    audio tower's LayerNorms still do unless `lock_audio_freeze_layer_norm`, as open_clip locks Hugging Face towers."""
+    for flag, tower in (("lock_rgb", model.v_encoder), ("lock_audio", model.a_encoder)):
+        if training.get(flag):
+            tower.requires_grad_(False)
+    if training.get("lock_audio") and not training.get("lock_audio_freeze_layer_norm"):
+        for m in model.a_encoder.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.requires_grad_(True)
+
+
 class AVCLIPTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
+        lock_towers(model, cfg.training)  # before DDP and the optimiser see which parameters learn
         super().__init__(cfg, env, loaders, model, run_dir)
         training = cfg.training
         opt = training.optimizer
@@ -148,12 +161,11 @@ def train(cfg: DictConfig) -> None:
     ckpt_dir = run_dir / "checkpoints"
     start_epoch = 0
     if training.get("resume"):
-        ckpt = trainer.resume(ckpt_dir / "epoch_latest.pt")
+        ckpt = trainer.resume(ckpt_dir / "epoch_latest.pt", [ckpt_dir / "epoch_best.pt"])
         start_epoch = ckpt["epoch"]
         logging.info(f"Resumed from {ckpt_dir / 'epoch_latest.pt'} after epoch {start_epoch - 1}")
     elif training.get("run_test_only"):
-        # the zero-shot offset accuracy of a checkpoint on the validation split, as the original offers
-        load_weights(model, cfg.ckpt_path, strict=True)
+        # the zero-shot offset accuracy of a checkpoint (loaded in `build_run`) on the valid split, as in the original
         start_epoch = training.num_epochs
         logger.log_metrics("valid", -1, trainer.validate(epoch=0))
 
@@ -171,9 +183,7 @@ def train(cfg: DictConfig) -> None:
         improved = stop_metrics is not None and trainer.stopper.update(stop_metrics)
         if env.is_main:
             ckpt = trainer.state_dict(epoch, stop_metrics or {})
-            save_checkpoint(ckpt, ckpt_dir / "epoch_latest.pt")
-            if improved:
-                save_checkpoint(ckpt, ckpt_dir / "epoch_best.pt")
+            save_epoch(ckpt, ckpt_dir / "epoch_latest.pt", [ckpt_dir / "epoch_best.pt"], improved)
             if epoch == training.num_epochs - 1:
                 save_checkpoint(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
         barrier()

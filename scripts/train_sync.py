@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights
-from utils.checkpoint import save_checkpoint
+from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, training_precision
+from utils.checkpoint import save_epoch
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
 from utils.logger import save_similarity_matrices, segment_similarities
@@ -33,13 +33,12 @@ class SyncTrainer(Trainer):
     def __init__(self, cfg: DictConfig, env: DistEnv, loaders: dict, model: torch.nn.Module, run_dir: Path):
         super().__init__(cfg, env, loaders, model, run_dir)
         self.target_key = "sync_target" if cfg.action == "ft_avsync_model_for_syncability" else "offset_target"
-        use_half = cfg.training.use_half_precision
+        # the original's larger epsilon for half-precision runs, decided by the precision that runs
+        eps = 1e-8 if training_precision(cfg, env.device) == "fp32" else 1e-7
         # lr scales with the number of processes (the global batch grows with it)
         lr = cfg.training.base_learning_rate * env.world_size
-        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=1e-7 if use_half else 1e-8)
+        self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=eps)
         self.scheduler = self.lr_scheduler(cfg.training.lr_scheduler.get("warmup", 0), lr)
-        if cfg.training.get("compile", False):
-            self.net = torch.compile(self.net)
 
     def state_dict(self, epoch: int, metrics: dict, loss: float) -> dict:
         """The checkpoint in the published format plus the early-stopping state."""
@@ -67,7 +66,10 @@ class SyncTrainer(Trainer):
             vfeat, afeat = self.model.extract_features(vis, aud)  # (B, S, tv, D), (B, S, ta, D)
         self.model.train(was_training)
         path = self.run_dir / "viz" / "sim_matrices" / f"{phase}_e{epoch:04d}.png"
-        save_similarity_matrices(segment_similarities(vfeat, afeat), path)
+        # each segment's tokens averaged and L2-normalised
+        v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
+        save_similarity_matrices(segment_similarities(v, a), path)
 
     def run_phase(self, phase: str, epoch: int) -> dict:
         """One pass over a phase's data (valid/test repeat `data.iter_times` times); returns its metrics."""
@@ -122,9 +124,10 @@ def train(cfg: DictConfig) -> None:
     trainer = SyncTrainer(cfg, env, loaders, model, run_dir)
 
     latest, best_path = run_dir / f"{cfg.start_time}_latest.pt", run_dir / f"{cfg.start_time}_best.pt"
+    bests = [run_dir / f"{cfg.start_time}.pt", best_path]
     start_epoch = 0
     if training.resume:
-        ckpt = trainer.resume(latest)
+        ckpt = trainer.resume(latest, bests)
         start_epoch = ckpt["epoch"] + 1
         logging.info(f"Resumed from {latest} (epoch {ckpt['epoch']}, best {trainer.stopper.best_metrics})")
     elif training.finetune:
@@ -141,10 +144,7 @@ def train(cfg: DictConfig) -> None:
         improved = trainer.stopper.update(metrics[training.early_stop_phase])
         if env.is_main:
             ckpt = trainer.state_dict(epoch, metrics[training.early_stop_phase], metrics["train"]["loss"])
-            save_checkpoint(ckpt, latest)
-            if improved:
-                save_checkpoint(ckpt, run_dir / f"{cfg.start_time}.pt")
-                save_checkpoint(ckpt, best_path)
+            save_epoch(ckpt, latest, bests, improved)
         barrier()
     if trainer.stopper.triggered:
         logging.info(f"Early stopping: no improvement for {training.patience} epochs")

@@ -7,10 +7,11 @@ seeded per item from (seed, epoch, item index). A run resumed from the checkpoin
 draws exactly the numbers an uninterrupted run draws, whatever `num_workers` or the number of ranks."""
 
 import importlib
+import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from dataset.dataset_utils import collate_drop_bad, get_datasets
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from utils.config import ConfigError, cfg_get, load_config, set_env_from_slurm
-from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed
+from utils.dist import DistEnv, all_ranks_agree, broadcast_object, init_distributed, read_on_rank0
 from utils.logger import RunLogger, setup_logging
-from utils.precision import AUTOCAST_DTYPES, autocast, resolve_precision
+from utils.precision import AUTOCAST_DTYPES, autocast, resolve_device, resolve_precision, set_tf32
 from utils.utils import instantiate_from_config, reuse_freed_memory
 
 # `action` in the config -> the module whose `train` runs it, imported only when asked for.
@@ -73,9 +74,10 @@ class SeededItems(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         # the global generators are borrowed for the item and restored afterwards, so that a loader
-        # without workers leaves the training randomness (dropout) untouched
+        # without workers leaves the training randomness (dropout) untouched; torch.manual_seed also reseeds
+        # CUDA's, forked too where this process uses CUDA (never in a loader worker, which must not start it)
         py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
             seed_everything(derive_seed(self.seed, self.epoch, index))
             try:
                 item = self.dataset[index]
@@ -94,9 +96,11 @@ def build_loader(cfg: DictConfig, dataset: Dataset, phase: str, env: DistEnv) ->
         # shuffled by (seed, epoch) through `set_epoch`; every rank gets the same number of batches
         sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=cfg.training.seed)
     else:
-        # rank r takes items r, r + world, ... in order, without padding, so that the gathered predictions
-        # of all ranks are exactly the dataset
-        sampler = range(env.rank, len(dataset), env.world_size)
+        # rank r takes the single-process batches r, r + world, ... whole, without padding: the gathered
+        # predictions of all ranks are exactly the dataset, and a batch's loss (stage 1's contrastive loss
+        # over its clips) does not depend on the number of ranks
+        b, n = cfg.training.base_batch_size, len(dataset)
+        sampler = [i for start in range(env.rank * b, n, env.world_size * b) for i in range(start, min(start + b, n))]
     return DataLoader(
         dataset,
         batch_size=cfg.training.base_batch_size,
@@ -247,9 +251,10 @@ class EarlyStopper:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict:
-    """Loads a checkpoint's weights into `model`; reports mismatching keys when not `strict`."""
-    ckpt = load_checkpoint(path)
-    status = model.load_state_dict(ckpt["model"], strict=strict)
+    """Loads a checkpoint's weights into `model` (read on rank 0 only, see `read_on_rank0`); reports mismatching
+    keys when not `strict`."""
+    ckpt = read_on_rank0(lambda: load_checkpoint(path))
+    status = load_weights_into(model, ckpt["model"], path, strict)
     if not strict and (status.missing_keys or status.unexpected_keys):
         logging.warning(
             f"Loaded {path} with missing keys {status.missing_keys} and unexpected keys {status.unexpected_keys}: "
@@ -258,8 +263,20 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool) -> dict
     return ckpt
 
 
+# Options of the original's stage 1 (from open_clip) that do nothing at these values and are not implemented here:
+# a run that sets another value stops instead of ignoring it.
+NOT_IMPLEMENTED = {
+    "training.queue_size": 0, "training.alpha": 0.0, "training.trace": False, "training.force_image_size": None,
+    "training.distill_model": None, "training.distill_pretrained": None, "training.remote_sync": None,
+    "training.dist_url": "env://", "training.lock_rgb_unlocked_groups": 0, "training.lock_audio_unlocked_layers": 0,
+    "training.lock_rgb_freeze_bn_stats": False, "logging.log_local": False, "logging.save_frequency": 0,
+    "logging.delete_previous_checkpoint": False, "logging.save_most_recent": True, "logging.use_tboard": False,
+}  # fmt: skip
+
+
 def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
-    """Checks the run mode, joins the process group, and sets up logging in `<logdir>/<start_time>/`."""
+    """Checks the run mode and options, joins the process group (`training.device`, `dist_timeout_min`), sets
+    TF32 (`training.allow_tf32`, see `set_tf32`), and sets up logging in `<logdir>/<start_time>/`."""
     training = cfg.training
     modes = [m for m in ("resume", "finetune", "run_test_only") if training.get(m)]
     if len(modes) > 1:
@@ -271,7 +288,14 @@ def setup_run(cfg: DictConfig) -> tuple[DistEnv, Path, RunLogger]:
         for name in ("afeat_extractor", "vfeat_extractor"):
             if "ckpt_path" in cfg.model.params[name].get("params", {}):
                 cfg.model.params[name].params.ckpt_path = None
-    env = init_distributed(training.get("dist_backend"), cfg_get(cfg, "training.device"))
+    for key, inert in NOT_IMPLEMENTED.items():
+        if OmegaConf.select(cfg, key, default=inert) != inert:
+            raise ConfigError(f"{key}: an option of the original not implemented here; set {key}={json.dumps(inert)}.")
+    device = cfg_get(cfg, "training.device")
+    if device is None and training.get("no_set_device_rank"):  # the original's: device 0 in every process
+        device = f"{resolve_device(None).type}:0"
+    env = init_distributed(training.get("dist_backend"), device, cfg_get(cfg, "training.dist_timeout_min"))
+    set_tf32(cfg_get(cfg, "training.allow_tf32"))
     cfg.start_time = broadcast_object(cfg.start_time)  # each process drew its own
     run_dir = Path(cfg.logging.logdir) / cfg.start_time
     setup_logging(run_dir, env.rank)
@@ -286,6 +310,8 @@ def build_run(cfg: DictConfig, phases: list[str]) -> tuple[DistEnv, Path, RunLog
     env, run_dir, logger = setup_run(cfg)
     seed_everything(cfg.training.seed)
     model = instantiate_from_config(cfg.model).to(env.device)
+    if cfg.training.get("run_test_only"):  # a checkpoint that does not fit fails before any data is read
+        load_weights(model, cfg.ckpt_path, strict=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logging.info(f"{n_train / 1e6:.3f}M trainable of {n_all / 1e6:.3f}M parameters")
@@ -307,9 +333,17 @@ class Trainer:
         self.stopper = EarlyStopper(cfg.training.patience, cfg.training.to_max_metric, cfg.training.metric_name)
         self.guard = BadLossGuard(cfg_get(cfg, "training.max_bad_loss_steps"))
         self.net = model
+        training = cfg.training
         if env.world_size > 1:
+            if training.get("use_bn_sync"):  # batch statistics over all ranks (the model's layers, converted in place)
+                if env.device.type == "cpu":
+                    raise ConfigError("training.use_bn_sync=True needs GPUs: set it to False on the CPU.")
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             device_ids = None if env.device.type == "cpu" else [env.device.index]
-            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            static_graph = bool(training.get("ddp_static_graph"))  # the same parameters used at every step
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids, static_graph=static_graph)
+        if training.get("compile"):
+            self.net = torch.compile(self.net)
 
     def lr_scheduler(self, warmup: int, lr: float) -> torch.optim.lr_scheduler.LambdaLR:
         """`training.lr_scheduler` (see `lr_factor_fn`) over the run's `training.num_epochs` epochs, the last
@@ -334,17 +368,21 @@ class Trainer:
     def optimisation_state(self) -> dict:
         return {name: part.state_dict() for name, part in self.checkpointed().items()}
 
-    def resume(self, path: Path) -> dict:
-        """Restores the state saved in the checkpoint `path` of an interrupted run; returns the checkpoint."""
-        if not path.is_file():
+    def resume(self, path: Path, bests: Sequence[Path]) -> dict:
+        """Restores the state saved in the latest checkpoint `path` of an interrupted run (and the `bests`, see
+        `utils.checkpoint.save_epoch`); returns the checkpoint. Rank 0 wrote it: read there, see `read_on_rank0`."""
+        ckpt = read_on_rank0(lambda: load_checkpoint(path) if path.is_file() else None)
+        if ckpt is None:
             raise ConfigError(
                 f"Nothing to resume: {path} does not exist. Resume a run with the config saved in its folder: "
                 "config=<logdir>/<start_time>/cfg-<start_time>.yaml training.resume=True"
             )
-        ckpt = load_checkpoint(path, map_location=self.env.device)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights_into(self.model, ckpt["model"], path)
         for name, part in self.checkpointed().items():
             part.load_state_dict(ckpt[name])
+        if ckpt.pop("is_best", False) and self.env.is_main:  # the bests' writing may have been cut short
+            for best in bests:
+                save_checkpoint(ckpt, best)
         return ckpt
 
     def batches(self, phase: str, epoch: int) -> tuple[tqdm, Iterator]:

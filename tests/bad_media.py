@@ -1,12 +1,14 @@
-"""The bad files a new user tries first, written with PyAV: each name maps to a part of the error it must get.
-Beyond the 8 of issue 14, a file whose middle is corrupt and which needs re-encoding."""
+"""The bad files a new user tries first, written with PyAV: each name maps to a part of the error it must get
+(among them a file whose middle is corrupt and which needs re-encoding). Also media that are unusual but
+must work, or must be refused with a reason: Opus audio in WebM and Matroska, a video of a single frame."""
 
 from pathlib import Path
 
 import av
 import numpy as np
 
-from dataset.synthetic import ClipSpec, make_clip, write_mp4
+from dataset.io import audio_frame, rgb_frame
+from dataset.synthetic import ClipSpec, make_clip, render_audio, render_video, sample_events, write_mp4
 
 
 def _write_one_stream(path: Path, kind: str) -> None:
@@ -57,3 +59,27 @@ def write_bad_videos(folder: Path) -> dict[str, str]:
         "corrupt_30fps.mp4": "corrupt",
         "missing.mp4": "does not exist",
     }
+
+
+def write_opus_clip(path: Path, spec: ClipSpec) -> ClipSpec:
+    """`make_clip`'s clip with Opus audio at 48 kHz: VP8 in WebM, or H.264 in Matroska (by `path`'s suffix)."""
+    spec = sample_events(ClipSpec(**{**spec.__dict__, "afps": 48000}))
+    layout = {1: "mono", 2: "stereo"}[spec.n_audio_channels]
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libvpx" if path.suffix == ".webm" else "libx264", rate=int(spec.vfps))
+        video.height, video.width, video.pix_fmt = spec.height, spec.width, "yuv420p"
+        audio = container.add_stream("libopus", rate=48000, layout=layout)
+        for i, rgb in enumerate(render_video(spec)):
+            container.mux(video.encode(rgb_frame(rgb, i)))
+        wave = render_audio(spec)  # (C, Ta)
+        for start in range(0, wave.shape[1], 960):  # Opus's 20 ms frames
+            container.mux(audio.encode(audio_frame(wave[:, start : start + 960], layout, 48000, start)))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    return spec
+
+
+def write_brief_video(path: Path, n_frames: int = 1, audio_sec: float = 8.0) -> None:
+    """`n_frames` at 25 fps and `audio_sec` of audio: with one frame, a still image rather than a video."""
+    frames, wave = np.zeros((n_frames, 32, 32, 3), np.uint8), np.zeros((1, round(audio_sec * 16000)), np.float32)
+    write_mp4(path, frames, wave, 25, 16000)

@@ -1,6 +1,8 @@
 import os
 import socket
+from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,11 +35,15 @@ def test_temperature_gets_gradient():
     assert scale.grad is not None and torch.isfinite(scale.grad)
 
 
+ROWS = (3, 5)  # rank 1 holds more rows than rank 0, as when rank 0 dropped a bad clip
+
+
 def _gathered_rank(rank: int, world_size: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    v_all, a_all = features(4 * world_size)
-    v, a = (x[rank * 4 : (rank + 1) * 4].clone().requires_grad_() for x in (v_all, a_all))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    v_all, a_all = features(sum(ROWS))
+    rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
+    v, a = (x[rows].clone().requires_grad_() for x in (v_all, a_all))
     loss, sim = contrastive_loss(v, a, 0.1, gather=True)
     loss.backward()
     # numpy arrays travel by value: shared tensors would vanish when this process exits
@@ -45,10 +51,11 @@ def _gathered_rank(rank: int, world_size: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def test_gathered_loss_averaged_over_ranks_equals_the_full_batch_loss():
-    """2 ranks x 4 rows: the mean of the ranks' losses and their gradients (as DDP averages them) match one
-    process holding all 8 rows, so negatives come from the other rank and positives sit at the right column."""
-    world_size = 2
+def test_gathered_loss_of_uneven_ranks_equals_the_concatenated_rows_loss():
+    """2 ranks with 3 and 5 rows: each rank's loss is the loss of one process holding all 8 rows, and the
+    gradients (as DDP averages them) match it, so negatives come from the other rank, positives sit at the right
+    column, and the ranks' different row counts neither abort nor hang the gather."""
+    world_size = len(ROWS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,18 +64,17 @@ def test_gathered_loss_averaged_over_ranks_equals_the_full_batch_loss():
     procs = [ctx.Process(target=_gathered_rank, args=(r, world_size, port, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
+    for p in procs:  # the results are small: they fit the queue's pipe before anyone reads them
+        p.join(timeout=120)
         assert p.exitcode == 0
+    results = sorted((queue.get(timeout=10) for _ in procs), key=lambda r: r[0])
 
-    v_all, a_all = (x.requires_grad_() for x in features(4 * world_size))
+    v_all, a_all = (x.requires_grad_() for x in features(sum(ROWS)))
     full_loss, _ = contrastive_loss(v_all, a_all, 0.1)
     full_loss.backward()
-    torch.testing.assert_close(torch.tensor([r[1] for r in results]).mean(), full_loss.detach())
-    for rank, _, sim_shape, v_grad, a_grad in results:
-        assert sim_shape == (4, 8)
-        rows = slice(rank * 4, (rank + 1) * 4)
+    for rank, loss, sim_shape, v_grad, a_grad in results:
+        assert loss == pytest.approx(full_loss.item(), abs=1e-6) and sim_shape == (8, 8)
+        rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
         torch.testing.assert_close(torch.from_numpy(v_grad) / world_size, v_all.grad[rows])
         torch.testing.assert_close(torch.from_numpy(a_grad) / world_size, a_all.grad[rows])
 

@@ -32,7 +32,9 @@ def run_script(module, monkeypatch, capsys, tmp_path, *argv) -> tuple[dict, str]
 
 
 def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2")
+    result, line = run_script(
+        bench_model, monkeypatch, capsys, tmp_path, "--tiny", "--segments", "2", "--device", "cpu"
+    )
     assert [(r["precision"], r["batch_size"]) for r in result["runs"]] == [("fp32", 1), ("bf16", 1), ("int8", 1)]
     assert result["gflop_per_clip"] > 0.01 and result["weights"] == "detfill"
     for r in result["runs"]:
@@ -48,7 +50,7 @@ def test_bench_model_tiny(monkeypatch, capsys, tmp_path):
 
 
 def test_bench_train_tiny(monkeypatch, capsys, tmp_path):
-    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny")
+    result, line = run_script(bench_train, monkeypatch, capsys, tmp_path, "--tiny", "--device", "cpu")
     (run,) = result["runs"]
     assert run["size"] == "tiny" and run["iterations_per_second"] > 0 and len(run["seconds_per_iteration"]) == 2
     # stage 2 trains the projections and the transformer, the extractors are frozen
@@ -62,7 +64,9 @@ def test_bench_tracking_tiny(monkeypatch, capsys, tmp_path):
     assert result["distinct_segments"] == 14 + 4 < result["segments_per_window_total"] == 28
     assert result["max_abs_logit_diff"] <= 1e-4
     assert all(result[k] > 0 for k in ("extractor_pass_seconds", "reuse_seconds", "per_window_seconds"))
-    assert "per-window" in line
+    assert "per-window" in line and "peak RSS of tracking 0.2 min" in line
+    (rss,) = result["peak_rss"]
+    assert rss["minutes"] == 0.2 and 0 < rss["model_built_mb"] <= rss["peak_mb"]
 
 
 def test_bench_precision_tiny(monkeypatch, capsys, tmp_path):
@@ -118,7 +122,7 @@ def test_quantize_for_cpu_keeps_the_model_and_stays_close():
 
 def test_bench_desync_tiny(capsys, tmp_path):
     out = tmp_path / "result.json"
-    argv = ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--out", str(out)]
+    argv = ["--tiny", "--n_videos", "1", "--precisions", "fp32", "--num_workers", "0", "--features", "--out", str(out)]
     result = bench_desync.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.desync (tiny, 1 videos") and "fp32" in lines[0]
@@ -126,3 +130,6 @@ def test_bench_desync_tiny(capsys, tmp_path):
     assert result["one_video_at_a_time_fp32"]["videos_per_sec"] > 0
     folder = result["folder_fp32"]
     assert folder["speedup"] > 0 and folder["top1_agreement"] == 1.0 and folder["max_prob_diff"] < 1e-5
+    # feature caches of the same videos, timed against the folder path
+    assert folder["features_visual_vs_desync"] > 0 and folder["features_visual_audio_vs_desync"] > 0
+    assert "feature caches against the folder path: fp32 visual" in lines[0]

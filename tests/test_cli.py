@@ -58,7 +58,7 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
              problem)  # fmt: skip
         case(f"predict_offsets {name}", "scripts/predict_offsets.py", [video, "--out_dir", work / "offsets", *tiny],
              str(video), problem)  # fmt: skip
-    clip = ["--vid_path", REAL_CLIP]
+    clip = ["--vid_path", REAL_CLIP, "--device", "cpu"]
     for ckpt, problem in [("nowhere.pt", "not found"), ("truncated.pt", "truncated"), ("random.pt", "Could not read"),
                           ("incompatible.pt", "1 missing"), ("bare.pt", "without the config")]:  # fmt: skip
         case(f"checkpoint {ckpt}", "example.py", [*clip, "--ckpt_path", root / ckpt], str(root / ckpt), problem)
@@ -70,14 +70,14 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
          "127.0.0.1:9/sync_models/24-01-04T16-39-21", "place it at", setattr=offline)  # fmt: skip
     case("unknown model", "example.py", [*clip, "--exp_name", "24-13-99", "--logdir", work / "models"], "24-13-99")
     case("window outside", "example.py", [*clip, "--v_start_i_sec", "8.0", *tiny], REAL_CLIP.name, "--v_start_i_sec")
-    if not torch.cuda.is_available():
-        case("no GPU", "example.py", [*clip, "--device", "cuda", *tiny[:2]], "--device=cuda", "--device=cpu")
-        case("no GPU bench", "scripts/bench/model.py", ["--tiny", "--device", "cuda:1"], "--device=cuda:1")
+    case("no GPU", "example.py", [*clip, "--device", "cuda:99", *tiny[:2]], "--device=cuda:99", "--device=cpu")
+    case("no GPU bench", "scripts/bench/model.py", ["--tiny", "--device", "cuda:99"], "--device=cuda:99")
     case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device=gpu0")
     case("empty folder", "scripts/predict_offsets.py", [work / "vis", *tiny], f"No videos in {work / 'vis'}")
     case("desync no folder", "scripts/desync.py", [work / "nowhere", *tiny], str(work / "nowhere"), "not a folder")
     case("desync output", "scripts/desync.py", [root / "good", "--out", work / "r.txt", *tiny], "r.txt", ".json")
-    case("desync checkpoint", "scripts/desync.py", [root / "good", "--ckpt_path", root / "truncated.pt"], "truncated")
+    case("desync checkpoint", "scripts/desync.py", [root / "good", "--ckpt_path", root / "truncated.pt", *tiny[2:]],
+         "truncated")  # fmt: skip
     case("no config", "main.py", [f"config={root / 'none.yaml'}"], "none.yaml")
     case("broken config", "main.py", [f"config={root / 'broken.yaml'}"], "broken.yaml")
     train = [f"config={REPO / 'configs' / 'tiny' / 'sync.yaml'}", f"logging.logdir={work / 'logs'}"]
@@ -93,14 +93,24 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
     case("extractor checkpoint", "main.py", [*train, f"model.params.vfeat_extractor.params.ckpt_path={root}/no.pt"],
          f"{root}/no.pt")  # fmt: skip
     case("no metadata", "main.py", train, "vggsound.csv", "download_metadata")
-    if not torch.cuda.is_available():
-        case("no GPU training", "main.py", [*train, "training.device=cuda"], "training.device=cuda")
+    case("no GPU training", "main.py", [*train, "training.device=cuda:99"], "training.device=cuda:99")
     case("syncability", "scripts/test_syncability.py", [], "config_sync=")
     case("demo", "scripts/demo.py", ["--offset_sec", "3"], "--offset_sec 3")
     case("metadata offline", "scripts/download_metadata.py", ["--out", work / "meta", "--only", "lrs3_test.txt",
          "--base-url", "http://127.0.0.1:9/"], "http://127.0.0.1:9/lrs3_test.txt")  # fmt: skip
     case("debug", "example.py", ["--vid_path", root / "bad" / "empty.mp4", *tiny], "empty.mp4",
          env={"SYNCHFORMER_DEBUG": "1"})  # fmt: skip
+    good = root / "good" / "good.mp4"
+    case("resync 100 s", "scripts/resync.py", [good, "--offset_sec", "100", "--out", work / "f.mp4", *tiny], "100 s")
+    # outputs that cannot be written: a file where a folder should be, a folder where a file should be
+    case("predict_offsets out_dir in a file", "scripts/predict_offsets.py", [good, "--out_dir", good / "out", *tiny],
+         f"cannot write {good / 'out'}", "--out_dir")  # fmt: skip
+    case("desync out is a folder", "scripts/desync.py", [root / "good", "--out", work / "vis.json", *tiny], "vis.json")
+    case("resync out_dir in a file", "scripts/resync.py", [root / "good", "--out_dir", good / "out", *tiny],
+         f"cannot write {good / 'out'}", "--out_dir")  # fmt: skip
+    if os.geteuid() != 0:  # permissions do not stop root
+        case("read-only out_dir", "scripts/predict_offsets.py", [good, "--out_dir", work / "read-only", *tiny],
+             "read-only", "Permission denied")  # fmt: skip
     for folder in ("mixed", "bad"):
         case(f"folder {folder}", "scripts/predict_offsets.py", [root / folder, "--out_dir", work / folder, *tiny])
     return cases
@@ -112,6 +122,8 @@ def runs(files, tmp_path_factory):
     root, problems = files
     work = tmp_path_factory.mktemp("work")
     (work / "vis").mkdir()
+    (work / "vis.json").mkdir()
+    (work / "read-only").mkdir(mode=0o555)
     (root / "broken.yaml").write_text("model: [unclosed\n")
     (root / "mixed").mkdir()
     for name in problems:
@@ -174,7 +186,8 @@ def test_folder_commands_skip_bad_files_and_list_them(files, runs):
 def test_a_real_process_exits_2_with_one_line(files, tmp_path):
     root, _ = files
     missing = root / "bad" / "missing.mp4"
-    cmd = [sys.executable, str(REPO / "example.py"), "--vid_path", str(missing), "--ckpt_path", str(root / "tiny.pt")]
+    cmd = [sys.executable, str(REPO / "example.py"), "--vid_path", str(missing), "--ckpt_path", str(root / "tiny.pt"),
+           "--device", "cpu"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     expected = f"error: {missing}: file does not exist (check the path; in a dataset, `vids_dir` and the split files)"

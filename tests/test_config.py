@@ -1,5 +1,6 @@
 """Config loading: merge semantics, overlays, interpolation, the `add` resolver, typo rejection, SLURM mapping."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 import main
+from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError, load_config, load_yaml, set_env_from_slurm
 from utils.utils import get_obj_from_str, instantiate_from_config
 
@@ -143,3 +145,42 @@ def test_dotted_instantiation():
         instantiate_from_config({"params": {}})
     with pytest.raises(ImportError, match="NoSuchLayer"):
         get_obj_from_str("torch.nn.NoSuchLayer")
+
+
+def test_setting_types_are_checked_when_the_config_is_read(tmp_path):
+    """A wrong type or range fails in one line naming the setting, before any work (not after an epoch)."""
+    tiny = str(ROOT / "configs" / "tiny" / "sync.yaml")
+    for override, named in [("training.num_epochs=abc", "training.num_epochs='abc'"),
+                            ("training.base_batch_size=-2", "training.base_batch_size=-2"),
+                            ("training.skip_test=maybe", "training.skip_test='maybe'"),
+                            ("data.iter_times=0", "data.iter_times=0"),
+                            ("training.base_learning_rate=true", "training.base_learning_rate=True")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^{re.escape(named)} .* must be"):
+            load_config([f"config={tiny}", override])
+    overlay = tmp_path / "three.yaml"
+    overlay.write_text(f"defaults: [{tiny}]\ntraining: {{patience: three}}\n")
+    with pytest.raises(ConfigError, match="training.patience='three' .*three.yaml.* must be an integer >= 0"):
+        load_config([f"config={overlay}"])
+    cfg = load_config([f"config={tiny}", "training.max_train_iters=null", "training.base_learning_rate=1"])
+    assert cfg.training.max_train_iters is None and cfg.training.base_learning_rate == 1  # null: off; 1 is a number
+
+
+def test_only_config_problems_become_config_errors():
+    """A constructor's refusal of its arguments names the targets that lead to it; any other error (a bug) keeps
+    its type and traceback."""
+    transformer = {"target": "model.sync_model.GlobalTransformer", "params": {"n_layer": 1, "n_head": 5, "n_embd": 32}}
+    with pytest.raises(ConfigError, match=r"^model.sync_model.GlobalTransformer: n_embd=32 .* n_head=5"):
+        instantiate_from_config(transformer)
+    with pytest.raises(ValueError, match="Invalid literal") as error:
+        instantiate_from_config({"target": "fractions.Fraction", "params": {"numerator": "abc"}})
+    assert not isinstance(error.value, ConfigError)
+
+
+def test_a_test_only_run_refuses_a_checkpoint_that_does_not_fit_before_reading_data(tmp_path):
+    tiny = str(ROOT / "configs" / "tiny" / "sync.yaml")
+    state_dict = instantiate_from_config(load_config([f"config={tiny}"]).model).state_dict()
+    ckpt = tmp_path / "other.pt"
+    save_checkpoint({"model": dict(list(state_dict.items())[1:])}, ckpt)
+    # the data is nowhere (`PLACEHOLDER`): reading it first would fail on that instead
+    with pytest.raises(CheckpointError, match=f"{ckpt} do not fit .*: 1 missing"):
+        main.main([f"config={tiny}", "training.run_test_only=True", f"ckpt_path={ckpt}", f"logging.logdir={tmp_path}"])

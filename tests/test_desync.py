@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from dataset.io import decode_video_at_fps
 from dataset.synthetic import ClipSpec, make_clip
 from scripts import desync
 from tests.reference_data import REFERENCE, REPO
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import untrained_config
 from utils.detfill import det_state_dict
 from utils.utils import instantiate_from_config
@@ -106,30 +107,57 @@ def test_nothing_scored_exits_1(tiny_ckpt, folder, tmp_path):
     assert len(rows) == 6 and all("no audio file" in r["skipped_reason"] for r in rows)
 
 
-def test_resume_scores_only_what_is_missing(tiny_ckpt, folder, tmp_path, capsys):
-    """A finished results file and the log an interrupted run left beside it both count as done: their
-    records (marked here with impossible values) come back unchanged, the rest is scored."""
+def test_resume_scores_only_what_is_missing_and_redoes_a_torn_record(tiny_ckpt, folder, tmp_path, capsys):
+    """The log beside the results counts as done: its records (marked here with an impossible value) come
+    back unchanged; a record cut off by a kill is scored again and its line replaced, not glued onto."""
     videos, audio = folder
-    args = ["--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--device", "cpu"]
+    args = [videos, "--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--device", "cpu", "--num_workers", "0"]
     for suffix in (".json", ".csv"):
         out = tmp_path / f"r{suffix}"
-        run_desync(videos, *args, "--out", out)
+        run_desync(*args, "--out", out)
         first = out.read_text()
-        assert run_desync(videos, *args, "--out", out) == 0 and out.read_text() == first  # nothing left to do
-    out = tmp_path / "r.json"
-    result = json.loads(out.read_text())
-    v0, v1 = result["videos"][:2]
-    v0["desync"] = 99.0
-    result["videos"] = [v0]
-    out.write_text(json.dumps(result))
-    v1["desync"] = 98.0
-    (tmp_path / ".r.json.part-0.jsonl").write_text(json.dumps(v1) + "\n" + '{"video": "v2.mp4", "des')  # killed
-    capsys.readouterr()
-    run_desync(videos, *args, "--out", out)
+        assert run_desync(*args, "--out", out) == 0 and out.read_text() == first  # nothing left to do
+    out, log = tmp_path / "r.json", tmp_path / "r.json.progress.jsonl"
+    header, *lines = log.read_text().splitlines(keepends=True)
+    v0 = json.loads(next(line for line in lines if '"key": "v0.mp4"' in line))
+    v0["record"]["desync"] = 99.0
+    v2 = next(line for line in lines if '"key": "v2.mp4"' in line)
+    kept = [line for line in lines if '"key": "v0.mp4"' not in line and line != v2]
+    log.write_text(header + json.dumps(v0) + "\n" + "".join(kept) + v2[:40])  # killed while writing v2.mp4
+    run_desync(*args, "--out", out)
     resumed = {v["video"]: v for v in json.loads(out.read_text())["videos"]}
-    assert resumed["v0.mp4"]["desync"] == 99.0 and resumed["v1.mp4"]["desync"] == 98.0
-    assert resumed["v2.mp4"]["desync"] <= 2  # scored again: its line was cut off
-    assert not list(tmp_path.glob(".r.json.part-*"))
+    assert resumed["v0.mp4"]["desync"] == 99.0 and set(resumed) == {"v0.mp4", "v1.mp4", "v2.mp4"}
+    assert json.loads(log.read_text().splitlines()[-1])["key"] == "v2.mp4"  # its own line, after the cut
+    assert resumed["v2.mp4"]["desync"] <= 2  # scored again
+
+
+def test_a_rerun_with_another_model_or_precision_is_refused_and_changes_nothing(tiny_ckpt, folder, tmp_path):
+    from utils.cli import UserError
+
+    videos, audio = folder
+    out = tmp_path / "r.json"
+    args = [videos, "--audio_dir", audio, "--device", "cpu", "--num_workers", "0", "--out", out]
+    assert run_desync(*args, "--ckpt_path", tiny_ckpt) == 0
+    before = (out.read_bytes(), (tmp_path / "r.json.progress.jsonl").read_bytes())
+    other = tmp_path / "other.pt"
+    save_checkpoint({**load_checkpoint(tiny_ckpt), "epoch": 1}, other)
+    with pytest.raises(UserError, match=r"precision='fp32'.*another --out"):
+        run_desync(*args, "--ckpt_path", tiny_ckpt, "--precision", "bf16")
+    with pytest.raises(UserError, match=r"\(model, model_sha256 differ\)"):
+        run_desync(*args, "--ckpt_path", other)
+    assert (out.read_bytes(), (tmp_path / "r.json.progress.jsonl").read_bytes()) == before
+
+
+def test_colliding_names_are_listed_and_never_merged(tiny_ckpt, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("x.mp4", "x.MP4", "x.mkv"):
+        make_clip(videos / name, ClipSpec(duration_sec=8.5, seed=1))
+    out = tmp_path / "r.json"
+    assert run_desync(videos, "--ckpt_path", tiny_ckpt, "--device", "cpu", "--out", out) == 1  # nothing scored
+    result = json.loads(out.read_text())
+    assert result["videos"] == [] and [s["video"] for s in result["skipped"]] == ["x.MP4", "x.mkv", "x.mp4"]
+    assert "its output name 'x' is also that of x.mkv, x.mp4" in result["skipped"][0]["reason"]
 
 
 def test_csv_has_a_row_per_video(tiny_ckpt, folder, tmp_path):
@@ -148,19 +176,31 @@ def test_csv_has_a_row_per_video(tiny_ckpt, folder, tmp_path):
     assert rows["broken.mp4"]["skipped_reason"] and rows["broken.mp4"]["desync"] == ""
 
 
-def test_two_torchrun_processes_give_the_same_results_as_one(tiny_ckpt, folder, tmp_path):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_without_a_shared_folder_give_rank_0_the_results_of_one_process(tiny_ckpt, folder, tmp_path):
+    """Two launchers (--nnodes 2, c10d on loopback, gloo), each in its own working directory with a relative
+    --out: rank 0's file holds every video, scored and skipped, as one process writes it; rank 1 writes nothing."""
     videos, audio = folder
-    outs = []
-    for n in (1, 2):
-        out = tmp_path / f"r{n}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-        cmd += [str(REPO / "scripts" / "desync.py"), str(videos), "--audio_dir", str(audio), "--out", str(out)]
-        cmd += ["--ckpt_path", str(tiny_ckpt), "--device", "cpu", "--num_workers", "0"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append(json.loads(out.read_text()))
-    assert outs[0] == outs[1]
+    argv = [videos, "--audio_dir", audio, "--ckpt_path", tiny_ckpt, "--device", "cpu", "--num_workers", "0"]
+    assert run_desync(*argv, "--out", tmp_path / "one.json") == 0
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
+        cmd += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+        cmd += [str(REPO / "scripts" / "desync.py"), *map(str, argv), "--out", "out.json"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{node}", env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert json.loads((tmp_path / "node0" / "out.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert not (tmp_path / "node1" / "out.json").exists()
 
 
 def test_the_api_of_av_benchmark_and_mmaudio_agrees_with_forward(tiny_ckpt):

@@ -12,12 +12,13 @@ import torch
 from omegaconf import OmegaConf
 from torchao.quantization import Int8Tensor
 
+import dataset.io
 import example
 from dataset.io import BadVideoError, get_video_and_audio, probe_video
 from dataset.segment_pipeline import SegmentPipeline
 from dataset.synthetic import ClipSpec, make_clip
 from model.pretrained import load_model
-from model.tracking import WindowPredictor
+from model.tracking import WindowPredictor, predict_track
 from scripts import predict_offsets
 from scripts.common import load_model_from_args
 from tests.reference_data import DATA, REPO, needs_samples
@@ -208,6 +209,24 @@ def test_feature_reuse_equals_per_window_computation(predictor, clips):
         assert (logits - expected[0]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name, offset_sec", [("long.mp4", 0.0), ("odd.mp4", 0.4)])  # odd.mp4: re-encoded first
+def test_tracking_decodes_a_batch_of_segments_at_a_time_with_the_same_results(predictor, clips, name, offset_sec,
+                                                                                tmp_path, monkeypatch):  # fmt: skip
+    """predict_track never holds more frames than one batch of segments spans (8 segments, 8 frames apart:
+    72 frames), and its logits equal those of the whole decoded video."""
+    decoded = []
+    to_rgb24 = dataset.io._to_rgb24
+    monkeypatch.setattr(dataset.io, "_to_rgb24", lambda frames: decoded.append(len(frames)) or to_rgb24(frames))
+    rows, summary = predict_track(predictor, clips / name, tmp_path, stride_sec=1.28, offset_sec=offset_sec)
+    assert len(rows) == summary["n_windows"] >= 2 and max(decoded) <= 72
+    path = next(tmp_path.glob("*.mp4")) if name == "odd.mp4" else clips / name
+    item = predictor.pipeline.prepare(*get_video_and_audio(path, get_meta=True), str(path))
+    windows = [predictor.pipeline.window_segments(item, s, offset_sec) for s in predictor.window_starts(item, 1.28)]
+    probs = torch.softmax(predictor.predict(item, windows), -1)
+    assert [r["prob"] for r in rows] == [round(float(p.max()), 4) for p in probs]
+    assert [r["class"] for r in rows] == probs.argmax(-1).tolist()
+
+
 def test_bf16_windows_stay_close_to_float32(predictor, clips):
     item = predictor.pipeline.prepare(*get_video_and_audio(clips / "long.mp4", get_meta=True), "long.mp4")
     windows = [predictor.pipeline.window_segments(item, s) for s in predictor.window_starts(item, stride_sec=2.56)]
@@ -225,19 +244,81 @@ def test_bf16_windows_stay_close_to_float32(predictor, clips):
     assert torch.equal(stored_logits, bf16_logits)
 
 
+def run_predict_offsets(*argv) -> int:
+    return predict_offsets.main(predict_offsets.get_parser().parse_args([str(a) for a in argv]))
+
+
 def test_predict_offsets_cli_writes_results_and_resumes(tiny_ckpt, clips, tmp_path, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()
     (folder / "long.mp4").symlink_to(clips / "long.mp4")
-    argv = [str(folder), "--ckpt_path", str(tiny_ckpt), "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
-    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
-    result = json.loads((tmp_path / "out" / "long.json").read_text())
+    argv = [folder, "--ckpt_path", tiny_ckpt, "--out_dir", tmp_path / "out", "--device", "cpu"]
+    assert run_predict_offsets(*argv) == 0
+    result = json.loads((tmp_path / "out" / "long.mp4.json").read_text())
     assert result["n_windows"] == 6 and len(result["windows"]) == 6
-    with open(tmp_path / "out" / "long.csv") as f:
+    with open(tmp_path / "out" / "long.mp4.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["start_sec"]) for r in rows] == pytest.approx([0.0, 1.28, 2.56, 3.84, 5.12, 6.4])
     assert all(0 < float(r["prob"]) <= 1 and float(r["entropy"]) >= 0 for r in rows)
-    assert (tmp_path / "out" / "long.png").stat().st_size > 0
+    assert (tmp_path / "out" / "long.mp4.png").stat().st_size > 0
     assert "segments computed: 34" in capsys.readouterr().out  # 6 windows, stride 4 segments: 14 + 5 * 4
-    assert predict_offsets.main(predict_offsets.get_parser().parse_args(argv)) == 0
+    assert run_predict_offsets(*argv) == 0
     assert "segments computed: 0" in capsys.readouterr().out  # resumed: nothing left to do
+
+
+def test_predict_offsets_refuses_colliding_names_and_keeps_a_video_named_summary(tiny_ckpt, clips, tmp_path, capsys):
+    """x.mp4, x.MP4 and x.mkv are listed and left out, never merged; summary.mp4 keeps its per-window CSV
+    beside the folder's summary.csv; a 250-byte name gets its results too."""
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    folder.mkdir()
+    for name in ("x.mp4", "x.MP4", "x.mkv", "summary.mp4", "l" * 246 + ".mp4"):
+        (folder / name).symlink_to(clips / "long.mp4")
+    assert run_predict_offsets(folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu") == 0
+    captured = capsys.readouterr()
+    assert "2 videos done, 3 skipped" in captured.out and (out / ("l" * 246 + ".mp4.json")).is_file()
+    assert "x.MP4: its output name 'x' is also that of x.mkv, x.mp4" in captured.err
+    with open(out / "summary.mp4.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # the video's windows
+    with open(out / "summary.csv") as f:
+        assert [r["video"] for r in csv.DictReader(f)] == [
+            str(folder / ("l" * 246 + ".mp4")),
+            str(folder / "summary.mp4"),
+        ]
+    assert not list(out.glob("x.*"))
+
+
+def test_predict_offsets_refuses_another_setting_and_redoes_a_torn_record(tiny_ckpt, clips, tmp_path, capsys):
+    from utils.cli import UserError
+
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (folder / name).symlink_to(clips / "long.mp4")
+    argv = [folder, "--ckpt_path", tiny_ckpt, "--out_dir", out, "--device", "cpu"]
+    assert run_predict_offsets(*argv) == 0
+    log = out / "offsets.progress.jsonl"
+    header, first, second = log.read_text().splitlines(keepends=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"stride_sec=1.28.*another --out_dir"):
+        run_predict_offsets(*argv, "--stride_sec", "2.56")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    log.write_text(header + first + second[:-9])  # killed while writing b.mp4's record
+    capsys.readouterr()
+    assert run_predict_offsets(*argv) == 0
+    assert "segments computed: 34" in capsys.readouterr().out  # b.mp4 again, a.mp4 kept
+    assert log.read_text() == header + first + second
+
+
+def test_fp32_means_float32_on_gpus_unless_tf32_is_asked_for(tiny_ckpt):
+    parser, before = (
+        example.get_parser(),
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision),
+    )
+    try:
+        for flags, expected in (([], "ieee"), (["--tf32"], "tf32")):
+            args = parser.parse_args(["--vid_path", "v.mp4", "--ckpt_path", str(tiny_ckpt), "--device", "cpu", *flags])
+            load_model_from_args(args)
+            assert torch.backends.cuda.matmul.fp32_precision == expected
+            assert torch.backends.cudnn.conv.fp32_precision == expected
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

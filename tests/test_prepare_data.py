@@ -1,4 +1,5 @@
-"""Your own videos: `scripts/prepare_data.py` (format, clips, resume, shards) and `dataset.folder.VideoFolder`
+"""Your own videos: `scripts/prepare_data.py` (format, clips, resume, shards; containment, unique ids,
+one-line errors) and `dataset.folder.VideoFolder`
 (splits, length filter, fixed offsets, a tiny stage 2 with its test-only run)."""
 
 import csv
@@ -13,11 +14,13 @@ import pytest
 
 import main
 from dataset.folder import VideoFolder, split_by_ratios
-from dataset.io import get_video_and_audio
+from dataset.io import decode_video, get_video_and_audio, reencode_video
 from dataset.synthetic import ClipSpec, make_clip
-from scripts import prepare_data
+from scripts import desync, prepare_data
 from scripts.bench import prepare as bench_prepare
+from tests.bad_media import write_brief_video
 from tests.test_data import _audio_events, _merge_close, _video_events
+from utils.cli import UserError
 from utils.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +195,7 @@ def test_video_folder_filters_short_clips_and_fixes_offsets(tmp_path):
 def folder_data(tmp_path_factory) -> list[str]:
     """Overrides pointing the tiny configs at 8 synthetic clips prepared by prepare_data, split 4/2/2."""
     root = tmp_path_factory.mktemp("folder")
-    for i in range(8):  # 9.8 s: synchronisability training shifts the audio by up to a whole 4.8 s crop
+    for i in range(8):  # 9.8 s: synchronizability training shifts the audio by up to a whole 4.8 s crop
         make_clip(root / "raw" / f"clip{i:02d}.mp4", ClipSpec(duration_sec=9.8, height=48, width=64, seed=i))
     assert prepare(root / "raw", root / "dst", "--size", "32") == 0
     return [
@@ -220,7 +223,7 @@ def test_tiny_stage2_and_test_only_on_a_prepared_folder(folder_data, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SYNCHFORMER_LONG_TESTS"), reason="about a minute: SYNCHFORMER_LONG_TESTS=1")
-def test_stage1_stage2_and_syncability_on_a_prepared_folder(folder_data, tmp_path):
+def test_stage1_stage2_and_synchronizability_on_a_prepared_folder(folder_data, tmp_path):
     common = [f"logging.logdir={tmp_path}", "training.num_epochs=1", *folder_data]
     main.main([tiny("segment_avclip.yaml"), "start_time=s1", *common])
     s1 = tmp_path / "s1" / "checkpoints" / "epoch_best.pt"
@@ -240,3 +243,124 @@ def test_bench_prepare_quick(monkeypatch, capsys, tmp_path):
     result = json.loads(out.read_text())
     assert [r["workers"] for r in result["runs"]] == [1, 2] and result["clips"] == 2
     assert all(r["clips_per_second"] > 0 for r in result["runs"]) and "2 worker(s)" in line
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("small") / "clip.mp4"
+    make_clip(path, ClipSpec(duration_sec=1.2, height=32, width=32, seed=3))
+    return path
+
+
+def test_csv_rows_and_links_cannot_lead_out_of_dst(small_clip, tmp_path):
+    src, outside, dst = tmp_path / "s1" / "s2", tmp_path / "outside", tmp_path / "dst"
+    for folder in (src / "link", outside):
+        folder.mkdir(parents=True)
+        (folder / "v.mp4").write_bytes(small_clip.read_bytes())
+    (src / "ok.mp4").write_bytes(small_clip.read_bytes())
+    precious = {outside / "v_0_1000.mp4": b"someone's file", outside / "v_0_1000.mp4.tmp-1.mp4": b"another one"}
+    for path, data in precious.items():
+        path.write_bytes(data)
+    (dst / LAYOUT).mkdir(parents=True)
+    (dst / LAYOUT / "link").symlink_to(outside, target_is_directory=True)
+    clips = tmp_path / "clips.csv"
+    rows = [f"{outside / 'v.mp4'},0,1", "../../outside/v.mp4,0,1", "link/v.mp4,0,1", "ok.mp4,0,1", "ok.mp4,0.2,1"]
+    clips.write_text("\n".join([*rows, "ok.mp4,0.2,1.0004"]) + "\n")
+    assert prepare(src, dst, "--clips", str(clips)) == 0
+    assert {p: p.read_bytes() for p in precious} == precious and sorted(outside.iterdir()) == sorted([
+        outside / "v.mp4", *precious
+    ])  # fmt: skip
+    assert {r["id"]: r["status"] for r in read_csv(dst / "manifest.csv")} == {"ok_0_1000": "encoded"}
+    reasons = {r["source"]: r["reason"] for r in read_csv(dst / "bad_inputs.csv")}
+    assert "absolute" in reasons[str(outside / "v.mp4")] and "'..'" in reasons["../../outside/v.mp4"]
+    assert "symlink" in reasons["link/v.mp4"]
+    assert "'ok_200_1000' is also that of ok.mp4" in reasons["ok.mp4"]  # two rows, one clip: neither is picked
+    (dst / LAYOUT / "raw.mp4").write_bytes(small_clip.read_bytes())  # not in the format: it would be replaced
+    for overlapping_src, overlapping_dst in [(src, src / "prepared"), (dst / LAYOUT, dst)]:
+        with pytest.raises(UserError, match="overlap"):
+            prepare(overlapping_src, overlapping_dst)
+    assert not (src / "prepared").exists() and (dst / LAYOUT / "raw.mp4").read_bytes() == small_clip.read_bytes()
+
+
+def test_colliding_ids_are_refused_not_merged(small_clip, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("x.mp4", "x.MP4", "x.mkv", "y.mp4"):
+        (src / name).write_bytes(small_clip.read_bytes())
+    assert prepare(src, tmp_path / "dst") == 0
+    assert [r["id"] for r in read_csv(tmp_path / "dst" / "manifest.csv")] == ["y"]
+    reasons = {r["source"]: r["reason"] for r in read_csv(tmp_path / "dst" / "bad_inputs.csv")}
+    assert sorted(reasons) == ["x.MP4", "x.mkv", "x.mp4"] and "x.MP4, x.mkv" in reasons["x.mp4"]
+    assert sorted(p.name for p in (tmp_path / "dst" / LAYOUT).iterdir()) == ["y.mp4"]
+
+
+def test_output_problems_stop_the_run_in_one_line(small_clip, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.mp4", "b.mp4", "c" * 246 + ".mp4"):  # a 250-byte name: its temporary name is too long
+        (src / name).write_bytes(small_clip.read_bytes())
+    (tmp_path / "file").write_text("a file where DST's folder should be")
+    with pytest.raises(UserError, match=r"cannot write .*file/h264.*: Not a directory \(.*choose another DST"):
+        prepare(src, tmp_path / "file")
+
+    # a full disk: the first write fails and the run stops there instead of blaming every input
+    calls = []
+    (tmp_path / "full.mp4").symlink_to("/dev/full")
+
+    def reencode_onto_a_full_disk(*args, out_path, **kwargs):
+        calls.append(args[0])
+        return reencode_video(*args, out_path=tmp_path / "full.mp4", **kwargs)
+
+    monkeypatch.setattr(prepare_data, "reencode_video", reencode_onto_a_full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        prepare(src, tmp_path / "dst")
+    assert len(calls) == 1
+    monkeypatch.undo()
+
+    assert prepare(src, tmp_path / "dst") == 0
+    (bad,) = read_csv(tmp_path / "dst" / "bad_inputs.csv")
+    assert bad["source"].startswith("ccc") and "too long" in bad["reason"] and "rename" in bad["reason"]
+    assert [r["status"] for r in read_csv(tmp_path / "dst" / "manifest.csv")] == ["encoded", "encoded", "bad"]
+
+
+def test_a_read_only_dst_stops_the_run_in_one_line(small_clip, tmp_path):
+    (tmp_path / "src").mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / "src" / name).write_bytes(small_clip.read_bytes())
+    (tmp_path / "dst").mkdir(mode=0o555)
+    try:
+        (tmp_path / "dst" / "probe").touch()
+        pytest.skip("this user writes into read-only folders (root, unless its capabilities are dropped)")
+    except PermissionError:
+        pass
+    with pytest.raises(UserError, match="cannot write .*dst.*Permission denied"):
+        prepare(tmp_path / "src", tmp_path / "dst")
+
+
+def test_bad_numbers_and_still_images_are_refused(small_clip, tmp_path, capsys):
+    for args in (["--workers", "0"], ["--workers", "-1"], ["--size", "1"], ["--afps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            prepare_data.get_parser().parse_args(["src", "dst", *args])
+        assert e.value.code == 2 and f"argument {args[0]}: expected a finite int" in capsys.readouterr().err
+    for args in (["--duration", "0"], ["--duration", "nan"], ["--duration", "inf"], ["--num_workers", "-1"]):
+        with pytest.raises(SystemExit):
+            desync.get_parser().parse_args(["videos", *args])
+        assert f"argument {args[0]}: expected a finite" in capsys.readouterr().err
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "clip.mp4").write_bytes(small_clip.read_bytes())
+    write_brief_video(src / "still.mp4")
+    clips = tmp_path / "clips.csv"
+    clips.write_text("clip.mp4,0,inf\nclip.mp4,nan,1\nclip.mp4,0,nan\nstill.mp4,0,1\nclip.mp4,0,1\n")
+    assert prepare(src, tmp_path / "dst", "--clips", str(clips)) == 0
+    assert [r["id"] for r in read_csv(tmp_path / "dst" / "manifest.csv") if r["status"] != "bad"] == ["clip_0_1000"]
+    reasons = [r["reason"] for r in read_csv(tmp_path / "dst" / "bad_inputs.csv")]
+    assert [f"row {i}" in r for i, r in zip((1, 2, 3), reasons)] == [True] * 3
+    assert "still.mp4: has 1 video frame(s): a still image" in reasons[3]
+    write_brief_video(tmp_path / "brief.mp4", n_frames=10, audio_sec=2)
+    brief = reencode_video(tmp_path / "brief.mp4", in_size=32, out_dir=tmp_path)
+    assert decode_video(brief)[0].shape[0] == 10  # the last frame lasts its own 40 ms, not up to the audio's end
+    for bad in ([str(tmp_path / "missing.csv")], []):
+        with pytest.raises(UserError, match="missing"):
+            prepare(tmp_path / "missing" if not bad else src, tmp_path / "dst", *(["--clips", *bad] if bad else []))

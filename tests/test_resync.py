@@ -15,6 +15,7 @@ import torch
 from dataset.io import get_video_and_audio
 from dataset.synthetic import ClipSpec, make_clip, render_audio, render_video, write_mp4
 from scripts import demo, resync
+from tests.bad_media import write_opus_clip
 from tests.reference_data import REPO
 from tests.test_data import _audio_events, _merge_close, _video_events
 from utils.checkpoint import save_checkpoint
@@ -162,3 +163,55 @@ def test_predicted_corrections_with_the_demo_model(demo_model, tmp_path):
     assert rows["drift.mp4"]["action"].startswith("refused: the offset drifts"), rows["drift.mp4"]
     assert not (tmp_path / "fixed" / "drift.mp4").exists()
     assert run(src / "drift.mp4", "--out", tmp_path / "drift_fixed.mp4", *model) == 1
+
+
+def test_the_input_is_never_the_output_and_a_kill_before_the_row_redoes_from_the_original(untrained, tmp_path):
+    """In place is refused (the original must stay until the correction is recorded); a run killed between
+    writing a copy and logging its row redoes it from the original: the offset is applied once."""
+    src = tmp_path / "videos"
+    make_clip(src / "a.mp4", ClipSpec(**EASY, duration_sec=8, offset_sec=0.4, seed=3))
+    with pytest.raises(UserError, match="elsewhere than the input"):
+        run(src, "--out_dir", src, "--offset_sec", "0.4", *untrained)
+    with pytest.raises(UserError, match="elsewhere than the input"):
+        run(src / "a.mp4", "--out", src / "a.mp4", "--offset_sec", "0.4", *untrained)
+    run(src, "--out_dir", tmp_path / "once", "--offset_sec", "0.4", *untrained)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(resync.ResultLog, "append", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(src, "--out_dir", tmp_path / "out", "--offset_sec", "0.4", *untrained)
+    assert (tmp_path / "out" / "a.mp4").is_file() and not (tmp_path / "out" / "resync.csv").exists()
+    run(src, "--out_dir", tmp_path / "out", "--offset_sec", "0.4", *untrained)
+    assert packets(tmp_path / "out" / "a.mp4", "audio") == packets(tmp_path / "once" / "a.mp4", "audio")
+    with open(tmp_path / "out" / "resync.csv", newline="") as f:
+        assert [r["offset_sec"] for r in csv.DictReader(f)] == ["0.4"]
+
+
+def test_offsets_the_video_cannot_take_and_bad_numbers_are_refused_in_one_line(untrained, tmp_path):
+    video = tmp_path / "a.mp4"
+    make_clip(video, ClipSpec(**EASY, duration_sec=8, seed=3))
+    with pytest.raises(UserError, match=r"a.mp4: has 8.\d\d s of audio: a shift by \+100 s leaves only silence"):
+        run(video, "--out", tmp_path / "fixed.mp4", "--offset_sec", "100", *untrained)
+    assert not (tmp_path / "fixed.mp4").exists()
+    for option, value in [("--min_confidence", "nan"), ("--offset_sec", "inf"), ("--stride_sec", "0")]:
+        with pytest.raises(SystemExit, match="2"):  # argparse's one line naming the option
+            run(video, "--out", tmp_path / "fixed.mp4", option, value, *untrained)
+    with pytest.raises(UserError, match="--out .*fixed: give a video file name"):
+        run(video, "--out", tmp_path / "fixed", "--offset_sec", "0.4", *untrained)
+
+
+def test_opus_in_webm_and_matroska_is_resynced(untrained, tmp_path):
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("a.webm", "b.mkv"):
+        write_opus_clip(src / name, ClipSpec(**EASY, duration_sec=8, offset_sec=0.8, seed=4))
+    (src / "c.mkv").write_bytes(b"no video here" * 50)
+    assert run(src, "--out_dir", tmp_path / "out", "--offset_sec", 0.8, *untrained) == 0
+    for name in ("a.webm", "b.mkv"):
+        check_corrected(src / name, tmp_path / "out" / name)
+    with open(tmp_path / "out" / "resync.csv", newline="") as f:
+        actions = {Path(r["video"]).name: r["action"] for r in csv.DictReader(f)}
+    assert actions["a.webm"] == actions["b.mkv"] == "corrected" and actions["c.mkv"].startswith("bad:")

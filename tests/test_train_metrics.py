@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 def _gather_on_rank(rank: int, port: int, logits, targets, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    # rank r holds items r, r+2, ... in batches of 2, like the evaluation sampler hands them out
+    # rank r holds items r, r+2, ... in batches of 2: the metrics put the items of any split back in order
     idx = torch.arange(rank, len(targets), 2)
     kept = [(idx[i : i + 2], logits[idx[i : i + 2]], targets[idx[i : i + 2]]) for i in range(0, len(idx), 2)]
     loss_sum = float(rank + 1) * len(idx)  # rank 0 reports a mean loss of 1, rank 1 of 2

@@ -4,6 +4,7 @@ should, test-only reproduces a run's own test, 2 DDP processes match 1, a killed
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +42,9 @@ def tiny_args(config: str, logdir: Path, name: str, data: list[str], *extra: str
     ]  # fmt: skip
 
 
-def run(args: list[str], launcher: tuple[str, ...] = (sys.executable,), **popen) -> subprocess.Popen:
+def run(args: list[str], launcher: tuple[str, ...] = (sys.executable,), cwd: Path = REPO, **popen) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*launcher, str(REPO / "main.py"), *args], cwd=REPO, env=env, **popen)
+    return subprocess.Popen([*launcher, str(REPO / "main.py"), *args], cwd=cwd, env=env, **popen)
 
 
 def run_to_end(args: list[str], launcher: tuple[str, ...] = (sys.executable,)) -> None:
@@ -89,14 +90,65 @@ def test_test_only_reproduces_the_run_test_in_one_and_two_processes(stage2_run, 
         assert got == pytest.approx(expected, abs=1e-5), name
 
 
-def test_ddp_training_two_processes(data, tmp_path):
-    run_to_end(tiny_args("sync.yaml", tmp_path, "ddp", data, "training.num_epochs=1", "training.skip_test=True"),
-               TORCHRUN)  # fmt: skip
-    ckpt = load_checkpoint(tmp_path / "ddp" / "ddp_latest.pt")
-    assert ckpt["lr_scheduler"]["last_epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] > 0
-    (train,) = read_metrics(tmp_path / "ddp", "train")
-    assert train["n_bad_samples"] == 0 and torch.isfinite(torch.tensor(train["loss"]))
+def run_on_two_nodes(args: list[str], tmp_path: Path) -> Path:
+    """Runs main.py as two simulated nodes of one process each: two torchrun launchers with a c10d rendezvous
+    on loopback, each in its own working directory, so that with a relative `logging.logdir` no file system
+    is shared. Returns the directory of the launcher whose process got rank 0 (the rendezvous decides)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in range(2):
+        (tmp_path / f"node{node}").mkdir()
+        launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                    "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}")  # fmt: skip
+        with open(tmp_path / f"node{node}.log", "w") as log:
+            procs.append(
+                run([*args, "logging.logdir=logs"], launcher, tmp_path / f"node{node}", stdout=log, stderr=log)
+            )
+    for node, proc in enumerate(procs):
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    (main_node,) = [tmp_path / f"node{n}" for n in range(2) if (tmp_path / f"node{n}" / "logs").exists()]
+    return main_node / "logs"
+
+
+def test_stage2_on_two_nodes_without_shared_files_equals_one_process_at_the_same_global_batch(data, tmp_path):
+    """2 steps of 2 clips on each of 2 nodes against 2 steps of 4 clips in one process (whose learning rate,
+    scaled by the number of processes, is doubled by hand); rank 1 tests the best checkpoint that only rank 0
+    has, which it gets from rank 0."""
+    args = tiny_args("sync.yaml", tmp_path, "one", data, "training.num_epochs=1")
+    main.main([*args, "training.base_batch_size=4", "training.base_learning_rate=2e-3"])
+    logdir = run_on_two_nodes([a.replace("start_time=one", "start_time=two") for a in args], tmp_path)
+    one, two = load_checkpoint(tmp_path / "one" / "one_latest.pt"), load_checkpoint(logdir / "two" / "two_latest.pt")
+    assert two["lr_scheduler"]["last_epoch"] == 2 and not any(k.startswith("module.") for k in two["model"])
+    for key, w in one["model"].items():
+        assert (w.float() - two["model"][key].float()).abs().max() <= 1e-6, key
+    for phase in ("train", "valid", "test"):
+        ((got,), (expected,)) = read_metrics(logdir / "two", phase), read_metrics(tmp_path / "one", phase)
+        assert got == pytest.approx(expected, abs=1e-5), phase
+
+
+def test_stage1_on_two_nodes_with_a_bad_clip_on_one_rank_equals_one_process(tmp_path):
+    """Stage 1 with negatives gathered from both ranks, one step over 4 training clips of which one is bad: the
+    rank that drops it gathers fewer rows. It equals one process holding the 4 clips (with the same warm-up,
+    which is counted in single-process steps), validation loss included."""
+    vids_dir, splits_path = make_vggsound_like(tmp_path / "synthetic", n_clips=6, duration_sec=10.0, side=32,
+                                               splits=(("train", 0.67), ("valid", 0.33)))  # fmt: skip
+    (vids_dir / "syn00000000_0_10000.mp4").write_bytes(b"")  # a training clip that does not decode
+    data = [f"data.vids_path={vids_dir}", f"data.dataset.params.splits_path={splits_path}"]
+    args = tiny_args("segment_avclip.yaml", tmp_path, "one", data, "training.num_epochs=1",
+                     "data.skip_bad_samples=True", "model.params.gather_for_loss=True")  # fmt: skip
+    main.main([*args, "training.base_batch_size=4", "training.lr_scheduler.warmup=5"])
+    logdir = run_on_two_nodes([a.replace("start_time=one", "start_time=two") for a in args], tmp_path)
+    one, two = (
+        load_checkpoint(d / "checkpoints" / "epoch_latest.pt")["model"] for d in (tmp_path / "one", logdir / "two")
+    )
+    for key, w in one.items():
+        assert (w - two[key]).abs().max() <= 1e-6, key
+    for phase in ("train", "valid"):
+        ((got,), (expected,)) = read_metrics(logdir / "two", phase), read_metrics(tmp_path / "one", phase)
+        assert got == pytest.approx(expected, abs=1e-5), phase
+    assert got["n_bad_samples"] == 0 and read_metrics(logdir / "two", "train")[0]["n_bad_samples"] == 1
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(stage2_run, data, tmp_path):
@@ -134,7 +186,7 @@ def test_syncability_finetuning_and_its_test(stage2_run, data, tmp_path):
     test_syncability.main([f"config_sync={ft_run / 'cfg-ft.yaml'}", f"ckpt_path_sync={ft_run / 'ft_best.pt'}",
                       f"config_off={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path_off={stage2_run / 's2_best.pt'}",
                       f"logging.logdir={tmp_path}", "start_time=sync_test"])  # fmt: skip
-    report = json.loads((tmp_path / "sync_test" / "syncability_test.json").read_text())
+    report = json.loads((tmp_path / "sync_test" / "synchronizability_test.json").read_text())
     assert set(report) == {"sync", "roc_curve", "offset_by_threshold"} and "mROCAUC" in report["sync"]
     assert set(report["offset_by_threshold"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"}
 
@@ -197,6 +249,9 @@ def test_bf16_training_and_test_only_on_the_cpu(stage2_run, data, tmp_path):
                         "training.skip_test=True"))  # fmt: skip
     assert "Precision: bf16 on cpu" in (tmp_path / "bf16" / "train.log").read_text()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path / "bf16", "train"))
+    # Adam's epsilon follows the precision that runs (the config's use_half_precision is False)
+    latest = load_checkpoint(tmp_path / "bf16" / "bf16_latest.pt")
+    assert {g["eps"] for g in latest["optimizer"]["param_groups"]} == {1e-7}
     # the float32 run's checkpoint tested in bf16: the same metrics up to rounding
     (expected,) = read_metrics(stage2_run, "test")
     main.main([f"config={stage2_run / 'cfg-s2.yaml'}", f"ckpt_path={stage2_run / 's2_best.pt'}", "start_time=t",

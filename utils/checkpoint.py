@@ -3,23 +3,27 @@
 Published Synchformer checkpoints are dicts `{'model': state_dict, 'args': <OmegaConf config>, 'epoch',
 'optimizer', ...}`; downstream projects often redistribute the bare state dict. Both are read with
 `torch.load(weights_only=True)`: no arbitrary code runs, only the config classes listed below are
-rebuilt. Writes go to a temporary file that replaces the target in one rename, so a crash mid-write
-never leaves a truncated checkpoint behind."""
+rebuilt; the config stored in a checkpoint is not the user's, so what it may build is limited
+(`utils.config.check_targets`). Writes go to a temporary file that replaces the target in one rename, so a
+crash mid-write never leaves a truncated checkpoint behind."""
 
 import collections
 import os
 import pickle
-import tempfile
 import typing
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import omegaconf
+import safetensors.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils.cli import UserError
+from utils.config import read_yaml
+from utils.utils import atomic_path
 
 # Classes that an OmegaConf config (any 2.x release) and numpy scalars pickle into.
 SAFE_GLOBALS = [
@@ -53,10 +57,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     A bare state dict (all values tensors) is wrapped as `{'model': sd}`; the state dict of a stage-1
     (AVCLIP, 'state_dict') or Motionformer ('.pyth', 'model_state') checkpoint is moved to 'model'. A stored
-    config under 'args' is returned as a DictConfig."""
+    config under 'args' is returned as a DictConfig. A `.safetensors` file is a state dict; the `config.json`
+    beside it (the Hub layout) is its config."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or download the checkpoint.")
+    if path.suffix == ".safetensors":
+        try:
+            ckpt = {"model": safetensors.torch.load_file(path, device=str(map_location))}
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"Could not read {path} ({e}): the file may be truncated; download it again.") from e
+        config = path.with_name("config.json")
+        return ckpt | ({"args": read_yaml(config)} if config.is_file() else {})  # JSON is YAML
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -83,23 +95,46 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Saves `obj` atomically: written to a temporary file in the same folder, then renamed over `path`.
+    """Saves `obj` atomically (`utils.utils.atomic_path`), flushed to the disk before it takes the name `path`.
 
     A DictConfig under 'args' is stored as it is (the published format), which `load_checkpoint` reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_epoch(ckpt: dict, latest: Path, bests: Sequence[Path], is_best: bool) -> None:
+    """Saves an epoch's checkpoint as the run's latest and, when it `is_best`, under the `bests` names. The
+    latest is written first and records `is_best`, so that a run stopped before the bests were written
+    writes them again when it resumes from it (`scripts.train_utils.Trainer.resume`)."""
+    save_checkpoint({**ckpt, "is_best": is_best}, latest)
+    for path in bests if is_best else ():
+        save_checkpoint(ckpt, path)
+
+
+def load_weights_into(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike, strict: bool = True):
+    """`model.load_state_dict` of a checkpoint's weights (DDP's `module.` prefixes removed); returns its result.
+    Weights that do not fit (a shape; with `strict`, a missing or unexpected key) are a CheckpointError naming
+    `path`, in one line."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    fix = f"Check that the config is the one {path} was trained with."
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"The weights in {path} do not fit the model of the config ({type(model).__name__}): {len(missing)} "
+            f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
+        )
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return model.load_state_dict(state_dict, strict=strict)
+    except (RuntimeError, ValueError) as e:
+        problem = " ".join(str(e).split())  # one line: load_state_dict lists the mismatches on several
+        raise CheckpointError(f"The weights in {path} do not fit the model of the config: {problem}. {fix}") from e
 
 
 def config_of(ckpt: dict) -> DictConfig | None:
+    """The config stored in a checkpoint, if any: not the user's, so check what it would build
+    (`utils.config.check_targets`) before building anything from it, as `load_synchformer` does."""
     args = ckpt.get("args")
     return args if isinstance(args, DictConfig) else None

@@ -4,6 +4,8 @@ Each entry point ends with `run_cli(lambda: main(args))`. Our own errors derive 
 a message that names the file or setting and the fix; they print without a traceback (set
 `SYNCHFORMER_DEBUG=1` to see it). Any other exception is a bug and keeps its traceback."""
 
+import argparse
+import math
 import os
 import sys
 import traceback
@@ -39,3 +41,17 @@ def report_skipped(skipped: Sequence[tuple[str, str]], n_done: int, what: str = 
         for name, reason in skipped:
             print(f"  {name}: {reason}", file=sys.stderr)
     return 0 if n_done else 1
+
+
+def number(kind: type, low: float, above: bool = False) -> Callable[[str], float]:
+    """An argparse `type=`: a finite `kind` (int or float) >= `low` (> `low` when `above`). Anything else
+    (`0`, `-1`, `nan`, `inf`, `abc`) is argparse's one-line error naming the option, with exit status 2."""
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError: argparse's "invalid int value"
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} {'>' if above else '>='} {low}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse

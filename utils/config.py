@@ -13,16 +13,20 @@ are allowed, because the documented commands add them:
 1. the run-time keys in `RUNTIME_KEYS` (`ckpt_path`, `start_time`, ...);
 2. the optional keys in `OPTIONAL_KEYS`, which the code reads with a default (e.g. `data.iter_times`);
 3. a new entry in a `params` block next to a `target`, when the target's constructor accepts it
-   (e.g. `model.params.vfeat_extractor.params.for_loop=True`)."""
+   (e.g. `model.params.vfeat_extractor.params.for_loop=True`).
+
+The user's YAML and command line may name any callable as a `target`, as in Hydra; a config that the user did
+not write (stored in a checkpoint, downloaded) may build only trusted classes (`check_targets`)."""
 
 import difflib
 import inspect
 import os
 import random
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.utils import ConfigError, get_obj_from_str
 
@@ -34,6 +38,8 @@ OPTIONAL_KEYS = {
     "data.audio_priming_compat": True,
     "training.max_bad_loss_steps": 5,
     "training.device": None,
+    "training.dist_timeout_min": 10,
+    "training.allow_tf32": False,
     "training.precision": None,
     "training.max_train_iters": None,
     "training.max_eval_iters": None,
@@ -45,6 +51,25 @@ OPTIONAL_KEYS = {
     "logging.plot_curves": True,
     "logging.log_code_state": False,
 }
+
+
+# Type and smallest value of the settings the trainers read, checked when the config is read (not after an
+# epoch); null (or absent) passes: it means "off" or "the default".
+SETTINGS = {
+    **dict.fromkeys(["training.num_epochs", "training.patience", "training.num_workers", "training.val_frequency",
+                     "training.max_bad_loss_steps", "training.lr_scheduler.warmup"], (int, 0)),
+    **dict.fromkeys(["training.base_batch_size", "training.max_train_iters", "training.max_eval_iters",
+                     "data.iter_times", "data.n_segments", "data.segment_size_vframes", "data.input_size", "data.afps",
+                     "logging.log_frequency"], (int, 1)),
+    **dict.fromkeys(["training.base_learning_rate", "training.learning_rate", "training.max_clip_norm", "data.vfps",
+                     "data.crop_len_sec", "data.max_off_sec"], (float, 0)),
+    **dict.fromkeys(["training.finetune", "training.run_test_only", "training.skip_test"], (bool, None)),
+    "training.seed": (int, None),
+}  # fmt: skip
+# What a config that the user did not write may build: the classes of these packages of this project, and
+# the library classes that the published configs name.
+TRUSTED_PACKAGES = ("model.", "dataset.")
+TRUSTED_LIBRARY_CLASSES = ("torch.nn.Identity", "torch.nn.Linear")
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
@@ -152,11 +177,61 @@ def load_config(argv: list[str]) -> DictConfig:
     cfg = OmegaConf.merge(cfg_yml, cfg_cli)  # the latter wins
     if cfg.get("start_time") is None:
         cfg.start_time = curr_time_with_random_shift()
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:
-        raise ConfigError(f"Could not resolve the interpolations in {yaml_path}: {e}") from e
+    cfg = resolved(cfg, yaml_path)
+    check_settings(cfg, f"{yaml_path} or the command line")
     return cfg
+
+
+def check_settings(cfg: DictConfig, source: str) -> None:
+    """ConfigError naming the first setting of `SETTINGS` whose value has the wrong type or is too small."""
+    for key, (kind, low) in SETTINGS.items():
+        value = OmegaConf.select(cfg, key)
+        # a YAML integer is a fine float; a YAML boolean is not a number
+        fits = isinstance(value, int | float if kind is float else kind) and isinstance(value, bool) == (kind is bool)
+        if value is not None and (not fits or low is not None and value < low):
+            want = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise ConfigError(f"{key}={value!r} (in {source}) must be {want}{'' if low is None else f' >= {low}'}.")
+
+
+def resolved(cfg: DictConfig, source: str) -> DictConfig:
+    """A copy of `cfg` with its interpolations resolved; ConfigError naming `source` when they cannot be, or
+    when a value is missing (`???`)."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except Exception as e:  # e.g. a key that refers to itself
+        raise ConfigError(f"Could not resolve the values in {source}: {' '.join(str(e).split())}") from e
+
+
+def targets_of(node, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """(key path, node) of every mapping with a `target` in a config, at any depth (the model and its parts,
+    the transforms, nested params)."""
+    if isinstance(node, DictConfig) and "target" in node:
+        yield path, node
+    children = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, child in children:
+        yield from targets_of(child, f"{path}.{key}".lstrip(".") if isinstance(key, str) else f"{path}[{key}]")
+
+
+def check_targets(cfg: DictConfig, source: str) -> None:
+    """ConfigError naming the first `target` in the config from `source` that is not trusted, before anything
+    it names is built. Names are checked before anything is imported; only this project's own modules are
+    imported, to see that a name is a class defined there. A name without a module part (the templates'
+    'PLACEHOLDER') names nothing that can be imported."""
+    for path, node in targets_of(cfg):
+        name = node.target
+        trusted = isinstance(name, str) and (name in TRUSTED_LIBRARY_CLASSES or "." not in name)
+        if not trusted and isinstance(name, str) and name.startswith(TRUSTED_PACKAGES):
+            try:
+                obj = get_obj_from_str(name)
+                trusted = inspect.isclass(obj) and obj.__module__.startswith(TRUSTED_PACKAGES)
+            except ImportError:  # nothing of this project: refused
+                pass
+        if not trusted:
+            raise ConfigError(
+                f"The config of {source} names {name!r} at {path}: a config that comes with a checkpoint or a "
+                f"download may build only this project's classes and {', '.join(TRUSTED_LIBRARY_CLASSES)}. If you "
+                "trust it, save it as a YAML file and pass it as your own config (--cfg_path)."
+            )
 
 
 def set_env_from_slurm(environ: dict = os.environ) -> None:
@@ -199,4 +274,4 @@ def untrained_config(config: str | Path, tiny: bool = False, tiny_inputs: bool =
             OmegaConf.select(cfg, path).update(values)
     for extractor in ("afeat_extractor", "vfeat_extractor"):
         cfg.model.params[extractor].params.ckpt_path = None  # random weights time the same
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return resolved(cfg, str(config))

@@ -6,12 +6,14 @@ gloo on CPU."""
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from utils.cli import SettingError, UserError
 from utils.precision import resolve_device
 
 
@@ -26,15 +28,31 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None, device: str | None = None, timeout_min: int = 10) -> DistEnv:
-    """Joins the process group when launched with several processes; picks this process's device: the
-    configured one, else this process's accelerator (CUDA, ROCm, XPU, MPS...) or the CPU."""
+def process_device(name: str | None, local_rank: int) -> torch.device:
+    """`name` (e.g. 'cuda:1') if it has an index, else device LOCAL_RANK of its type (default: the accelerator's),
+    or device 0 where a process sees only one (SLURM binding a GPU to each task); SettingError where the processes
+    of a node would share a device."""
+    device = resolve_device(name, "training.device")
+    if device.type in ("cpu", "meta"):
+        return device
+    n = torch.accelerator.device_count()
+    # the processes of this node that see the same devices: all of torchrun's; srun's tasks, unless each is bound to one
+    k = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1 if n > 1 else 1))
+    if k > (n if device.index is None else 1):
+        raise SettingError(
+            f"{k} processes on this node would share {n if device.index is None else 'one'} {device.type} device(s): "
+            f"start one per device (torchrun --nproc-per-node, srun --gpus-per-task=1), naming no device index."
+        )
+    return device if device.index is not None else torch.device(device.type, local_rank % n)
+
+
+def init_distributed(backend: str | None = None, device: str | None = None, timeout_min: float = 10) -> DistEnv:
+    """Joins the process group (collectives fail after `timeout_min` minutes) when launched with several
+    processes; picks this process's device (`process_device`)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(device, "training.device")
-    if device.type != "cpu":
-        device = torch.device(device.type, local_rank) if device.index is None else device
+    device = process_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type not in ("cpu", "meta"):
         torch.accelerator.set_device_index(device.index)
     if world_size > 1 and not dist.is_initialized():
         device_backend = dist.get_default_backend_for_device(device)
@@ -70,6 +88,24 @@ def broadcast_object(obj):
     objs = [obj]
     dist.broadcast_object_list(objs, src=0)
     return objs[0]
+
+
+def read_on_rank0(read: Callable):
+    """`read()` on rank 0, its result sent to every rank (pickled, in one message): the files it reads, such as the
+    checkpoints only rank 0 writes, need not be on a file system that all nodes share. Rank 0's error stops all."""
+    if not is_distributed():
+        return read()
+    payload = None
+    if dist.get_rank() == 0:
+        try:
+            payload = (read(), None)
+        except Exception as e:
+            broadcast_object((None, str(e)))
+            raise
+    result, error = broadcast_object(payload)
+    if error is not None:
+        raise UserError(f"on rank 0: {error}")
+    return result
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:

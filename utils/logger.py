@@ -113,12 +113,11 @@ def read_metrics(run_dir: str | Path, phase: str | None = None) -> list[dict]:
     return [r for r in records if phase is None or r["phase"] == phase]
 
 
-def segment_similarities(vfeat: torch.Tensor, afeat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How similar the extractors find the segments: vfeat (B, S, tv, D), afeat (B, S, ta, D) -> each
-    segment's features averaged over its tokens and L2-normalised, (B*S, B*S) cross- and self-similarities."""
-    v = torch.nn.functional.normalize(vfeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
-    a = torch.nn.functional.normalize(afeat.float().mean(dim=2).flatten(0, 1), dim=-1)  # (B*S, D)
-    return {"v2a": v @ a.T, "a2v": a @ v.T, "v2v": v @ v.T, "a2a": a @ a.T}
+def segment_similarities(v: torch.Tensor, a: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> dict:
+    """Cross- and self-similarities (N, N) of N segments' L2-normalised visual `v` and audio `a` features
+    (N, D), divided by `temperature`."""
+    return {"v2a": v @ a.T / temperature, "a2v": a @ v.T / temperature, "v2v": v @ v.T / temperature,
+            "a2a": a @ a.T / temperature}  # fmt: skip
 
 
 def save_similarity_matrices(sims: dict[str, torch.Tensor], path: Path) -> None:

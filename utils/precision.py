@@ -119,3 +119,12 @@ def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     chosen = {id(m) for m in linears_outside_pooling(int8)}
     quantize_(int8, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, name: id(m) in chosen)
     return int8.eval()
+
+
+def set_tf32(allow: bool) -> None:
+    """Whether float32 matmuls (cuBLAS) and convolutions (cuDNN) may round their inputs to TF32 (10-bit mantissa)
+    on NVIDIA GPUs since Ampere; off: float32 as on the CPU. torch's defaults, since 1.12 and in the original's
+    torch 2.0, are matmuls in float32 and convolutions (the patch embeddings) in TF32; the original's stage 1 also
+    switched TF32 on for matmuls, its stage 2 and inference kept the defaults. (`fp32_precision` is the API that
+    replaces `allow_tf32`; the two must not be mixed in one process.)"""
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if allow else "ieee"

@@ -25,6 +25,8 @@ class ConfigError(ValueError, UserError):
 
 def get_obj_from_str(string: str) -> Any:
     """Returns the object named by a dotted path, e.g. 'torch.nn.Linear' -> the Linear class."""
+    if "." not in string:
+        raise ImportError(f"'{string}' names no module")
     module_name, attr = string.rsplit(".", 1)
     module = importlib.import_module(module_name)
     try:
@@ -60,9 +62,7 @@ def instantiate_from_config(config: Mapping) -> Any:
             raise ConfigError(f"The params of {config['target']} do not fit it: {problem}. Check the config.") from e
     try:
         return target(**params)
-    except UserError:
-        raise
-    except ValueError as e:  # the constructors check their arguments with ValueError: here, the config's values
+    except ConfigError as e:  # an argument its constructor refused; each enclosing target adds its name
         raise ConfigError(f"{config['target']}: {e}") from e
 
 
@@ -70,10 +70,11 @@ def instantiate_from_config(config: Mapping) -> Any:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name next to `path` (its parent folders created) for the block to write; renamed to
     `path` when the block completes, so that a reader never sees half a file, and removed when it fails.
-    It ends in `path`'s suffix: muxers and savefig pick the format by it."""
+    It ends in `path`'s suffix: muxers and savefig pick the format by it; a long name is cut short in it,
+    so that a name that fits the file system gets a temporary name that fits too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f"{path.name.encode()[:200].decode(errors='ignore')}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
     except BaseException:
@@ -112,3 +113,25 @@ def reuse_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
     # both are needed: without the trim threshold, the top of the heap is handed back on free
     return all(libc.mallopt(param, 1 << 30) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+
+
+class UnsafeNameError(ValueError, UserError):
+    """A name from untrusted data (a CSV cell, a file name, an id) that would lead out of its folder."""
+
+
+def safe_child(root: str | Path, name: str, allow_links_out: bool = False) -> Path:
+    """`root / name` for a `name` that comes from data, so that whatever is written there stays under `root`.
+    Refused with `UnsafeNameError` when `name` is empty, absolute, has a `..` part, or leads out of `root`
+    through a symlink (under `root`, or `root` itself linking elsewhere is fine). `allow_links_out=True` skips
+    that last check, for reading: a dataset folder of links to videos stored elsewhere is common."""
+    path, parts = Path(root) / name, Path(name).parts
+    problem = (
+        "it is empty" if not parts or "\0" in name
+        else "it is absolute" if Path(name).is_absolute()
+        else "it climbs out with '..'" if ".." in parts
+        else None if allow_links_out or path.resolve().is_relative_to(Path(root).resolve())
+        else "it leads out through a symlink"
+    )  # fmt: skip
+    if problem:
+        raise UnsafeNameError(f"{name!r} is not a name inside {root}: {problem} (use a relative path under it)")
+    return path

@@ -9,6 +9,8 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from utils.utils import ConfigError
+
 
 class CLSTokenAggregator(nn.TransformerEncoderLayer):
     """Pools a sequence into the output of a learnable CLS token after one pre-norm encoder layer.
@@ -89,7 +91,7 @@ def build_aggregator(
     if "Identity" in name and allow_identity:
         return nn.Identity()
     options = "'TransformerEncoderLayer', 'AveragePooling'" + (", 'torch.nn.Identity'" if allow_identity else "")
-    raise ValueError(f"Unknown aggregation module {name!r} here: use one of {options}.")
+    raise ConfigError(f"Unknown aggregation module {name!r} here: use one of {options}.")
 
 
 def init_linear_and_norm(m: nn.Module) -> None:

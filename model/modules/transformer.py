@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from model.modules.cpu_bf16 import scaled_dot_product_attention
+from utils.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ class SelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
         super().__init__()
         if n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+            raise ConfigError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head = n_head
         self.attn_pdrop = attn_pdrop
         self.key = nn.Linear(n_embd, n_embd)

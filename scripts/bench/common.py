@@ -105,10 +105,10 @@ def clips_or_generated(clips_dir: Path | None, n: int, tmp: Path) -> list[Path]:
     """The first `n` videos of `clips_dir` (e.g. the sample clips: scripts/download_metadata.py --samples), or `n`
     generated 10 s clips (flashes and beeps) at the model's frame rate, sample rate and size, written to `tmp`."""
     if clips_dir is not None:
-        return list_videos(clips_dir)[:n]
+        return list_videos(clips_dir)[0][:n]
     for i in range(n):
         make_clip(tmp / f"generated{i}.mp4", ClipSpec(duration_sec=10, seed=i))
-    return list_videos(tmp)
+    return list_videos(tmp)[0]
 
 
 def bench_training(

@@ -3,11 +3,13 @@ batched model calls, 24 shared segments per 8 s video) at each precision, agains
 path (decoding in the main process, each 4.8 s window a forward of its own: 28 segments), on the same
 videos in the same run, with the agreement of their outputs.
 
-    python -m scripts.bench.desync [--precisions fp32 bf16 int8] [--n_videos 4] [--torchrun] [--out b.json]
+    python -m scripts.bench.desync [--precisions fp32 bf16 int8] [--n_videos 4] [--torchrun] [--features]
     python -m scripts.bench.desync --tiny       # 1-layer, 32-wide extractors (CI)
 
 `--torchrun` also times whole `scripts/desync.py` runs: 1 process with 2 threads against 2 torchrun
-processes with 1 thread each. Weights are random: speed does not depend on them."""
+processes with 1 thread each. `--features` also times `scripts/extract_features.py` (visual only, and with
+audio) at each precision against the folder path: the same decoding, workers and batch size, model loading
+included in both. Weights are random: speed does not depend on them."""
 
 import argparse
 import contextlib
@@ -25,7 +27,7 @@ import torch
 from dataset.avbench import SEGMENT_FRAMES, STEP_FRAMES, DesyncInputs, Pair, normalise_frames, segments, window_slices
 from dataset.synthetic import ClipSpec, make_clip
 from model.pretrained import load_model
-from scripts import desync
+from scripts import desync, extract_features
 from scripts.bench.common import cpu_description
 from utils.checkpoint import save_checkpoint
 from utils.cli import run_cli
@@ -49,14 +51,22 @@ def one_video_at_a_time(model, pairs: list[Pair]) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, torch.stack(probs)
 
 
+def folder_argv(args, ckpt: Path, videos: Path, precision: str, out: Path) -> list[str]:
+    argv = [str(videos), "--ckpt_path", str(ckpt), "--out", str(out), "--device", "cpu", "--precision", precision]
+    return argv + ["--num_workers", str(args.num_workers), "--batch_size", str(args.batch_size)]
+
+
+def seconds_of(command, argv: list[str]) -> float:
+    """Seconds of a command's `main` on `argv`, quietly (this bench prints one line)."""
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        command.main(command.get_parser().parse_args(argv))
+    return time.perf_counter() - start
+
+
 def folder_path(args, ckpt: Path, videos: Path, precision: str, out: Path) -> tuple[float, torch.Tensor]:
     """(seconds, probabilities (N, 2, K)) of `scripts/desync.py` on the folder, its model loading included."""
-    argv = [str(videos), "--ckpt_path", str(ckpt), "--out", str(out), "--device", "cpu", "--precision", precision]
-    argv += ["--num_workers", str(args.num_workers), "--batch_size", str(args.batch_size)]
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # this bench prints one line
-        desync.main(desync.get_parser().parse_args(argv))
-    seconds = time.perf_counter() - start
+    seconds = seconds_of(desync, folder_argv(args, ckpt, videos, precision, out))
     videos_out = json.loads(out.read_text())["videos"]
     return seconds, torch.tensor([[w["probs"] for w in v["windows"]] for v in videos_out])
 
@@ -93,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
             "max_prob_diff": float((probs - base_probs).abs().max()),
             "top1_agreement": float((probs.argmax(-1) == base_probs.argmax(-1)).float().mean()),
         }
+        for name, extra in (("visual", []), ("visual_audio", ["--audio"])) if args.features else ():
+            argv = folder_argv(args, ckpt, videos, precision, root / f"features_{name}_{precision}") + extra
+            result[f"folder_{precision}"][f"features_{name}_vs_desync"] = seconds / seconds_of(extract_features, argv)
     if args.torchrun:
         script = [str(REPO / "scripts" / "desync.py"), str(videos), "--ckpt_path", str(ckpt)]
         script += ["--device", "cpu", "--num_workers", "0"]
@@ -102,10 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
         same = json.loads((root / "p1.json").read_text()) == json.loads((root / "p2.json").read_text())
         result["torchrun"] = {"one_process_2_threads_sec": one, "two_processes_1_thread_sec": two, "same_json": same}
     folder = ", ".join(f"{p} {result[f'folder_{p}']['speedup']:.2f}x" for p in args.precisions)
+    features = ", ".join(
+        f"{p} visual {r['features_visual_vs_desync']:.2f}x, +audio {r['features_visual_audio_vs_desync']:.2f}x"
+        for p, r in ((p, result[f"folder_{p}"]) for p in args.precisions if args.features)
+    )
     print(
         f"bench.desync ({'tiny' if args.tiny else 'full'}, {len(pairs)} videos, {result['cpu']}): one at a time "
         f"{result['one_video_at_a_time_fp32']['videos_per_sec']:.3g} videos/s; folder path {folder}"
         + (f"; torchrun 2x1 / 1x2 threads {two / one:.2f}" if args.torchrun else "")
+        + (f"; feature caches against the folder path: {features}" if args.features else "")
     )
     if args.out:
         write_json(args.out, result)
@@ -120,6 +138,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="1-layer, 32-wide extractors (a smoke run)")
     parser.add_argument("--torchrun", action="store_true", help="also 2 torchrun processes against 1")
+    parser.add_argument("--features", action="store_true", help="also scripts/extract_features.py at each precision")
     parser.add_argument("--out", help="Write the numbers to this JSON file")
     return parser
 

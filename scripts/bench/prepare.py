@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dataset.io import AFPS, SIDE, VFPS
 from dataset.synthetic import ClipSpec, make_clip
 from scripts.bench.common import clips_or_generated
 from scripts.prepare_data import list_videos, run_jobs
@@ -44,7 +45,7 @@ def main() -> None:
         runs = []
         for workers in args.workers:
             started = time.perf_counter()
-            rows = run_jobs(jobs, src, Path(tmp) / f"dst{workers}" / "videos", 25, 16000, 256, workers)
+            rows = run_jobs(jobs, src, Path(tmp) / f"dst{workers}" / "videos", VFPS, AFPS, SIDE, workers)
             seconds = time.perf_counter() - started
             assert all(r["status"] == "encoded" for r in rows), [r.get("reason") for r in rows]
             runs.append({"workers": workers, "seconds": seconds, "clips_per_second": len(jobs) / seconds})

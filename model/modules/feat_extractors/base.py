@@ -5,30 +5,40 @@ import logging
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.modules.aggregators import build_aggregator
+from utils.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 class SegmentFeatureExtractor(nn.Module):
     """Base of the extractors. Subclasses set `segment_shape` (the shape of one input segment), call
-    `build_time_and_segment_aggregators` and define `forward_segments` for a batch of segments."""
+    `build_time_and_segment_aggregators` and define `forward_segments` for a batch of segments, running
+    their transformer blocks through `run_blocks` with `checkpointed=self.grad_checkpointing`.
+
+    Two ways to trade time for memory, neither changing the outputs (`training.grad_checkpointing` and
+    `training.for_loop_segment_fwd` of stage 1 set them): `grad_checkpointing` keeps only each block's input
+    for the backward pass and recomputes the rest there (about one more forward of the blocks); `for_loop`
+    encodes one segment index at a time, so the activations are those of S=1."""
 
     segment_shape: tuple[int, ...]
 
+    def __init__(self, grad_checkpointing: bool = False, for_loop: bool = False):
+        super().__init__()
+        self.grad_checkpointing, self.for_loop = grad_checkpointing, for_loop
+
     def forward(self, x: torch.Tensor, for_loop: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encodes `x` (B, S, *segment_shape) into segment features (B, S, ...) and, when the extractor
-        adds a global representation, a clip feature (B, D), else None.
-
-        `for_loop=True` encodes one segment index at a time: the same result with the memory of S=1."""
+        adds a global representation, a clip feature (B, D), else None. `for_loop=True`: as `self.for_loop`."""
         B, S = x.shape[:2]
         if tuple(x.shape[2:]) != tuple(self.segment_shape):
             raise ValueError(
                 f"{type(self).__name__} expects input (B, S, {', '.join(map(str, self.segment_shape))}), got "
                 f"{tuple(x.shape)}: check the input layout and the size arguments of the extractor."
             )
-        chunks = x.split(1, dim=1) if for_loop else (x,)  # each (B, s, *segment_shape)
+        chunks = x.split(1, dim=1) if for_loop or self.for_loop else (x,)  # each (B, s, *segment_shape)
         x = torch.cat([self.forward_segments(c.flatten(0, 1)).unflatten(0, (B, -1)) for c in chunks], dim=1)
         global_x = None if self.global_attn_agg is None else self.global_attn_agg(x)  # (B, D)
         return x, global_x  # (B, S, D) or (B, S, t, D) if time is not pooled
@@ -43,7 +53,7 @@ class SegmentFeatureExtractor(nn.Module):
         self.global_attn_agg = None
         if add_global_repr:
             if isinstance(self.temp_attn_agg, nn.Identity):
-                raise ValueError("add_global_repr=True needs segment vectors: set agg_time_module to a pooling one.")
+                raise ConfigError("add_global_repr=True needs segment vectors: set agg_time_module to a pooling one.")
             # 16 segments: a 10 s clip in 0.64 s segments
             max_len = max_segments or 16
             self.global_attn_agg = build_aggregator(
@@ -66,6 +76,17 @@ class SegmentFeatureExtractor(nn.Module):
             )
         else:
             log.info(f"{type(self).__name__}: loaded {source}")
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, checkpointed: bool = False) -> torch.Tensor:
+    """`x` through `blocks` in turn (`block(x, *args)`); `checkpointed`: each block under gradient checkpointing
+    when a backward pass may follow (checkpoint restores the RNG state: the recomputed dropout is the same)."""
+    for block in blocks:
+        if checkpointed and torch.is_grad_enabled():
+            x = checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def submodule_state_dict(state_dict: dict, name: str) -> dict:

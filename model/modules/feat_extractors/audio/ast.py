@@ -21,8 +21,9 @@ from torch import nn
 
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
 from model.modules.cpu_bf16 import scaled_dot_product_attention
-from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
+from model.modules.feat_extractors.base import SegmentFeatureExtractor, run_blocks, submodule_state_dict
 from utils.checkpoint import load_checkpoint
+from utils.utils import ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,8 @@ class ASTEncoder(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=layers))
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(x)
-        for layer in self.encoder.layer:
-            x = layer(x)
-        return self.layernorm(x)
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        return self.layernorm(run_blocks(self.encoder.layer, self.embeddings(x), checkpointed=checkpointed))
 
 
 class AST(SegmentFeatureExtractor):
@@ -124,7 +122,7 @@ class AST(SegmentFeatureExtractor):
     `ckpt_path`: None (random init), a stage-1 '.pt' checkpoint (its 'a_encoder'), or a Hugging Face model
     id or local folder of AST weights (e.g. 'MIT/ast-finetuned-audioset-10-10-0.4593'), whose position
     embeddings, made for 1024 frames, are cut to `max_spec_t` frames. The size arguments default to
-    `ASTConfig`'s (the published model)."""
+    `ASTConfig`'s (the published model). `grad_checkpointing`, `for_loop`: see `SegmentFeatureExtractor`."""
 
     def __init__(
         self, extract_features: bool = True, ckpt_path: str | None = None, max_spec_t: int = 66,
@@ -134,11 +132,11 @@ class AST(SegmentFeatureExtractor):
         *,
         num_mel_bins: int = ASTConfig.num_mel_bins, hidden_size: int = ASTConfig.hidden_size,
         num_hidden_layers: int = ASTConfig.num_hidden_layers, num_attention_heads: int = ASTConfig.num_attention_heads,
-        intermediate_size: int = ASTConfig.intermediate_size,
+        intermediate_size: int = ASTConfig.intermediate_size, grad_checkpointing: bool = False, for_loop: bool = False,
     ):  # fmt: skip
-        super().__init__()
+        super().__init__(grad_checkpointing, for_loop)
         if not (extract_features and factorize_freq_time):
-            raise ValueError("AST supports only extract_features=True, factorize_freq_time=True.")
+            raise ConfigError("AST supports only extract_features=True, factorize_freq_time=True.")
         config = ASTConfig(
             num_mel_bins=num_mel_bins,
             hidden_size=hidden_size,
@@ -178,7 +176,7 @@ class AST(SegmentFeatureExtractor):
         """(N, T, F) spectrograms -> (N, t, D) or (N, D) features."""
         N = x.shape[0]
         f, t = self.grid
-        x = self.ast(x)[:, 2:]  # without CLS and DIST: (N, f*t, D)
+        x = self.ast(x, self.grad_checkpointing)[:, 2:]  # without CLS and DIST: (N, f*t, D)
         x = x.view(N, f, t, self.hidden_size).transpose(1, 2).reshape(N * t, f, self.hidden_size)  # (N*t, f, D)
         x = self.freq_attn_agg(x).view(N, t, self.hidden_size)  # (N, t, D)
         return self.temp_attn_agg(x)  # (N, t, D) or (N, D)

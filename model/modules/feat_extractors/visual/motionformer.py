@@ -17,9 +17,10 @@ from torch import nn
 
 from model.modules.aggregators import build_aggregator, init_linear_and_norm
 from model.modules.cpu_bf16 import ChunkedLinear, ChunkedMlp, scaled_dot_product_attention
-from model.modules.feat_extractors.base import SegmentFeatureExtractor, submodule_state_dict
+from model.modules.feat_extractors.base import SegmentFeatureExtractor, run_blocks, submodule_state_dict
 from utils.checkpoint import load_checkpoint
 from utils.download import download
+from utils.utils import ConfigError
 
 # The published Motionformer SSv2 checkpoints and the attention type each was trained with.
 ATTN_TYPE_OF_CKPT = {
@@ -176,7 +177,8 @@ class MotionFormer(SegmentFeatureExtractor):
 
     The attention type comes from the Motionformer checkpoint's name (or, for a stage-1 '.pt' checkpoint,
     from the name its config started from); 'divided' without a checkpoint. `attn_type` may name it when
-    no checkpoint decides. The size arguments default to the published model (t = num_frames / tubelet_size)."""
+    no checkpoint decides. The size arguments default to the published model (t = num_frames / tubelet_size).
+    `grad_checkpointing`, `for_loop`: see `SegmentFeatureExtractor`."""
 
     def __init__(
         self, extract_features: bool = True, ckpt_path: str | None = None, factorize_space_time: bool = True,
@@ -186,10 +188,11 @@ class MotionFormer(SegmentFeatureExtractor):
         attn_type: str | None = None, img_size: int = 224, num_frames: int = 16, patch_size: int = 16,
         tubelet_size: int = 2, in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
         mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, zero_init_tubelet: bool = True,
+        grad_checkpointing: bool = False, for_loop: bool = False,
     ):  # fmt: skip
-        super().__init__()
+        super().__init__(grad_checkpointing, for_loop)
         if not (extract_features and factorize_space_time):
-            raise ValueError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
+            raise ConfigError("MotionFormer supports only extract_features=True, factorize_space_time=True.")
         if ckpt_path is not None and Path(ckpt_path).name in ATTN_TYPE_OF_CKPT:
             download(f"{MOTIONFORMER_URL}/{Path(ckpt_path).name}", ckpt_path)  # no-op if it is there
         ckpt = None if ckpt_path is None else load_checkpoint(ckpt_path)
@@ -211,7 +214,7 @@ class MotionFormer(SegmentFeatureExtractor):
         self.patch_embed = PatchEmbed(in_chans, embed_dim, (patch_size, patch_size)).requires_grad_(False)
         self.patch_embed_3d = PatchEmbed(in_chans, embed_dim, (tubelet_size, patch_size, patch_size))
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also when built on "meta"
         attention = {"joint": Attention, "trajectory": TrajectoryAttention}.get(self.attn_type)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, attention(embed_dim, num_heads), p)
@@ -252,8 +255,7 @@ class MotionFormer(SegmentFeatureExtractor):
             pos = torch.cat([self.pos_embed[:, :1], space_time], dim=1)
         x = self.patch_embed_3d(x)  # (N, t*h*w, D), tokens ordered (t, h, w)
         x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1) + pos  # (N, 1+t*h*w, D)
-        for block in self.blocks:
-            x = block(x, (t, h * w))
+        x = run_blocks(self.blocks, x, (t, h * w), checkpointed=self.grad_checkpointing)
         x = self.norm(x[:, 1:])  # the CLS token is not a feature: (N, t*h*w, D)
         x = self.spatial_attn_agg(x.view(N * t, h * w, self.embed_dim)).view(N, t, self.embed_dim)  # (N, t, D)
         return self.temp_attn_agg(x)  # (N, t, D) or (N, D)
@@ -272,12 +274,12 @@ def _attn_type_of(ckpt_path: str | None, ckpt: dict | None, attn_type: str | Non
         )
         found = ATTN_TYPE_OF_CKPT[Path(start).name] if start else "divided"
     else:
-        raise ValueError(
+        raise ConfigError(
             f"MotionFormer ckpt_path {ckpt_path} is neither a Motionformer checkpoint "
             f"({', '.join(ATTN_TYPE_OF_CKPT)}) nor a stage-1 '.pt' checkpoint."
         )
     if found not in ATTN_TYPE_OF_CKPT.values() or (attn_type is not None and attn_type != found):
-        raise ValueError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
+        raise ConfigError(f"attn_type={attn_type!r} is not possible here: {ckpt_path} needs {found!r}.")
     return found
 
 
