@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import Trainer, build_run, lr_factor_fn
+from scripts.train_utils import Trainer, build_run
 from utils.checkpoint import save_checkpoint, save_epoch
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
@@ -59,19 +59,10 @@ class AVCLIPTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(
             param_groups(model, opt.weight_decay), lr=training.learning_rate, betas=tuple(opt.betas), eps=1e-8
         )
-        max_iters = cfg_get(cfg, "training.max_train_iters")
-        steps_per_epoch = len(loaders["train"]) if max_iters is None else min(len(loaders["train"]), max_iters)
-        sched = training.lr_scheduler
-        factor = lr_factor_fn(
-            sched.name,
-            # the warm-up is given in single-process steps
-            warmup=sched.get("warmup", 0) // env.world_size,
-            total_steps=steps_per_epoch * training.num_epochs,
-            cooldown_steps=steps_per_epoch * (training.get("epochs_cooldown") or 0),
-            cooldown_power=training.get("lr_cooldown_power", 1.0),
-            cooldown_end=training.get("lr_cooldown_end", 0.0) / training.learning_rate,
+        # the warm-up is given in single-process steps
+        self.scheduler = self.lr_scheduler(
+            training.lr_scheduler.get("warmup", 0) // env.world_size, training.learning_rate
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skip_scheduler = training.get("skip_scheduler", False)
         self.loss_weights = {
             "segment_contrastive_loss": training.segment_loss_weight,

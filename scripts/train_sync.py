@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, lr_factor_fn, training_precision
+from scripts.train_utils import Trainer, build_optimizer, build_run, load_weights, training_precision
 from utils.checkpoint import save_epoch
 from utils.config import cfg_get
 from utils.dist import DistEnv, all_gather_objects, barrier, cleanup
@@ -38,9 +38,7 @@ class SyncTrainer(Trainer):
         # lr scales with the number of processes (the global batch grows with it)
         lr = cfg.training.base_learning_rate * env.world_size
         self.optimizer = build_optimizer(self.params, cfg.training.optimizer, lr, eps=eps)
-        sched = cfg.training.lr_scheduler
-        factor = lr_factor_fn(sched.name, sched.get("warmup", 0), total_steps=0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler = self.lr_scheduler(cfg.training.lr_scheduler.get("warmup", 0), lr)
 
     def state_dict(self, epoch: int, metrics: dict, loss: float) -> dict:
         """The checkpoint in the published format plus the early-stopping state."""

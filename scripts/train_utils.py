@@ -345,6 +345,20 @@ class Trainer:
         if training.get("compile"):
             self.net = torch.compile(self.net)
 
+    def lr_scheduler(self, warmup: int, lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+        """`training.lr_scheduler` (see `lr_factor_fn`) over the run's `training.num_epochs` epochs, the last
+        `training.epochs_cooldown` of them decaying towards `training.lr_cooldown_end` (`lr`: the base rate)."""
+        training, n_batches = self.cfg.training, len(self.loaders.get("train", ()))
+        max_iters = cfg_get(self.cfg, "training.max_train_iters")
+        steps_per_epoch = n_batches if max_iters is None else min(n_batches, max_iters)
+        factor = lr_factor_fn(
+            training.lr_scheduler.name, warmup, total_steps=steps_per_epoch * training.num_epochs,
+            cooldown_steps=steps_per_epoch * (cfg_get(self.cfg, "training.epochs_cooldown") or 0),
+            cooldown_power=training.get("lr_cooldown_power", 1.0),
+            cooldown_end=training.get("lr_cooldown_end", 0.0) / lr,
+        )  # fmt: skip
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
     def checkpointed(self) -> dict:
         """What a checkpoint keeps besides the weights, by its names there."""
         return dict(

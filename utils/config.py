@@ -43,6 +43,7 @@ OPTIONAL_KEYS = {
     "training.precision": None,
     "training.max_train_iters": None,
     "training.max_eval_iters": None,
+    "training.epochs_cooldown": None,
     "logging.use_wandb": False,
     "logging.wandb_mode": "offline",
     "logging.log_max_items": 500000,
