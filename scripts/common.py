@@ -12,8 +12,10 @@ import torch
 
 from dataset.avbench import Pair
 from model.pretrained import load_model
+from utils import dist
 from utils.cli import UserError, number
 from utils.precision import PRECISIONS, resolve_device, resolve_precision, set_tf32
+from utils.resumable import ResultLog
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".mp4", ".mkv", ".webm"}
@@ -135,3 +137,19 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_windows", type=number(int, 1), default=32, help="Windows per head call")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar over window batches")
     add_model_args(parser, default_exp="24-01-04T16-39-21")
+
+
+def results_log_on_rank0(is_main: bool, path: Callable[[], Path], provenance: Callable[[], dict], option="--out"):
+    """`(log, names done)`: rank 0 alone opens the results log at `path()` (refusing another `provenance()`), so
+    resuming needs no shared file system; every rank learns from it what is done, or why the run cannot go on.
+    `log` is None on the other ranks."""
+    log, error = None, None
+    if is_main:
+        try:
+            log = ResultLog(path(), provenance(), option)
+        except UserError as e:
+            error = str(e)
+    done, error = dist.broadcast_object(([n for n, r in log.records.items() if "skip" not in r] if log else [], error))
+    if error:
+        raise UserError(error)
+    return log, set(done)

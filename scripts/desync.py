@@ -53,6 +53,7 @@ from scripts.common import (
     find_pairs,
     load_model_from_args,
     model_provenance,
+    results_log_on_rank0,
 )
 from utils import dist
 from utils.cli import UserError, number, report_skipped, run_cli
@@ -232,22 +233,13 @@ def main(args) -> int:
     if not pairs and not unpaired:
         raise UserError(f"{args.video_dir}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) to score")
     model, cfg = load_model_from_args(args)
-    # rank 0 alone reads and writes the log, so resuming needs no shared file system; the others learn
-    # from it what is done (or why the run cannot go on)
-    log, error = None, None
-    if env.is_main:
-        audio = str(Path(args.audio_dir).resolve()) if args.audio_dir else "the videos' own"
-        provenance = {"protocol": args.protocol, **model_provenance(args), "audio": audio}
-        if args.protocol == "av-benchmark":
-            provenance["duration_sec"] = args.duration
-        try:
-            log = ResultLog(Path(f"{out}.progress.jsonl"), provenance, "--out")
-        except UserError as e:
-            error = str(e)
-    done, error = dist.broadcast_object(([n for n, r in log.records.items() if "skip" not in r] if log else [], error))
-    if error:
-        raise UserError(error)
-    done = set(done)
+    audio = str(Path(args.audio_dir).resolve()) if args.audio_dir else "the videos' own"
+    duration = {"duration_sec": args.duration} if args.protocol == "av-benchmark" else {}
+
+    def provenance() -> dict:  # on rank 0 only: it hashes the checkpoint
+        return {"protocol": args.protocol, **model_provenance(args), "audio": audio, **duration}
+
+    log, done = results_log_on_rank0(env.is_main, lambda: Path(f"{out}.progress.jsonl"), provenance)
     todo = [p for p in pairs if p.name not in done]
     if args.protocol == "av-benchmark":
         per_call = args.batch_size or (8 if env.device.type == "cuda" else 1)

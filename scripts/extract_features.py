@@ -32,12 +32,13 @@ from scripts.common import (
     find_pairs,
     load_model_from_args,
     model_provenance,
+    results_log_on_rank0,
 )
 from utils import dist
 from utils.cli import UserError, number, report_skipped, run_cli
 from utils.feature_cache import LOG, ShardWriter, write_index
 from utils.precision import autocast
-from utils.resumable import ResultLog, output_folder
+from utils.resumable import output_folder
 from utils.utils import reuse_freed_memory
 
 
@@ -89,18 +90,12 @@ def main(args) -> int:
     extractor = SegmentFeatures(model, args.precision, audio, args.batch_segments)
     # rank 0 alone reads and writes the output, so that no shared file system is needed; the others learn
     # from it what is done (or why the run cannot go on)
-    log, error = None, None
-    if env.is_main:
-        audio_source = str(audio_dir.resolve()) if audio_dir else ("the videos' own" if audio else None)
-        provenance = {**model_provenance(args), "duration_sec": args.duration, "audio": audio_source}
-        try:
-            log = ResultLog(output_folder(args.out, "--out") / LOG, provenance, "--out")
-        except UserError as e:
-            error = str(e)
-    done, error = dist.broadcast_object(([n for n, r in log.records.items() if "skip" not in r] if log else [], error))
-    if error:
-        raise UserError(error)
-    done = set(done)
+    audio_source = str(audio_dir.resolve()) if audio_dir else ("the videos' own" if audio else None)
+
+    def provenance() -> dict:  # on rank 0 only: it hashes the checkpoint
+        return {**model_provenance(args), "duration_sec": args.duration, "audio": audio_source}
+
+    log, done = results_log_on_rank0(env.is_main, lambda: output_folder(args.out, "--out") / LOG, provenance)
     todo = [p for p in pairs if p.name not in done]
     if done:
         logging.info(f"Resuming: {len(done)} videos already in {args.out}, {len(todo)} to go")
