@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dataset.avbench import SEGMENT_FRAMES, SIZE, STEP_FRAMES, DesyncInputs, normalise_frames, segments
+from model.pretrained import load_feature_extractor
 from scripts.common import (
     VIDEO_SUFFIXES,
     add_model_args,
@@ -42,7 +43,7 @@ from utils.resumable import output_folder
 from utils.utils import reuse_freed_memory
 
 
-class SegmentFeatures:
+class BatchExtractor:
     """Decoded videos (items of `DesyncInputs`) -> ([(name, {stream: (S, t, D) float32})], [(name, reason)]);
     the segments of all the videos go through the extractors `batch_segments` at a time."""
 
@@ -86,8 +87,9 @@ def main(args) -> int:
     if not pairs and not unpaired:
         raise UserError(f"{args.video_dir}: no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) to extract")
     audio = args.audio or audio_dir is not None
-    model, _ = load_model_from_args(args)
-    extractor = SegmentFeatures(model, args.precision, audio, args.batch_segments)
+    # the extractors alone (and the audio one only when asked for): no synchronisation head is built
+    model = load_model_from_args(args, loader=load_feature_extractor, audio=audio)
+    extractor = BatchExtractor(model, args.precision, audio, args.batch_segments)
     # rank 0 alone reads and writes the output, so that no shared file system is needed; the others learn
     # from it what is done (or why the run cannot go on)
     audio_source = str(audio_dir.resolve()) if audio_dir else ("the videos' own" if audio else None)
