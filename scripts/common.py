@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dataset.avbench import Pair
-from model.pretrained import load_model
+from model.pretrained import load_model, locate
 from utils import dist
 from utils.cli import UserError, number
 from utils.precision import PRECISIONS, resolve_device, resolve_precision, set_tf32
@@ -112,9 +112,9 @@ def load_model_from_args(args: argparse.Namespace, logdir: str | Path = "./logs/
 def model_provenance(args: argparse.Namespace, logdir: str | Path = "./logs/sync_models") -> dict:
     """What makes a loaded model's numbers (for resumable outputs): its name, the sha256 of its checkpoint
     (and config file) and the precision that runs; call after `load_model_from_args`."""
-    ckpt = Path(args.ckpt_path) if args.ckpt_path else Path(logdir) / args.exp_name / f"{args.exp_name}.pt"
+    weights, own_cfg = locate(args.exp_name, args.ckpt_path, logdir)  # any source: published, run, Hub, file
     digest = hashlib.sha256()
-    for path in [ckpt] + ([Path(args.cfg_path)] if args.cfg_path else []):
+    for path in [weights, *(Path(p) for p in (args.cfg_path, own_cfg) if p)]:
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return {

@@ -3,6 +3,7 @@ scripts/convert_to_hf.py from every kind of source, and Hub ids and folders wher
 Local folders only: nothing here reaches the network."""
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import hubconf
 from model.pretrained import load_feature_extractor, load_model
 from model.sync_model import Synchformer
 from scripts import convert_to_hf
-from scripts.common import add_model_args, load_model_from_args
+from scripts.common import add_model_args, load_model_from_args, model_provenance
 from tests.reference_data import REPO
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import load_config
@@ -122,6 +123,9 @@ def test_every_model_choice_takes_a_hub_folder(sources, tmp_path):
         args = parser.parse_args([str(a) for a in [*argv, "--device", "cpu"]])
         model, _ = load_model_from_args(args)
         torch.testing.assert_close(logits(model, vis, aud), expected, rtol=0, atol=1e-6)
+        # what the resumable outputs record: the folder's weights, hashed
+        weights = hashlib.sha256((tmp_path / "hf" / "model.safetensors").read_bytes()).hexdigest()
+        assert model_provenance(args)["model_sha256"] == hashlib.sha256(bytes.fromhex(weights)).hexdigest()
         features = load_model_from_args(args, loader=load_feature_extractor, audio=True)
         with torch.inference_mode():
             torch.testing.assert_close(features.extract_afeats(aud), model.extract_afeats(aud), rtol=0, atol=1e-6)
