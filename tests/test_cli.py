@@ -17,7 +17,7 @@ import dataset.io
 from dataset.synthetic import ClipSpec, make_clip
 from tests.bad_media import write_bad_videos
 from tests.reference_data import REPO
-from tests.test_inference import REAL_CLIP, tiny_sync_cfg
+from tests.test_inference import tiny_sync_cfg
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError, report_skipped, run_cli
 from utils.utils import instantiate_from_config
@@ -32,6 +32,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     problems = write_bad_videos(root / "bad")
     make_clip(root / "good" / "good.mp4", ClipSpec(duration_sec=6.0, seed=1))
+    make_clip(root / "clip10.mp4", ClipSpec(duration_sec=10.0, seed=2))  # in the model's format: no re-encoding
     cfg = tiny_sync_cfg()
     torch.manual_seed(0)
     state_dict = instantiate_from_config(cfg.model).state_dict()
@@ -58,7 +59,7 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
              problem)  # fmt: skip
         case(f"predict_offsets {name}", "scripts/predict_offsets.py", [video, "--out_dir", work / "offsets", *tiny],
              str(video), problem)  # fmt: skip
-    clip = ["--vid_path", REAL_CLIP, "--device", "cpu"]
+    clip = ["--vid_path", root / "clip10.mp4", "--device", "cpu"]
     for ckpt, problem in [("nowhere.pt", "not found"), ("truncated.pt", "truncated"), ("random.pt", "Could not read"),
                           ("incompatible.pt", "1 missing"), ("bare.pt", "without the config")]:  # fmt: skip
         case(f"checkpoint {ckpt}", "example.py", [*clip, "--ckpt_path", root / ckpt], str(root / ckpt), problem)
@@ -69,7 +70,7 @@ def cli_cases(root, work, problems) -> dict[str, tuple[dict, tuple[str, ...]]]:
     case("offline download", "example.py", [*clip, "--exp_name", "24-01-04T16-39-21", "--logdir", work / "models"],
          "127.0.0.1:9/sync_models/24-01-04T16-39-21", "place it at", setattr=offline)  # fmt: skip
     case("unknown model", "example.py", [*clip, "--exp_name", "24-13-99", "--logdir", work / "models"], "24-13-99")
-    case("window outside", "example.py", [*clip, "--v_start_i_sec", "8.0", *tiny], REAL_CLIP.name, "--v_start_i_sec")
+    case("window outside", "example.py", [*clip, "--v_start_i_sec", "8.0", *tiny], "clip10.mp4", "--v_start_i_sec")
     case("no GPU", "example.py", [*clip, "--device", "cuda:99", *tiny[:2]], "--device=cuda:99", "--device=cpu")
     case("no GPU bench", "scripts/bench/model.py", ["--tiny", "--device", "cuda:99"], "--device=cuda:99")
     case("bad device", "example.py", [*clip, "--device", "gpu0", *tiny[:2]], "--device=gpu0")
