@@ -1,7 +1,7 @@
 """What only a GPU can show, in one command: every check records "ok" (true, false, or null when skipped) and its
 numbers in one JSON file; a failing check records its error, and the others still run.
 
-    python scripts/gpu_check.py --out gpu_check.json [--reference DIR]  # DIR: the original's parity_sync.npz
+    python scripts/gpu_check.py --out gpu_check.json [--reference DIR]  # DIR holds the original's parity_sync.npz
     python scripts/gpu_check.py --device cpu --tiny --out dry_run.json    # the dry run: the same code, tiny sizes
 
 environment (torch, CUDA or HIP, device, bf16, TF32); train_fp32/bf16/fp16: stage 2 (configs/sync.yaml) at its
